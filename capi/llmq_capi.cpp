@@ -1,0 +1,334 @@
+// Implements llmq.h: argument checks, params structs by size, handle lifetimes, and the
+// translation of C++ exceptions into status codes plus a thread-local message.
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <random>
+#include <string>
+
+#include "engine/engine.h"
+#include "engine/error.h"
+#include "engine/model.h"
+#include "llmq.h"
+
+struct llmq_model {
+  std::shared_ptr<const llmq::Model> model;
+};
+
+struct llmq_engine {
+  std::shared_ptr<const llmq::Model> model;
+  std::unique_ptr<llmq::Engine> engine;
+  std::mutex mutex;  // one call at a time per engine
+};
+
+namespace {
+
+thread_local std::string t_last_error;
+
+template <typename Fn>
+llmq_status guarded(Fn&& fn) noexcept {
+  try {
+    fn();
+    return LLMQ_OK;
+  } catch (const llmq::Error& e) {
+    t_last_error = e.what();
+    return e.status();
+  } catch (const std::bad_alloc&) {
+    t_last_error = "out of memory";
+    return LLMQ_ERR_OUT_OF_MEMORY;
+  } catch (const std::exception& e) {
+    t_last_error = std::string("internal error: ") + e.what();
+    return LLMQ_ERR_INTERNAL;
+  } catch (...) {
+    t_last_error = "internal error: unknown exception";
+    return LLMQ_ERR_INTERNAL;
+  }
+}
+
+void require(const void* pointer, const char* what) {
+  if (!pointer) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "{} must not be NULL", what);
+}
+
+void check_struct_size(size_t struct_size, size_t ours, const char* what) {
+  if (struct_size < sizeof(size_t))
+    llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "{}: struct_size is {}; fill the struct with its _default() function",
+               what, struct_size);
+  if (struct_size > ours)
+    llmq::fail(LLMQ_ERR_INVALID_ARGUMENT,
+               "{}: struct_size {} is larger than this library's {} (the caller was built against a newer llmq.h)",
+               what, struct_size, ours);
+}
+
+// Reads a caller's params struct, which may be an older, smaller version: missing fields keep
+// their defaults.
+template <typename T>
+T read_params(const T* params, void (*set_defaults)(T*), const char* what) {
+  T out;
+  set_defaults(&out);
+  if (!params) return out;
+  check_struct_size(params->struct_size, sizeof(T), what);
+  std::memcpy(static_cast<void*>(&out), params, params->struct_size);
+  out.struct_size = sizeof(T);
+  return out;
+}
+
+// Writes an output struct into a caller's struct of possibly smaller size.
+template <typename T>
+void write_result(const T& full, T* out, const char* what) {
+  check_struct_size(out->struct_size, sizeof(T), what);
+  size_t size = out->struct_size;
+  std::memcpy(static_cast<void*>(out), &full, size);
+  out->struct_size = size;
+}
+
+const llmq::Tokenizer& tokenizer_of(const llmq_model* model) {
+  const llmq::Tokenizer* tokenizer = model->model->tokenizer();
+  if (!tokenizer)
+    llmq::fail(LLMQ_ERR_UNSUPPORTED, "{}: the model has no tokenizer.json", model->model->dir());
+  return *tokenizer;
+}
+
+}  // namespace
+
+extern "C" {
+
+LLMQ_API uint32_t llmq_abi_version(void) { return LLMQ_ABI_VERSION; }
+
+LLMQ_API const char* llmq_version_string(void) {
+#define LLMQ_STR2(x) #x
+#define LLMQ_STR(x) LLMQ_STR2(x)
+  return LLMQ_STR(LLMQ_VERSION_MAJOR) "." LLMQ_STR(LLMQ_VERSION_MINOR) "." LLMQ_STR(LLMQ_VERSION_PATCH);
+}
+
+LLMQ_API void llmq_version(int* major, int* minor, int* patch) {
+  if (major) *major = LLMQ_VERSION_MAJOR;
+  if (minor) *minor = LLMQ_VERSION_MINOR;
+  if (patch) *patch = LLMQ_VERSION_PATCH;
+}
+
+LLMQ_API const char* llmq_last_error(void) { return t_last_error.c_str(); }
+
+LLMQ_API const char* llmq_status_string(llmq_status status) {
+  switch (status) {
+    case LLMQ_OK: return "LLMQ_OK";
+    case LLMQ_ERR_INVALID_ARGUMENT: return "LLMQ_ERR_INVALID_ARGUMENT";
+    case LLMQ_ERR_IO: return "LLMQ_ERR_IO";
+    case LLMQ_ERR_MODEL_FORMAT: return "LLMQ_ERR_MODEL_FORMAT";
+    case LLMQ_ERR_UNSUPPORTED: return "LLMQ_ERR_UNSUPPORTED";
+    case LLMQ_ERR_OUT_OF_MEMORY: return "LLMQ_ERR_OUT_OF_MEMORY";
+    case LLMQ_ERR_KV_CACHE_FULL: return "LLMQ_ERR_KV_CACHE_FULL";
+    case LLMQ_ERR_BACKEND_UNAVAILABLE: return "LLMQ_ERR_BACKEND_UNAVAILABLE";
+    case LLMQ_ERR_BUFFER_TOO_SMALL: return "LLMQ_ERR_BUFFER_TOO_SMALL";
+    case LLMQ_ERR_CONTEXT_OVERFLOW: return "LLMQ_ERR_CONTEXT_OVERFLOW";
+    case LLMQ_ERR_INTERNAL: return "LLMQ_ERR_INTERNAL";
+  }
+  return "LLMQ_ERR_UNKNOWN";
+}
+
+LLMQ_API void llmq_model_params_default(llmq_model_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+}
+
+LLMQ_API llmq_status llmq_model_load(const char* model_dir, const llmq_model_params* params, llmq_model** out_model) {
+  return guarded([&] {
+    require(out_model, "llmq_model_load: out_model");
+    *out_model = nullptr;
+    require(model_dir, "llmq_model_load: model_dir");
+    read_params(params, llmq_model_params_default, "llmq_model_load: params");
+    auto handle = std::make_unique<llmq_model>();
+    handle->model = llmq::Model::load(model_dir);
+    *out_model = handle.release();
+  });
+}
+
+LLMQ_API void llmq_model_destroy(llmq_model* model) { delete model; }
+
+LLMQ_API llmq_status llmq_model_get_info(const llmq_model* model, llmq_model_info* info) {
+  return guarded([&] {
+    require(model, "llmq_model_get_info: model");
+    require(info, "llmq_model_get_info: info");
+    const llmq::ModelConfig& c = model->model->config();
+    llmq_model_info full;
+    std::memset(&full, 0, sizeof full);
+    full.struct_size = sizeof full;
+    full.vocab_size = int32_t(c.vocab_size);
+    full.hidden_size = int32_t(c.hidden_size);
+    full.num_layers = int32_t(c.num_layers);
+    full.num_heads = int32_t(c.num_heads);
+    full.num_kv_heads = int32_t(c.num_kv_heads);
+    full.head_dim = int32_t(c.head_dim);
+    full.max_context = int32_t(c.max_position);
+    full.bos_id = c.bos_id;
+    for (int32_t id : c.eos_ids)
+      if (full.num_eos_ids < 8) full.eos_ids[full.num_eos_ids++] = id;
+    full.weight_bytes = model->model->weight_bytes();
+    full.weight_bytes_per_step = full.weight_bytes;
+    if (!c.tie_word_embeddings) full.weight_bytes_per_step -= model->model->weights().embed.nbytes();
+    std::snprintf(full.architecture, sizeof full.architecture, "%s", c.architecture_name.c_str());
+    write_result(full, info, "llmq_model_get_info: info");
+  });
+}
+
+LLMQ_API llmq_status llmq_tokenize(const llmq_model* model, const char* text, size_t text_len, int add_special,
+                                   int32_t* ids, size_t ids_capacity, size_t* n_ids) {
+  return guarded([&] {
+    require(model, "llmq_tokenize: model");
+    require(n_ids, "llmq_tokenize: n_ids");
+    if (text_len > 0) require(text, "llmq_tokenize: text");
+    if (ids_capacity > 0) require(ids, "llmq_tokenize: ids");
+    std::vector<int32_t> encoded =
+        tokenizer_of(model).encode(std::string_view(text ? text : "", text_len), add_special != 0);
+    *n_ids = encoded.size();
+    if (encoded.size() > ids_capacity)
+      llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_tokenize: {} ids do not fit in ids_capacity {}", encoded.size(),
+                 ids_capacity);
+    std::copy(encoded.begin(), encoded.end(), ids);
+  });
+}
+
+LLMQ_API llmq_status llmq_detokenize(const llmq_model* model, const int32_t* ids, size_t n_ids, int skip_special,
+                                     char* text, size_t text_capacity, size_t* text_len) {
+  return guarded([&] {
+    require(model, "llmq_detokenize: model");
+    require(text_len, "llmq_detokenize: text_len");
+    if (n_ids > 0) require(ids, "llmq_detokenize: ids");
+    if (text_capacity > 0) require(text, "llmq_detokenize: text");
+    std::string decoded = tokenizer_of(model).decode(std::vector<int32_t>(ids, ids + n_ids), skip_special != 0);
+    *text_len = decoded.size();
+    if (decoded.size() > text_capacity)
+      llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_detokenize: {} bytes do not fit in text_capacity {}", decoded.size(),
+                 text_capacity);
+    std::memcpy(text, decoded.data(), decoded.size());
+  });
+}
+
+LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+  llmq::EngineOptions defaults;
+  params->backend = defaults.backend;
+  params->n_threads = defaults.n_threads;
+  params->kv_cache_bytes = defaults.kv_cache_bytes;
+  params->kv_block_size = defaults.kv_block_size;
+  params->max_batch_tokens = defaults.max_batch_tokens;
+}
+
+LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_params* params,
+                                        llmq_engine** out_engine) {
+  return guarded([&] {
+    require(out_engine, "llmq_engine_create: out_engine");
+    *out_engine = nullptr;
+    require(model, "llmq_engine_create: model");
+    llmq_engine_params p = read_params(params, llmq_engine_params_default, "llmq_engine_create: params");
+    llmq::EngineOptions options;
+    options.backend = p.backend;
+    options.n_threads = p.n_threads;
+    options.kv_cache_bytes = p.kv_cache_bytes;
+    options.kv_block_size = p.kv_block_size;
+    options.max_batch_tokens = p.max_batch_tokens;
+    auto handle = std::make_unique<llmq_engine>();
+    handle->model = model->model;
+    handle->engine = std::make_unique<llmq::Engine>(model->model, options);
+    *out_engine = handle.release();
+  });
+}
+
+LLMQ_API void llmq_engine_destroy(llmq_engine* engine) { delete engine; }
+
+LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+  llmq::SamplingParams defaults;
+  params->temperature = defaults.temperature;
+  params->top_k = defaults.top_k;
+  params->top_p = defaults.top_p;
+  params->min_p = defaults.min_p;
+  params->repetition_penalty = defaults.repetition_penalty;
+  params->seed = LLMQ_SEED_RANDOM;
+}
+
+LLMQ_API void llmq_generate_params_default(llmq_generate_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+  params->max_new_tokens = llmq::GenerateOptions().max_new_tokens;
+}
+
+LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_ids, size_t n_prompt,
+                                   const llmq_generate_params* params, int32_t* out_ids, size_t out_capacity,
+                                   llmq_generate_result* result) {
+  return guarded([&] {
+    require(engine, "llmq_generate: engine");
+    if (n_prompt > 0) require(prompt_ids, "llmq_generate: prompt_ids");
+    if (out_capacity > 0) require(out_ids, "llmq_generate: out_ids");
+    if (result) check_struct_size(result->struct_size, sizeof(llmq_generate_result), "llmq_generate: result");
+    llmq_generate_params p = read_params(params, llmq_generate_params_default, "llmq_generate: params");
+    llmq_sampling_params s = read_params(p.sampling, llmq_sampling_params_default, "llmq_generate: params.sampling");
+    if (p.n_stop_ids > 0) require(p.stop_ids, "llmq_generate: params.stop_ids");
+    if (p.n_stop_ids > 4096) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_generate: more than 4096 stop ids");
+
+    llmq::GenerateOptions options;
+    options.sampling.temperature = s.temperature;
+    options.sampling.top_k = s.top_k;
+    options.sampling.top_p = s.top_p;
+    options.sampling.min_p = s.min_p;
+    options.sampling.repetition_penalty = s.repetition_penalty;
+    options.sampling.seed = s.seed == LLMQ_SEED_RANDOM ? (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}()
+                                                       : s.seed;
+    options.max_new_tokens = p.max_new_tokens;
+    options.stop_ids.assign(p.stop_ids, p.stop_ids + p.n_stop_ids);
+    options.ignore_eos = p.ignore_eos != 0;
+
+    const llmq::Tokenizer* tokenizer = engine->model->tokenizer();
+    llmq::Utf8Stream stream;
+    int32_t previous = n_prompt > 0 ? prompt_ids[n_prompt - 1] : -1;
+    size_t written = 0;
+    options.on_token = [&](int32_t token) {
+      if (written < out_capacity) out_ids[written] = token;
+      ++written;
+      bool keep_going = true;
+      if (p.on_token) {
+        std::string text = tokenizer ? stream.push(tokenizer->token_bytes(previous, token)) : std::string();
+        keep_going = p.on_token(token, text.data(), text.size(), p.user_data) == 0;
+      }
+      previous = token;
+      return keep_going;
+    };
+
+    std::lock_guard<std::mutex> lock(engine->mutex);
+    llmq::GenerateResult r = engine->engine->generate(std::vector<int32_t>(prompt_ids, prompt_ids + n_prompt), options);
+    if (result) {
+      llmq_generate_result full;
+      std::memset(&full, 0, sizeof full);
+      full.struct_size = sizeof full;
+      full.finish_reason = llmq_finish_reason(int(r.finish_reason));
+      full.n_prompt_tokens = int32_t(n_prompt);
+      full.n_generated = int32_t(r.tokens.size());
+      full.time_to_first_token_s = r.time_to_first_token_s;
+      full.decode_time_s = r.decode_time_s;
+      write_result(full, result, "llmq_generate: result");
+    }
+  });
+}
+
+LLMQ_API llmq_status llmq_score(llmq_engine* engine, const int32_t* ids, size_t n_ids, float* logits,
+                                size_t logits_capacity) {
+  return guarded([&] {
+    require(engine, "llmq_score: engine");
+    if (n_ids > 0) require(ids, "llmq_score: ids");
+    size_t vocab = size_t(engine->engine->vocab_size());
+    if (n_ids > SIZE_MAX / vocab || logits_capacity < n_ids * vocab)
+      llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_score: logits_capacity {} is less than n_ids * vocab_size = {} * {}",
+                 logits_capacity, n_ids, vocab);
+    require(logits, "llmq_score: logits");
+    std::lock_guard<std::mutex> lock(engine->mutex);
+    engine->engine->score(std::vector<int32_t>(ids, ids + n_ids), logits);
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,103 @@
+// The op interface between the model (written once) and the hardware. The CPU backend
+// (kernels/cpu) implements it; the CUDA backend implements the same ops on the GPU.
+// Activations are F32 [tokens, features]; weights keep their stored dtype and are converted
+// inside the kernels.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/tensor.h"
+
+namespace llmq {
+
+// Device memory owned by a backend.
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual void* data() = 0;
+  virtual uint64_t size() const = 0;
+};
+
+// One forward step over a flattened batch: tokens of several sequences, each at its own position.
+struct BatchPlan {
+  std::vector<int32_t> tokens;     // [n_tokens]
+  std::vector<int32_t> positions;  // [n_tokens] position of each token in its sequence
+  std::vector<int32_t> token_seq;  // [n_tokens] index of the token's sequence
+  std::vector<int32_t> slots;      // [n_tokens] KV slot the token's K/V go to: block * block_size + offset
+  // Block tables, flattened: sequence s owns block_ids[block_offsets[s] .. block_offsets[s + 1]).
+  std::vector<int32_t> block_offsets;
+  std::vector<int32_t> block_ids;
+  std::vector<int32_t> logit_rows;  // tokens whose logits are computed, in output order
+
+  int32_t n_tokens() const { return int32_t(tokens.size()); }
+  void clear() {
+    tokens.clear();
+    positions.clear();
+    token_seq.clear();
+    slots.clear();
+    block_offsets.assign(1, 0);
+    block_ids.clear();
+    logit_rows.clear();
+  }
+};
+
+// One layer of the paged KV cache: K and V each [num_blocks, num_kv_heads, block_size, head_dim].
+struct KvLayer {
+  Tensor k;  // rows = num_blocks, cols = num_kv_heads * block_size * head_dim
+  Tensor v;
+  int32_t block_size = 16;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+};
+
+struct AttentionParams {
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  float scale = 1.0f;           // 1/sqrt(head_dim)
+  int32_t sliding_window = 0;   // 0 = attend to the whole prefix
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  virtual std::unique_ptr<Buffer> allocate(uint64_t bytes) = 0;
+  // Makes a host tensor (e.g. a memory-mapped weight) usable by the kernels. The CPU backend uses
+  // it in place; a device backend copies it into memory it keeps alive until destruction.
+  virtual Tensor upload(const Tensor& host) = 0;
+
+  // Called once per step, before any op: the batch metadata the ops below refer to.
+  virtual void begin_step(const BatchPlan& plan) = 0;
+
+  // out[t] = table[plan.tokens[t]] in F32.
+  virtual void embed(const Tensor& table, Tensor& out) = 0;
+  // out = rmsnorm(x) * weight, per row.
+  virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  // residual += x; out = rmsnorm(residual) * weight.
+  virtual void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  // out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]); weight is [N, K] in its stored dtype.
+  virtual void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) = 0;
+  // Rotates q [T, Hq*D] in place and k [T, Hkv*D] in place (rotate-half RoPE at each token's
+  // position with inv_freq [D/2]), then writes k and v into the cache at each token's slot.
+  virtual void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) = 0;
+  // Causal attention of every token of the step over its sequence's cached K/V (positions up to
+  // and including its own), read through the block table. out is [T, Hq*D].
+  virtual void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) = 0;
+  // out = silu(gate) * up, elementwise.
+  virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // out[i] = x[plan.logit_rows[i]].
+  virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
+  // Copies an F32 tensor to host memory.
+  virtual void to_host(const Tensor& x, float* host) = 0;
+};
+
+struct CpuBackendOptions {
+  int32_t n_threads = 0;  // 0 = one per core
+};
+std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options);
+
+}  // namespace llmq

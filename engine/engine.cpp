@@ -1,0 +1,301 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <unordered_set>
+
+#include "engine/error.h"
+
+namespace llmq {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// The KV cache stores fp32 K and V for every layer.
+uint64_t kv_bytes_per_block(const ModelConfig& c, int32_t block_size) {
+  return uint64_t(c.num_layers) * 2 * uint64_t(c.num_kv_heads) * uint64_t(block_size) * uint64_t(c.head_dim) *
+         sizeof(float);
+}
+
+int32_t kv_num_blocks(const ModelConfig& c, const EngineOptions& o) {
+  if (o.kv_block_size < 1 || o.kv_block_size > 1024)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: kv_block_size must be in [1, 1024], got {}", o.kv_block_size);
+  if (o.max_batch_tokens < 1 || o.max_batch_tokens > 65536)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: max_batch_tokens must be in [1, 65536], got {}", o.max_batch_tokens);
+  if (o.n_threads < 0 || o.n_threads > 1024)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: n_threads must be in [0, 1024], got {}", o.n_threads);
+  uint64_t per_block = kv_bytes_per_block(c, o.kv_block_size);
+  uint64_t bytes = o.kv_cache_bytes;
+  if (bytes == 0) {
+    uint64_t full_context = uint64_t((c.max_position + o.kv_block_size - 1) / o.kv_block_size) * per_block;
+    bytes = std::min(full_context, std::max(kDefaultKvCacheBytes / per_block, uint64_t(1)) * per_block);
+  }
+  uint64_t blocks = bytes / per_block;
+  if (blocks < 1)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: kv_cache_bytes {} is less than one KV block ({} bytes)", bytes,
+         per_block);
+  if (blocks > uint64_t(INT32_MAX) / uint64_t(o.kv_block_size))
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: kv_cache_bytes {} is too large", bytes);
+  return int32_t(blocks);
+}
+
+}  // namespace
+
+std::vector<float> rope_inv_freq(const ModelConfig& c) {
+  const int64_t half = c.head_dim / 2;
+  std::vector<float> inv_freq(static_cast<size_t>(half));
+  const RopeConfig& r = c.rope;
+  for (int64_t i = 0; i < half; ++i) {
+    double freq = 1.0 / std::pow(r.theta, double(2 * i) / double(c.head_dim));
+    if (r.type == "linear") {
+      freq /= r.factor;
+    } else if (r.type == "llama3") {
+      // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the band between
+      // is interpolated.
+      const double pi = 3.14159265358979323846;
+      double wavelength = 2 * pi / freq;
+      double low_freq_wavelength = double(r.original_max_position) / r.low_freq_factor;
+      double high_freq_wavelength = double(r.original_max_position) / r.high_freq_factor;
+      if (wavelength > low_freq_wavelength) {
+        freq /= r.factor;
+      } else if (wavelength >= high_freq_wavelength) {
+        double smooth = (double(r.original_max_position) / wavelength - r.low_freq_factor) /
+                        (r.high_freq_factor - r.low_freq_factor);
+        freq = (1 - smooth) * freq / r.factor + smooth * freq;
+      }
+    }
+    inv_freq[size_t(i)] = float(freq);
+  }
+  return inv_freq;
+}
+
+Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
+    : model_(std::move(model)), options_(options), allocator_(kv_num_blocks(model_->config(), options)) {
+  const ModelConfig& c = model_->config();
+  if (options.backend == LLMQ_BACKEND_CUDA)
+    fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: the CUDA backend is not available in this build of llmq");
+  if (options.backend != LLMQ_BACKEND_CPU)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: unknown backend {}", int(options.backend));
+  backend_ = make_cpu_backend(CpuBackendOptions{options.n_threads});
+
+  auto upload = [&](const Tensor& t) { return t.empty() ? t : backend_->upload(t); };
+  const ModelWeights& w = model_->weights();
+  weights_.embed = upload(w.embed);
+  weights_.final_norm = upload(w.final_norm);
+  weights_.lm_head = upload(w.lm_head);
+  for (const LayerWeights& l : w.layers) {
+    weights_.layers.push_back(LayerWeights{upload(l.attn_norm), upload(l.wq), upload(l.wk), upload(l.wv),
+                                           upload(l.wo), upload(l.bq), upload(l.bk), upload(l.bv), upload(l.bo),
+                                           upload(l.mlp_norm), upload(l.w_gate), upload(l.w_up), upload(l.w_down)});
+  }
+  inv_freq_host_ = rope_inv_freq(c);
+  inv_freq_ = backend_->upload(Tensor{inv_freq_host_.data(), DType::F32, 1, int64_t(inv_freq_host_.size())});
+
+  auto tensor = [&](int64_t rows, int64_t cols) {
+    buffers_.push_back(backend_->allocate(uint64_t(rows) * uint64_t(cols) * sizeof(float)));
+    return Tensor{buffers_.back()->data(), DType::F32, rows, cols};
+  };
+  const int64_t per_layer_cols = c.num_kv_heads * options.kv_block_size * c.head_dim;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    KvLayer layer;
+    layer.k = tensor(allocator_.num_blocks(), per_layer_cols);
+    layer.v = tensor(allocator_.num_blocks(), per_layer_cols);
+    layer.block_size = options.kv_block_size;
+    layer.num_kv_heads = int32_t(c.num_kv_heads);
+    layer.head_dim = int32_t(c.head_dim);
+    kv_layers_.push_back(layer);
+  }
+  const int64_t T = options.max_batch_tokens;
+  x_ = tensor(T, c.hidden_size);
+  h_ = tensor(T, c.hidden_size);
+  q_ = tensor(T, c.q_size());
+  k_ = tensor(T, c.kv_size());
+  v_ = tensor(T, c.kv_size());
+  attn_ = tensor(T, c.q_size());
+  proj_ = tensor(T, c.hidden_size);
+  gate_ = tensor(T, c.intermediate_size);
+  up_ = tensor(T, c.intermediate_size);
+  last_hidden_ = tensor(T, c.hidden_size);
+}
+
+Engine::~Engine() = default;
+
+void Engine::check_token_ids(const int32_t* ids, size_t n, const char* what) const {
+  for (size_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= vocab_size())
+      fail(LLMQ_ERR_INVALID_ARGUMENT, "{}[{}] = {} is outside the vocabulary [0, {})", what, i, ids[i], vocab_size());
+}
+
+void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* logits) {
+  const ModelConfig& c = model_->config();
+  int64_t total = 0;
+  for (const SequenceStep& s : batch) total += s.n_tokens;
+  if (total < 1 || total > options_.max_batch_tokens)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine: a step takes 1 to {} tokens, got {}", options_.max_batch_tokens, total);
+
+  // Reserve every sequence's blocks first, undoing all of them if one cannot get its blocks.
+  std::vector<size_t> blocks_before;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SequenceStep& s = batch[i];
+    int64_t end = int64_t(s.kv->length()) + s.n_tokens;
+    if (end > c.max_position)
+      fail(LLMQ_ERR_CONTEXT_OVERFLOW, "engine: sequence would reach {} tokens; the model's context is {}", end,
+           c.max_position);
+    blocks_before.push_back(s.kv->blocks().size());
+    if (!s.kv->reserve(int32_t(end))) {
+      for (size_t j = 0; j < i; ++j) batch[j].kv->release_blocks_from(blocks_before[j]);
+      fail(LLMQ_ERR_KV_CACHE_FULL, "engine: the KV cache is full ({} blocks of {} tokens, {} free)",
+           allocator_.num_blocks(), options_.kv_block_size, allocator_.num_free());
+    }
+  }
+
+  plan_.clear();
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SequenceStep& s = batch[i];
+    for (int32_t j = 0; j < s.n_tokens; ++j) {
+      int32_t position = s.kv->length() + j;
+      if (s.want_logits && (s.all_logits || j == s.n_tokens - 1)) plan_.logit_rows.push_back(plan_.n_tokens());
+      plan_.tokens.push_back(s.tokens[j]);
+      plan_.positions.push_back(position);
+      plan_.token_seq.push_back(int32_t(i));
+      plan_.slots.push_back(s.kv->slot(position));
+    }
+    plan_.block_ids.insert(plan_.block_ids.end(), s.kv->blocks().begin(), s.kv->blocks().end());
+    plan_.block_offsets.push_back(int32_t(plan_.block_ids.size()));
+  }
+
+  forward(int32_t(total), int32_t(plan_.logit_rows.size()));
+  for (const SequenceStep& s : batch) s.kv->set_length(s.kv->length() + s.n_tokens);
+
+  const size_t rows = plan_.logit_rows.size();
+  logits->resize(rows * size_t(c.vocab_size));
+  if (rows > 0) backend_->to_host(Tensor{logits_buffer_->data(), DType::F32, int64_t(rows), c.vocab_size}, logits->data());
+}
+
+void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
+  const ModelConfig& c = model_->config();
+  const float eps = float(c.rms_norm_eps);
+  backend_->begin_step(plan_);
+  Tensor x = x_.row_slice(0, n_tokens), h = h_.row_slice(0, n_tokens), q = q_.row_slice(0, n_tokens),
+         k = k_.row_slice(0, n_tokens), v = v_.row_slice(0, n_tokens), attn = attn_.row_slice(0, n_tokens),
+         proj = proj_.row_slice(0, n_tokens), gate = gate_.row_slice(0, n_tokens), up = up_.row_slice(0, n_tokens);
+  AttentionParams attention{int32_t(c.num_heads), int32_t(c.num_kv_heads), int32_t(c.head_dim),
+                            float(1.0 / std::sqrt(double(c.head_dim))), int32_t(c.sliding_window)};
+  auto bias = [](const Tensor& b) { return b.empty() ? nullptr : &b; };
+
+  backend_->embed(weights_.embed, x);
+  for (size_t l = 0; l < weights_.layers.size(); ++l) {
+    const LayerWeights& w = weights_.layers[l];
+    // The residual stream is x; the previous layer's MLP output (proj) is added in the fused norm.
+    if (l == 0)
+      backend_->rmsnorm(x, w.attn_norm, eps, h);
+    else
+      backend_->add_rmsnorm(x, proj, w.attn_norm, eps, h);
+    backend_->linear(h, w.wq, bias(w.bq), q);
+    backend_->linear(h, w.wk, bias(w.bk), k);
+    backend_->linear(h, w.wv, bias(w.bv), v);
+    backend_->rope_kv_write(q, k, v, inv_freq_, kv_layers_[l]);
+    backend_->attention(q, kv_layers_[l], attention, attn);
+    backend_->linear(attn, w.wo, bias(w.bo), proj);
+    backend_->add_rmsnorm(x, proj, w.mlp_norm, eps, h);
+    backend_->linear(h, w.w_gate, nullptr, gate);
+    backend_->linear(h, w.w_up, nullptr, up);
+    backend_->silu_mul(gate, up, gate);
+    backend_->linear(gate, w.w_down, nullptr, proj);
+  }
+  if (n_logit_rows == 0) return;
+  backend_->add_rmsnorm(x, proj, weights_.final_norm, eps, h);
+  Tensor last = last_hidden_.row_slice(0, n_logit_rows);
+  backend_->gather_rows(h, last);
+  uint64_t logits_bytes = uint64_t(n_logit_rows) * uint64_t(c.vocab_size) * sizeof(float);
+  if (!logits_buffer_ || logits_buffer_->size() < logits_bytes) logits_buffer_ = backend_->allocate(logits_bytes);
+  Tensor logits{logits_buffer_->data(), DType::F32, n_logit_rows, c.vocab_size};
+  backend_->linear(last, weights_.lm_head, nullptr, logits);
+}
+
+GenerateResult Engine::generate(const std::vector<int32_t>& prompt, const GenerateOptions& options) {
+  const ModelConfig& c = model_->config();
+  const auto start = Clock::now();
+  if (prompt.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "generate: the prompt is empty");
+  check_token_ids(prompt.data(), prompt.size(), "prompt_ids");
+  if (int64_t(prompt.size()) > c.max_position)
+    fail(LLMQ_ERR_CONTEXT_OVERFLOW, "generate: the prompt has {} tokens; the model's context is {}", prompt.size(),
+         c.max_position);
+  if (options.max_new_tokens < 0)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "generate: max_new_tokens must be >= 0, got {}", options.max_new_tokens);
+  check_token_ids(options.stop_ids.data(), options.stop_ids.size(), "stop_ids");
+  Sampler sampler(options.sampling);
+
+  std::unordered_set<int32_t> stop(options.stop_ids.begin(), options.stop_ids.end());
+  if (!options.ignore_eos) stop.insert(c.eos_ids.begin(), c.eos_ids.end());
+
+  GenerateResult result;
+  if (options.max_new_tokens == 0) return result;
+  std::unique_ptr<SequenceKv> seq = new_sequence();
+  std::vector<float> logits;
+  for (size_t done = 0; done < prompt.size();) {
+    int32_t chunk = int32_t(std::min<size_t>(size_t(options_.max_batch_tokens), prompt.size() - done));
+    SequenceStep s{seq.get(), prompt.data() + done, chunk, false, done + size_t(chunk) == prompt.size()};
+    step({s}, &logits);
+    done += size_t(chunk);
+  }
+
+  std::vector<int32_t> history = prompt;
+  Clock::time_point first_token;
+  for (;;) {
+    int32_t token = sampler.sample(logits.data(), vocab_size(), history);
+    if (result.tokens.empty() && result.time_to_first_token_s == 0) {
+      first_token = Clock::now();
+      result.time_to_first_token_s = seconds_between(start, first_token);
+    }
+    if (stop.count(token)) {
+      result.finish_reason = FinishReason::Stop;
+      break;
+    }
+    result.tokens.push_back(token);
+    history.push_back(token);
+    if (options.on_token && !options.on_token(token)) {
+      result.finish_reason = FinishReason::Cancelled;
+      break;
+    }
+    if (int32_t(result.tokens.size()) >= options.max_new_tokens) {
+      result.finish_reason = FinishReason::Length;
+      break;
+    }
+    if (seq->length() >= c.max_position) {
+      result.finish_reason = FinishReason::Context;
+      break;
+    }
+    try {
+      step({SequenceStep{seq.get(), &token, 1, false, true}}, &logits);
+    } catch (const Error& e) {
+      if (e.status() != LLMQ_ERR_KV_CACHE_FULL) throw;
+      result.finish_reason = FinishReason::Context;
+      break;
+    }
+  }
+  result.decode_time_s = seconds_between(first_token, Clock::now());
+  return result;
+}
+
+void Engine::score(const std::vector<int32_t>& ids, float* logits) {
+  const ModelConfig& c = model_->config();
+  if (ids.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "score: ids is empty");
+  check_token_ids(ids.data(), ids.size(), "ids");
+  if (int64_t(ids.size()) > c.max_position)
+    fail(LLMQ_ERR_CONTEXT_OVERFLOW, "score: {} ids exceed the model's context of {}", ids.size(), c.max_position);
+  std::unique_ptr<SequenceKv> seq = new_sequence();
+  std::vector<float> chunk_logits;
+  for (size_t done = 0; done < ids.size();) {
+    int32_t chunk = int32_t(std::min<size_t>(size_t(options_.max_batch_tokens), ids.size() - done));
+    step({SequenceStep{seq.get(), ids.data() + done, chunk, true, true}}, &chunk_logits);
+    std::copy(chunk_logits.begin(), chunk_logits.end(), logits + done * size_t(c.vocab_size));
+    done += size_t(chunk);
+  }
+}
+
+}  // namespace llmq

@@ -1,0 +1,104 @@
+// The engine: a backend, the model's weights on it, the paged KV cache and the forward pass
+// (written once over the backend's ops). step() runs one forward pass over a flattened batch of
+// tokens from several sequences, each at its own position, which is what continuous batching
+// needs; generate() and score() are built on it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "llmq.h"
+
+namespace llmq {
+
+struct EngineOptions {
+  llmq_backend backend = LLMQ_BACKEND_CPU;
+  int32_t n_threads = 0;         // CPU threads; 0 = one per core
+  uint64_t kv_cache_bytes = 0;   // 0 = one full context, at most kDefaultKvCacheBytes
+  int32_t kv_block_size = 16;
+  int32_t max_batch_tokens = 512;
+};
+
+constexpr uint64_t kDefaultKvCacheBytes = uint64_t(2) << 30;
+
+// One sequence's part of a step: append `tokens` to the sequence and compute logits for all of
+// them or only for the last one.
+struct SequenceStep {
+  SequenceKv* kv = nullptr;
+  const int32_t* tokens = nullptr;
+  int32_t n_tokens = 0;
+  bool all_logits = false;
+  bool want_logits = true;  // false for the leading chunks of a chunked prefill
+};
+
+enum class FinishReason { Length, Stop, Cancelled, Context };
+
+struct GenerateOptions {
+  SamplingParams sampling;
+  int32_t max_new_tokens = 256;
+  std::vector<int32_t> stop_ids;
+  bool ignore_eos = false;
+  std::function<bool(int32_t token)> on_token;  // return false to stop
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;
+  FinishReason finish_reason = FinishReason::Length;
+  double time_to_first_token_s = 0;
+  double decode_time_s = 0;
+};
+
+class Engine {
+ public:
+  Engine(std::shared_ptr<const Model> model, const EngineOptions& options);
+  ~Engine();
+
+  const Model& model() const { return *model_; }
+  int32_t vocab_size() const { return int32_t(model_->config().vocab_size); }
+  int32_t max_batch_tokens() const { return options_.max_batch_tokens; }
+  int32_t block_size() const { return options_.kv_block_size; }
+  BlockAllocator& allocator() { return allocator_; }
+  std::unique_ptr<SequenceKv> new_sequence() { return std::make_unique<SequenceKv>(allocator_, block_size()); }
+
+  // Runs one forward step. Reserves KV blocks first (LLMQ_ERR_KV_CACHE_FULL, with nothing changed,
+  // when they are not available); positions past the context are LLMQ_ERR_CONTEXT_OVERFLOW.
+  // The total number of tokens must not exceed max_batch_tokens(). Writes the logits rows in
+  // sequence order ([rows, vocab]) into *logits.
+  void step(const std::vector<SequenceStep>& batch, std::vector<float>* logits);
+
+  // Validates the prompt and options, prefills in chunks of max_batch_tokens(), then decodes.
+  GenerateResult generate(const std::vector<int32_t>& prompt, const GenerateOptions& options);
+
+  // Logits of every position of `ids` (one sequence from position 0): n_ids * vocab floats.
+  void score(const std::vector<int32_t>& ids, float* logits);
+
+  // Checks that every id is in the vocabulary; `what` names the argument in the message.
+  void check_token_ids(const int32_t* ids, size_t n, const char* what) const;
+
+ private:
+  void forward(int32_t n_tokens, int32_t n_logit_rows);
+
+  std::shared_ptr<const Model> model_;
+  EngineOptions options_;
+  std::unique_ptr<Backend> backend_;
+  ModelWeights weights_;  // as uploaded to the backend
+  std::vector<float> inv_freq_host_;
+  Tensor inv_freq_;
+  BlockAllocator allocator_;
+  std::vector<KvLayer> kv_layers_;
+  std::vector<std::unique_ptr<Buffer>> buffers_;  // KV storage and activations
+  Tensor x_, h_, q_, k_, v_, attn_, proj_, gate_, up_, last_hidden_;
+  std::unique_ptr<Buffer> logits_buffer_;
+  BatchPlan plan_;
+};
+
+// RoPE inverse frequencies [head_dim / 2], with linear or Llama 3 scaling applied.
+std::vector<float> rope_inv_freq(const ModelConfig& config);
+
+}  // namespace llmq

@@ -1,0 +1,222 @@
+// The CPU backend: every op in fp32, weights converted from their stored dtype inside the kernels,
+// work split over a thread pool so that each output element is computed by one task only (results
+// are bitwise independent of the thread count and of the other sequences in the batch).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include "engine/backend.h"
+#include "engine/error.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace llmq {
+
+namespace {
+
+class HostBuffer final : public Buffer {
+ public:
+  explicit HostBuffer(uint64_t bytes) : size_(bytes) {
+    // 64-byte alignment for vector loads and to keep rows off shared cache lines.
+    data_ = std::aligned_alloc(64, std::max<uint64_t>(64, (bytes + 63) / 64 * 64));
+    if (!data_) fail(LLMQ_ERR_OUT_OF_MEMORY, "cpu backend: cannot allocate {} bytes", bytes);
+  }
+  ~HostBuffer() override { std::free(data_); }
+  void* data() override { return data_; }
+  uint64_t size() const override { return size_; }
+
+ private:
+  void* data_;
+  uint64_t size_;
+};
+
+float load_element(const void* base, DType dtype, int64_t index) {
+  switch (dtype) {
+    case DType::F32:
+      return static_cast<const float*>(base)[index];
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
+    case DType::F16:
+      return f16_to_f32(static_cast<const uint16_t*>(base)[index]);
+    default:
+      fail(LLMQ_ERR_INTERNAL, "cpu backend: unexpected dtype {}", dtype_name(dtype));
+  }
+}
+
+void rmsnorm_row(const float* x, const Tensor& weight, float eps, int64_t dim, float* out) {
+  double sum_squares = 0.0;
+  for (int64_t i = 0; i < dim; ++i) sum_squares += double(x[i]) * double(x[i]);
+  float inv = float(1.0 / std::sqrt(sum_squares / double(dim) + double(eps)));
+  for (int64_t i = 0; i < dim; ++i) out[i] = (x[i] * inv) * load_element(weight.data, weight.dtype, i);
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(const CpuBackendOptions& options)
+      : pool_(options.n_threads > 0 ? options.n_threads : int(std::max(1u, std::thread::hardware_concurrency()))) {}
+
+  const char* name() const override { return "cpu"; }
+
+  std::unique_ptr<Buffer> allocate(uint64_t bytes) override { return std::make_unique<HostBuffer>(bytes); }
+
+  Tensor upload(const Tensor& host) override { return host; }  // host memory is ours already: no copy
+
+  void begin_step(const BatchPlan& plan) override { plan_ = &plan; }
+
+  void embed(const Tensor& table, Tensor& out) override {
+    const int64_t dim = table.cols;
+    pool_.parallel_for(out.rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t row = plan_->tokens[size_t(t)];
+        float* dst = out.as<float>() + t * dim;
+        for (int64_t i = 0; i < dim; ++i) dst[i] = load_element(table.data, table.dtype, row * dim + i);
+      }
+    });
+  }
+
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    pool_.parallel_for(x.rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        rmsnorm_row(x.as<float>() + t * x.cols, weight, eps, x.cols, out.as<float>() + t * x.cols);
+    });
+  }
+
+  void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    pool_.parallel_for(x.rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        float* r = residual.as<float>() + t * x.cols;
+        const float* d = x.as<float>() + t * x.cols;
+        for (int64_t i = 0; i < x.cols; ++i) r[i] += d[i];
+        rmsnorm_row(r, weight, eps, x.cols, out.as<float>() + t * x.cols);
+      }
+    });
+  }
+
+  void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) override {
+    const int64_t M = x.rows, K = x.cols, N = weight.rows;
+    // Split the output columns in tiles of 4 rows of the weight; small products run inline.
+    const int64_t tiles = (N + 3) / 4;
+    const int64_t macs_per_tile = 4 * M * K;
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_tile));
+    pool_.parallel_for(tiles, grain, [&](int64_t begin, int64_t end) {
+      int64_t n_begin = begin * 4, n_end = std::min(N, end * 4);
+      cpu::linear_rows(x.as<float>(), M, K, weight.data, weight.dtype, N, n_begin, n_end, out.as<float>());
+      if (bias) {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n_begin; n < n_end; ++n) out.as<float>()[m * N + n] += load_element(bias->data, bias->dtype, n);
+      }
+    });
+  }
+
+  void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) override {
+    const int64_t head_dim = cache.head_dim, half = head_dim / 2;
+    const int64_t n_q_heads = q.cols / head_dim, n_kv_heads = cache.num_kv_heads;
+    pool_.parallel_for(q.rows, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> cos_table(static_cast<size_t>(half)), sin_table(static_cast<size_t>(half));
+      for (int64_t t = begin; t < end; ++t) {
+        // As Hugging Face: angle = position * inv_freq in fp32, then cos/sin in fp32.
+        float position = float(plan_->positions[size_t(t)]);
+        for (int64_t i = 0; i < half; ++i) {
+          float angle = position * inv_freq.as<float>()[i];
+          cos_table[size_t(i)] = std::cos(angle);
+          sin_table[size_t(i)] = std::sin(angle);
+        }
+        auto rotate = [&](float* head) {
+          for (int64_t i = 0; i < half; ++i) {
+            float x0 = head[i], x1 = head[i + half];
+            head[i] = x0 * cos_table[size_t(i)] - x1 * sin_table[size_t(i)];
+            head[i + half] = x1 * cos_table[size_t(i)] + x0 * sin_table[size_t(i)];
+          }
+        };
+        for (int64_t h = 0; h < n_q_heads; ++h) rotate(q.as<float>() + t * q.cols + h * head_dim);
+        for (int64_t h = 0; h < n_kv_heads; ++h) rotate(k.as<float>() + t * k.cols + h * head_dim);
+
+        int64_t slot = plan_->slots[size_t(t)];
+        int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
+        for (int64_t h = 0; h < n_kv_heads; ++h) {
+          int64_t dst = ((block * n_kv_heads + h) * cache.block_size + offset) * head_dim;
+          std::memcpy(cache.k.as<float>() + dst, k.as<float>() + t * k.cols + h * head_dim, sizeof(float) * head_dim);
+          std::memcpy(cache.v.as<float>() + dst, v.as<float>() + t * v.cols + h * head_dim, sizeof(float) * head_dim);
+        }
+      }
+    });
+  }
+
+  void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) override {
+    const int64_t head_dim = params.head_dim, bs = cache.block_size;
+    const int64_t group = params.num_heads / params.num_kv_heads;
+    const int64_t tasks = q.rows * params.num_heads;
+    pool_.parallel_for(tasks, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t t = task / params.num_heads, h = task % params.num_heads, kv_head = h / group;
+        int32_t seq = plan_->token_seq[size_t(t)];
+        int64_t position = plan_->positions[size_t(t)];
+        int64_t first = params.sliding_window > 0 ? std::max<int64_t>(0, position - params.sliding_window + 1) : 0;
+        const int32_t* blocks = plan_->block_ids.data() + plan_->block_offsets[size_t(seq)];
+        const float* qh = q.as<float>() + t * q.cols + h * head_dim;
+        auto kv_row = [&](const Tensor& store, int64_t j) {
+          int64_t block = blocks[j / bs];
+          return store.as<float>() + ((block * cache.num_kv_heads + kv_head) * bs + j % bs) * head_dim;
+        };
+        scores.resize(size_t(position - first + 1));
+        float max_score = -INFINITY;
+        for (int64_t j = first; j <= position; ++j) {
+          const float* kj = kv_row(cache.k, j);
+          float dot = 0.0f;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kj[d];
+          float s = dot * params.scale;
+          scores[size_t(j - first)] = s;
+          max_score = std::max(max_score, s);
+        }
+        float denominator = 0.0f;
+        for (float& s : scores) {
+          s = std::exp(s - max_score);
+          denominator += s;
+        }
+        float* oh = out.as<float>() + t * out.cols + h * head_dim;
+        std::fill(oh, oh + head_dim, 0.0f);
+        for (int64_t j = first; j <= position; ++j) {
+          const float* vj = kv_row(cache.v, j);
+          float p = scores[size_t(j - first)];
+          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vj[d];
+        }
+        float inv = 1.0f / denominator;
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] *= inv;
+      }
+    });
+  }
+
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    const int64_t n = gate.numel();
+    pool_.parallel_for(n, 1 << 14, [&](int64_t begin, int64_t end) {
+      const float* g = gate.as<float>();
+      const float* u = up.as<float>();
+      float* o = out.as<float>();
+      for (int64_t i = begin; i < end; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    });
+  }
+
+  void gather_rows(const Tensor& x, Tensor& out) override {
+    for (size_t i = 0; i < plan_->logit_rows.size(); ++i)
+      std::memcpy(out.as<float>() + int64_t(i) * x.cols, x.as<float>() + int64_t(plan_->logit_rows[i]) * x.cols,
+                  sizeof(float) * size_t(x.cols));
+  }
+
+  void to_host(const Tensor& x, float* host) override { std::memcpy(host, x.data, x.nbytes()); }
+
+ private:
+  ThreadPool pool_;
+  const BatchPlan* plan_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options) {
+  return std::make_unique<CpuBackend>(options);
+}
+
+}  // namespace llmq
