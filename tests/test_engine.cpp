@@ -1,0 +1,272 @@
+// The engine's forward pass over flattened batches: batch and thread-count invariance (bitwise),
+// chunked prefill, the paged KV cache running out, context limits and argument errors.
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "engine/engine.h"
+#include "engine/error.h"
+#include "test_util.h"
+
+namespace {
+
+using namespace llmq;
+
+std::shared_ptr<const Model> stories() {
+  static std::shared_ptr<const Model> model = Model::load(test::stories_dir());
+  return model;
+}
+
+EngineOptions options_with(int threads, int max_batch_tokens = 512, uint64_t kv_bytes = 0) {
+  EngineOptions o;
+  o.n_threads = threads;
+  o.max_batch_tokens = max_batch_tokens;
+  o.kv_cache_bytes = kv_bytes;
+  return o;
+}
+
+std::vector<int32_t> story_tokens(int n, int32_t salt) {
+  std::vector<int32_t> ids{1};
+  for (int i = 1; i < n; ++i) ids.push_back(3 + int32_t((i * 37 + salt * 101) % 500));
+  return ids;
+}
+
+// Logits of every prefix of `ids`, run alone in one engine.
+std::vector<float> logits_alone(Engine& engine, const std::vector<int32_t>& ids) {
+  std::vector<float> logits(ids.size() * 512);
+  engine.score(ids, logits.data());
+  return logits;
+}
+
+TEST(Engine, BatchInvarianceIsBitwise) {
+  const std::vector<int32_t> a = story_tokens(37, 1), b = story_tokens(20, 2), c = story_tokens(5, 3);
+  Engine alone(stories(), options_with(2));
+  const std::vector<float> expected = logits_alone(alone, a);
+
+  for (int threads : {1, 2, 3}) {
+    Engine engine(stories(), options_with(threads));
+    auto sa = engine.new_sequence(), sb = engine.new_sequence(), sc = engine.new_sequence();
+    std::vector<float> logits;
+    // Step 1: prefill b, then a's first 30 tokens, then c, in one flattened batch.
+    engine.step({{sb.get(), b.data(), 20, false}, {sa.get(), a.data(), 30, true}, {sc.get(), c.data(), 5, true}},
+                &logits);
+    ASSERT_EQ(logits.size(), size_t(1 + 30 + 5) * 512);
+    for (size_t i = 0; i < 30 * 512; ++i)
+      ASSERT_EQ(logits[512 + i], expected[i]) << "threads " << threads << " prefill logit " << i;
+    // Then a decodes one token per step beside the others, at different positions.
+    for (int p = 30; p < 37; ++p) {
+      int32_t next_b = 7, next_c = 9;
+      engine.step({{sc.get(), &next_c, 1, false}, {sa.get(), &a[size_t(p)], 1, false}, {sb.get(), &next_b, 1, false}},
+                  &logits);
+      ASSERT_EQ(logits.size(), size_t(3) * 512);
+      for (int v = 0; v < 512; ++v)
+        ASSERT_EQ(logits[512 + size_t(v)], expected[size_t(p) * 512 + size_t(v)]) << "threads " << threads << " p " << p;
+    }
+  }
+}
+
+TEST(Engine, ChunkedPrefillEqualsOneChunk) {
+  const std::vector<int32_t> ids = story_tokens(100, 4);
+  Engine whole(stories(), options_with(2, 512));
+  Engine chunked(stories(), options_with(2, 7));
+  EXPECT_EQ(logits_alone(whole, ids), logits_alone(chunked, ids));
+}
+
+TEST(Engine, GenerateIsDeterministicPerSeed) {
+  Engine engine(stories(), options_with(2));
+  GenerateOptions o;
+  o.sampling.temperature = 0.9f;
+  o.sampling.top_p = 0.95f;
+  o.max_new_tokens = 40;
+  o.ignore_eos = true;
+  o.sampling.seed = 42;
+  GenerateResult first = engine.generate({1, 403}, o);
+  GenerateResult again = engine.generate({1, 403}, o);
+  o.sampling.seed = 43;
+  GenerateResult other = engine.generate({1, 403}, o);
+  EXPECT_EQ(first.tokens.size(), 40u);
+  EXPECT_EQ(first.tokens, again.tokens);
+  EXPECT_NE(first.tokens, other.tokens);
+  EXPECT_EQ(first.finish_reason, FinishReason::Length);
+  // Every sequence's blocks went back to the allocator.
+  EXPECT_EQ(engine.allocator().num_free(), engine.allocator().num_blocks());
+}
+
+TEST(Engine, StopIdsAndCallbackCancel) {
+  Engine engine(stories(), options_with(1));
+  GenerateOptions o;
+  o.sampling.temperature = 0;
+  o.max_new_tokens = 64;
+  GenerateResult greedy = engine.generate({1, 403, 407, 261, 378}, o);
+  ASSERT_GE(greedy.tokens.size(), 10u);
+  // Stop at the 6th greedy token: the output is the 5 before it.
+  o.stop_ids = {greedy.tokens[5]};
+  GenerateResult stopped = engine.generate({1, 403, 407, 261, 378}, o);
+  EXPECT_EQ(stopped.finish_reason, FinishReason::Stop);
+  EXPECT_EQ(stopped.tokens, std::vector<int32_t>(greedy.tokens.begin(), greedy.tokens.begin() + 5));
+  o.stop_ids.clear();
+  int calls = 0;
+  o.on_token = [&](int32_t) { return ++calls < 3; };
+  GenerateResult cancelled = engine.generate({1, 403, 407, 261, 378}, o);
+  EXPECT_EQ(cancelled.finish_reason, FinishReason::Cancelled);
+  EXPECT_EQ(cancelled.tokens.size(), 3u);
+}
+
+TEST(Engine, KvCacheFullIsAClearStatusAndLeavesStateIntact) {
+  // 4 blocks of 16 tokens: 64 tokens in all.
+  const uint64_t per_block = 5 * 2 * 4 * 16 * 8 * sizeof(float);
+  Engine engine(stories(), options_with(2, 512, 4 * per_block));
+  ASSERT_EQ(engine.allocator().num_blocks(), 4);
+  auto s1 = engine.new_sequence(), s2 = engine.new_sequence();
+  std::vector<int32_t> ids = story_tokens(40, 5);
+  std::vector<float> logits;
+  engine.step({{s1.get(), ids.data(), 40, false}}, &logits);  // 3 blocks
+  EXPECT_EQ(engine.allocator().num_free(), 1);
+  try {
+    engine.step({{s2.get(), ids.data(), 20, false}}, &logits);  // needs 2
+    FAIL() << "expected LLMQ_ERR_KV_CACHE_FULL";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), LLMQ_ERR_KV_CACHE_FULL);
+    EXPECT_NE(std::string(e.what()).find("KV cache is full"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(engine.allocator().num_free(), 1);
+  EXPECT_EQ(s2->length(), 0);
+  EXPECT_TRUE(s2->blocks().empty());
+  // A batch where the second sequence fails rolls back the first one's new blocks too.
+  auto s3 = engine.new_sequence();
+  EXPECT_THROW(engine.step({{s3.get(), ids.data(), 10, false}, {s2.get(), ids.data(), 20, false}}, &logits), Error);
+  EXPECT_EQ(engine.allocator().num_free(), 1);
+  EXPECT_TRUE(s3->blocks().empty());
+  // s1 still decodes correctly after the failures.
+  std::vector<float> expected(41 * 512);
+  Engine reference(stories(), options_with(2));
+  ids.push_back(300);
+  reference.score(ids, expected.data());
+  engine.step({{s1.get(), &ids[40], 1, false}}, &logits);
+  EXPECT_EQ(std::vector<float>(expected.end() - 512, expected.end()), logits);
+
+  // generate() reports a prompt that cannot fit as KV_CACHE_FULL, and running out while
+  // decoding as the end of the context.
+  s1.reset();
+  s2.reset();
+  s3.reset();
+  GenerateOptions o;
+  o.sampling.temperature = 0;
+  o.ignore_eos = true;
+  o.max_new_tokens = 100;
+  try {
+    engine.generate(story_tokens(80, 6), o);
+    FAIL() << "expected LLMQ_ERR_KV_CACHE_FULL";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), LLMQ_ERR_KV_CACHE_FULL);
+  }
+  GenerateResult r = engine.generate(story_tokens(50, 6), o);
+  EXPECT_EQ(r.finish_reason, FinishReason::Context);
+  EXPECT_EQ(r.tokens.size(), 15u);  // 64 slots - 50 prompt tokens, plus the last sampled token
+}
+
+TEST(Engine, ContextLimit) {
+  Engine engine(stories(), options_with(2));
+  GenerateOptions o;
+  o.sampling.temperature = 0;
+  o.ignore_eos = true;
+  o.max_new_tokens = 1000;
+  GenerateResult r = engine.generate(story_tokens(500, 7), o);
+  EXPECT_EQ(r.finish_reason, FinishReason::Context);
+  EXPECT_EQ(r.tokens.size(), 13u);  // positions 500..511 are fed, and the token after 511 is still sampled
+  try {
+    engine.generate(story_tokens(513, 7), o);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), LLMQ_ERR_CONTEXT_OVERFLOW);
+  }
+}
+
+TEST(Engine, BadArgumentsNameTheProblem) {
+  Engine engine(stories(), options_with(1));
+  GenerateOptions o;
+  auto expect_error = [&](const std::vector<int32_t>& prompt, const GenerateOptions& options, const char* needle) {
+    try {
+      engine.generate(prompt, options);
+      ADD_FAILURE() << "expected an error mentioning " << needle;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), LLMQ_ERR_INVALID_ARGUMENT);
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error({}, o, "empty");
+  expect_error({1, 512}, o, "prompt_ids[1] = 512");
+  expect_error({1, -3}, o, "prompt_ids[1] = -3");
+  GenerateOptions bad = o;
+  bad.sampling.top_p = 0;
+  expect_error({1}, bad, "top_p");
+  bad = o;
+  bad.sampling.temperature = -1;
+  expect_error({1}, bad, "temperature");
+  bad = o;
+  bad.stop_ids = {9999};
+  expect_error({1}, bad, "stop_ids[0]");
+  bad = o;
+  bad.max_new_tokens = -1;
+  expect_error({1}, bad, "max_new_tokens");
+  EXPECT_EQ(engine.allocator().num_free(), engine.allocator().num_blocks());
+
+  auto expect_option_error = [&](EngineOptions options, const char* needle) {
+    try {
+      Engine e(stories(), options);
+      ADD_FAILURE() << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  EngineOptions eo;
+  eo.kv_cache_bytes = 100;
+  expect_option_error(eo, "kv_cache_bytes");
+  eo = EngineOptions();
+  eo.kv_block_size = 0;
+  expect_option_error(eo, "kv_block_size");
+  eo = EngineOptions();
+  eo.max_batch_tokens = 0;
+  expect_option_error(eo, "max_batch_tokens");
+  eo = EngineOptions();
+  eo.backend = LLMQ_BACKEND_CUDA;
+  expect_option_error(eo, "CUDA");
+}
+
+TEST(KvCache, AllocatorRefcountsAndFreeList) {
+  BlockAllocator allocator(3);
+  EXPECT_EQ(allocator.num_free(), 3);
+  int32_t a = allocator.allocate(), b = allocator.allocate(), c = allocator.allocate();
+  EXPECT_EQ(a, 0);
+  EXPECT_EQ(b, 1);
+  EXPECT_EQ(c, 2);
+  EXPECT_EQ(allocator.allocate(), -1);
+  allocator.retain(b);
+  EXPECT_EQ(allocator.refcount(b), 2);
+  allocator.release(b);
+  EXPECT_EQ(allocator.num_free(), 0);
+  allocator.release(b);
+  EXPECT_EQ(allocator.num_free(), 1);
+  EXPECT_EQ(allocator.allocate(), b);  // the freed block is reused
+  try {
+    allocator.release(7);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), LLMQ_ERR_INTERNAL);
+  }
+  allocator.release(a);
+  EXPECT_THROW(allocator.release(a), Error);  // double free is caught, not corrupting the list
+
+  BlockAllocator pool(4);
+  SequenceKv seq(pool, 16);
+  EXPECT_TRUE(seq.reserve(33));  // 3 blocks
+  EXPECT_EQ(seq.blocks().size(), 3u);
+  EXPECT_EQ(seq.slot(17), seq.blocks()[1] * 16 + 1);
+  EXPECT_FALSE(seq.reserve(80));  // needs 5 blocks: nothing changes
+  EXPECT_EQ(seq.blocks().size(), 3u);
+  EXPECT_EQ(pool.num_free(), 1);
+  seq.clear();
+  EXPECT_EQ(pool.num_free(), 4);
+}
+
+}  // namespace
