@@ -5,6 +5,7 @@
 #include <cmath>
 #include <unordered_set>
 
+#include "engine/device.h"
 #include "engine/error.h"
 
 namespace llmq {
@@ -76,8 +77,12 @@ std::vector<float> rope_inv_freq(const ModelConfig& c) {
 Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
     : model_(std::move(model)), options_(options), allocator_(kv_num_blocks(model_->config(), options)) {
   const ModelConfig& c = model_->config();
-  if (options.backend == LLMQ_BACKEND_CUDA)
-    fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: the CUDA backend is not available in this build of llmq");
+  if (options.backend == LLMQ_BACKEND_CUDA) {
+    std::string why;
+    int devices = cuda_device_count(&why);
+    if (devices == 0) fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: no CUDA backend: {}", why);
+    fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: {} CUDA device(s) found, but the CUDA backend's kernels are not part of this version of llmq", devices);
+  }
   if (options.backend != LLMQ_BACKEND_CPU)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: unknown backend {}", int(options.backend));
   backend_ = make_cpu_backend(CpuBackendOptions{options.n_threads});
