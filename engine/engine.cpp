@@ -253,7 +253,7 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, const Genera
   Clock::time_point first_token;
   for (;;) {
     int32_t token = sampler.sample(logits.data(), vocab_size(), history);
-    if (result.tokens.empty() && result.time_to_first_token_s == 0) {
+    if (history.size() == prompt.size()) {
       first_token = Clock::now();
       result.time_to_first_token_s = seconds_between(start, first_token);
     }
