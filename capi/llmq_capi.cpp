@@ -110,7 +110,10 @@ LLMQ_API void llmq_version(int* major, int* minor, int* patch) {
 LLMQ_API const char* llmq_last_error(void) { return t_last_error.c_str(); }
 
 LLMQ_API const char* llmq_status_string(llmq_status status) {
-  switch (status) {
+  int code;
+  static_assert(sizeof(status) == sizeof(code), "llmq_status is int-sized");
+  std::memcpy(&code, &status, sizeof code);  // any integer may arrive from C
+  switch (code) {
     case LLMQ_OK: return "LLMQ_OK";
     case LLMQ_ERR_INVALID_ARGUMENT: return "LLMQ_ERR_INVALID_ARGUMENT";
     case LLMQ_ERR_IO: return "LLMQ_ERR_IO";
@@ -201,7 +204,7 @@ LLMQ_API llmq_status llmq_detokenize(const llmq_model* model, const int32_t* ids
     if (decoded.size() > text_capacity)
       llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_detokenize: {} bytes do not fit in text_capacity {}", decoded.size(),
                  text_capacity);
-    std::memcpy(text, decoded.data(), decoded.size());
+    if (!decoded.empty()) std::memcpy(text, decoded.data(), decoded.size());
   });
 }
 
@@ -224,8 +227,14 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
     *out_engine = nullptr;
     require(model, "llmq_engine_create: model");
     llmq_engine_params p = read_params(params, llmq_engine_params_default, "llmq_engine_create: params");
+    // A C caller may store any integer in the enum field: check it as an integer first.
+    int32_t backend;
+    static_assert(sizeof(p.backend) == sizeof(backend), "llmq_backend is int-sized");
+    std::memcpy(&backend, &p.backend, sizeof backend);
+    if (backend != LLMQ_BACKEND_CPU && backend != LLMQ_BACKEND_CUDA)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_engine_create: params.backend {} is not a known backend", backend);
     llmq::EngineOptions options;
-    options.backend = p.backend;
+    options.backend = llmq_backend(backend);
     options.n_threads = p.n_threads;
     options.kv_cache_bytes = p.kv_cache_bytes;
     options.kv_block_size = p.kv_block_size;

@@ -181,7 +181,9 @@ LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params);
 /* Called once per generated token, on the thread that called llmq_generate.
  * token: the new id. text/text_len: the new UTF-8 text it completes (may be empty when a token
  * holds part of a multi-byte character; not NUL-terminated; valid during the call only).
- * Return 0 to continue, non-zero to stop generating (finish reason LLMQ_FINISH_CANCELLED). */
+ * Return 0 to continue, non-zero to stop generating (finish reason LLMQ_FINISH_CANCELLED).
+ * If generation ends inside a multi-byte character, its incomplete bytes are never passed to the
+ * callback (llmq_detokenize of the ids shows them as U+FFFD). */
 typedef int (*llmq_token_callback)(int32_t token, const char* text, size_t text_len, void* user_data);
 
 typedef struct llmq_generate_params {
@@ -209,7 +211,7 @@ typedef struct llmq_generate_result {
   size_t struct_size;            /* in: sizeof(llmq_generate_result) */
   llmq_finish_reason finish_reason;
   int32_t n_prompt_tokens;
-  int32_t n_generated;           /* tokens produced (ids written, up to the capacity) */
+  int32_t n_generated;           /* tokens produced; only the first out_capacity are written to out_ids */
   double time_to_first_token_s;  /* from the call until the first new token was sampled */
   double decode_time_s;          /* from the first new token to the last */
 } llmq_generate_result;
