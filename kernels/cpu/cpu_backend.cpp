@@ -97,7 +97,7 @@ class CpuBackend final : public Backend {
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) override {
     const int64_t M = x.rows, K = x.cols, N = weight.rows;
-    // Split the output columns in tiles of 4 rows of the weight; small products run inline.
+    // Split the output columns in groups of 4 weight rows; small products run inline.
     const int64_t tiles = (N + 3) / 4;
     const int64_t macs_per_tile = 4 * M * K;
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_tile));

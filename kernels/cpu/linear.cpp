@@ -4,150 +4,124 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace llmq::cpu {
 
 namespace {
 
-constexpr int kTileRows = 4;     // weight rows computed together (they share the x loads)
-constexpr int64_t kMBlock = 32;  // activation rows per pass, to keep them in cache
+constexpr int64_t kMBlock = 32;  // activation rows that share one pass over the weights
 
-inline float load_scalar(const float* p) { return *p; }
-inline float load_scalar(const uint16_t* p, DType dtype) {
-  return dtype == DType::BF16 ? bf16_to_f32(*p) : f16_to_f32(*p);
-}
+// Element k of a weight row, as fp32 (exact).
+struct F32Row {
+  const float* p;
+  float at(int64_t k) const { return p[k]; }
+};
+struct Bf16Row {
+  const uint16_t* p;
+  float at(int64_t k) const { return bf16_to_f32(p[k]); }
+};
+struct F16Row {
+  const uint16_t* p;
+  float at(int64_t k) const { return f16_to_f32(p[k]); }
+};
 
 // ---- Portable scalar version: the same lanes and the same order as the AVX2 one. ----
 
-template <typename Load>
-void dot_tile_scalar(const float* x, int64_t K, int rows, Load load_w, float* out) {
-  for (int r = 0; r < rows; ++r) {
-    float acc[16] = {0};
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16)
-      for (int lane = 0; lane < 16; ++lane) acc[lane] = std::fma(x[k + lane], load_w(r, k + lane), acc[lane]);
-    float v[8], t4[4];
-    for (int i = 0; i < 8; ++i) v[i] = acc[i] + acc[i + 8];
-    for (int i = 0; i < 4; ++i) t4[i] = v[i] + v[i + 4];
-    float sum = (t4[0] + t4[2]) + (t4[1] + t4[3]);
-    for (; k < K; ++k) sum = std::fma(x[k], load_w(r, k), sum);
-    out[r] = sum;
-  }
-}
-
-void linear_rows_scalar(const float* x, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N,
-                        int64_t n_begin, int64_t n_end, float* out) {
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = n_begin; n < n_end; n += kTileRows) {
-      int rows = int(std::min<int64_t>(kTileRows, n_end - n));
-      float tile[kTileRows];
-      if (w_dtype == DType::F32) {
-        const float* wf = static_cast<const float*>(w) + n * K;
-        dot_tile_scalar(x + m * K, K, rows, [&](int r, int64_t k) { return wf[r * K + k]; }, tile);
-      } else {
-        const uint16_t* wh = static_cast<const uint16_t*>(w) + n * K;
-        dot_tile_scalar(x + m * K, K, rows, [&](int r, int64_t k) { return load_scalar(wh + r * K + k, w_dtype); },
-                        tile);
-      }
-      std::memcpy(out + m * N + n, tile, sizeof(float) * rows);
-    }
-  }
+template <typename Row>
+float dot_scalar(const float* x, Row w, int64_t K) {
+  float acc[8][8] = {};
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64)
+    for (int i = 0; i < 8; ++i)
+      for (int l = 0; l < 8; ++l) acc[i][l] = std::fma(x[k + 8 * i + l], w.at(k + 8 * i + l), acc[i][l]);
+  for (int i = 0; k + 8 <= K; k += 8, ++i)
+    for (int l = 0; l < 8; ++l) acc[i][l] = std::fma(x[k + l], w.at(k + l), acc[i][l]);
+  float v[8], t4[4];
+  for (int l = 0; l < 8; ++l)
+    v[l] = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) + ((acc[4][l] + acc[5][l]) + (acc[6][l] + acc[7][l]));
+  for (int l = 0; l < 4; ++l) t4[l] = v[l] + v[l + 4];
+  float sum = (t4[0] + t4[2]) + (t4[1] + t4[3]);
+  for (; k < K; ++k) sum = std::fma(x[k], w.at(k), sum);
+  return sum;
 }
 
 // ---- AVX2 + FMA + F16C ----
 
 #define LLMQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-LLMQ_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-LLMQ_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+LLMQ_AVX2 inline __m256 load8(F32Row w, int64_t k) { return _mm256_loadu_ps(w.p + k); }
+LLMQ_AVX2 inline __m256 load8(Bf16Row w, int64_t k) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.p + k)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-LLMQ_AVX2 inline __m256 load8_f16(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+LLMQ_AVX2 inline __m256 load8(F16Row w, int64_t k) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.p + k)));
 }
 
-struct F32Rows {
-  const float* base;
-  LLMQ_AVX2 __m256 load(int64_t offset) const { return load8(base + offset); }
-  float scalar(int64_t offset) const { return base[offset]; }
-};
-struct Bf16Rows {
-  const uint16_t* base;
-  LLMQ_AVX2 __m256 load(int64_t offset) const { return load8_bf16(base + offset); }
-  float scalar(int64_t offset) const { return bf16_to_f32(base[offset]); }
-};
-struct F16Rows {
-  const uint16_t* base;
-  LLMQ_AVX2 __m256 load(int64_t offset) const { return load8_f16(base + offset); }
-  float scalar(int64_t offset) const { return f16_to_f32(base[offset]); }
-};
-
-LLMQ_AVX2 inline float reduce(__m256 a0, __m256 a1) {
-  __m256 v = _mm256_add_ps(a0, a1);
+template <typename Row>
+LLMQ_AVX2 float dot_avx2(const float* x, Row w, int64_t K) {
+  __m256 a[8];
+  for (auto& acc : a) acc = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64)
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * i), load8(w, k + 8 * i), a[i]);
+  for (int i = 0; k + 8 <= K; k += 8, ++i) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w, k), a[i]);
+  __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                           _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
   __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-  return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+  float sum = _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+  for (; k < K; ++k) sum = std::fma(x[k], w.at(k), sum);
+  return sum;
 }
 
-// ROWS weight rows (row r starts at w.base + r * K) against one activation row.
-template <int ROWS, typename W>
-LLMQ_AVX2 inline void dot_tile(const float* x, int64_t K, const W& w, float* out) {
-  __m256 a0[ROWS], a1[ROWS];
-  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m256 x0 = load8(x + k), x1 = load8(x + k + 8);
-    for (int r = 0; r < ROWS; ++r) {
-      a0[r] = _mm256_fmadd_ps(x0, w.load(r * K + k), a0[r]);
-      a1[r] = _mm256_fmadd_ps(x1, w.load(r * K + k + 8), a1[r]);
-    }
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    float sum = reduce(a0[r], a1[r]);
-    for (int64_t t = k; t < K; ++t) sum = std::fma(x[t], w.scalar(r * K + t), sum);
-    out[r] = sum;
-  }
+template <bool kAvx2, typename Row>
+float dot(const float* x, Row w, int64_t K) {
+  if constexpr (kAvx2) return dot_avx2(x, w, K);
+  return dot_scalar(x, w, K);
 }
 
-template <typename W>
-LLMQ_AVX2 void tile_all_m(const float* x, int64_t m_begin, int64_t m_end, int64_t K, const W& w, int rows, int64_t N,
-                          int64_t n, float* out) {
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    float* o = out + m * N + n;
-    if (rows == kTileRows) {
-      dot_tile<kTileRows>(x + m * K, K, w, o);
-    } else {
-      for (int r = 0; r < rows; ++r) dot_tile<1>(x + m * K, K, W{w.base + r * K}, o + r);
-    }
-  }
-}
-
-template <typename W, typename Elem>
-LLMQ_AVX2 void linear_rows_avx2(const float* x, int64_t M, int64_t K, const Elem* w, int64_t N, int64_t n_begin,
-                                int64_t n_end, float* out) {
-  constexpr bool kConverts = !std::is_same<W, F32Rows>::value;
-  if (M <= kTileRows || !kConverts) {
-    // Decode: stream the weights once, converting in registers.
+template <bool kAvx2, typename Row, typename Elem>
+void linear_rows_typed(const float* x, int64_t M, int64_t K, const Elem* w, int64_t N, int64_t n_begin,
+                       int64_t n_end, float* out) {
+  constexpr bool kConverts = !std::is_same<Row, F32Row>::value;
+  if (!kConverts || M <= 4) {
+    // Decode: each weight row streams from memory once per block of activation rows and is
+    // converted in registers; the rows after the first hit the cache.
     for (int64_t m0 = 0; m0 < M; m0 += kMBlock)
-      for (int64_t n = n_begin; n < n_end; n += kTileRows)
-        tile_all_m(x, m0, std::min(M, m0 + kMBlock), K, W{w + n * K},
-                   int(std::min<int64_t>(kTileRows, n_end - n)), N, n, out);
+      for (int64_t n = n_begin; n < n_end; ++n)
+        for (int64_t m = m0; m < std::min(M, m0 + kMBlock); ++m) out[m * N + n] = dot<kAvx2>(x + m * K, Row{w + n * K}, K);
     return;
   }
-  // Prefill: convert each weight tile to fp32 once and reuse it for a block of activation rows.
-  // The conversion is exact, so the results equal the in-register path bit for bit.
+  // Prefill: convert each weight row to fp32 once per block of activation rows. The conversion is
+  // exact, so the results equal the in-register path bit for bit.
   thread_local std::vector<float> converted;
-  converted.resize(size_t(kTileRows) * size_t(K));
-  for (int64_t m0 = 0; m0 < M; m0 += kMBlock) {
-    for (int64_t n = n_begin; n < n_end; n += kTileRows) {
-      int rows = int(std::min<int64_t>(kTileRows, n_end - n));
-      W src{w + n * K};
-      for (int64_t i = 0; i < rows * K; ++i) converted[size_t(i)] = src.scalar(i);
-      tile_all_m(x, m0, std::min(M, m0 + kMBlock), K, F32Rows{converted.data()}, rows, N, n, out);
+  converted.resize(size_t(K));
+  for (int64_t m0 = 0; m0 < M; m0 += kMBlock)
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      Row row{w + n * K};
+      for (int64_t k = 0; k < K; ++k) converted[size_t(k)] = row.at(k);
+      for (int64_t m = m0; m < std::min(M, m0 + kMBlock); ++m)
+        out[m * N + n] = dot<kAvx2>(x + m * K, F32Row{converted.data()}, K);
     }
+}
+
+template <bool kAvx2>
+void linear_rows_dispatch(const float* x, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N,
+                          int64_t n_begin, int64_t n_end, float* out) {
+  switch (w_dtype) {
+    case DType::F32:
+      linear_rows_typed<kAvx2, F32Row>(x, M, K, static_cast<const float*>(w), N, n_begin, n_end, out);
+      break;
+    case DType::BF16:
+      linear_rows_typed<kAvx2, Bf16Row>(x, M, K, static_cast<const uint16_t*>(w), N, n_begin, n_end, out);
+      break;
+    case DType::F16:
+      linear_rows_typed<kAvx2, F16Row>(x, M, K, static_cast<const uint16_t*>(w), N, n_begin, n_end, out);
+      break;
+    default:
+      break;  // callers check the dtype
   }
 }
 
@@ -165,23 +139,10 @@ bool linear_uses_avx2() {
 
 void linear_rows(const float* x, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N, int64_t n_begin,
                  int64_t n_end, float* out) {
-  if (!linear_uses_avx2()) {
-    linear_rows_scalar(x, M, K, w, w_dtype, N, n_begin, n_end, out);
-    return;
-  }
-  switch (w_dtype) {
-    case DType::F32:
-      linear_rows_avx2<F32Rows>(x, M, K, static_cast<const float*>(w), N, n_begin, n_end, out);
-      break;
-    case DType::BF16:
-      linear_rows_avx2<Bf16Rows>(x, M, K, static_cast<const uint16_t*>(w), N, n_begin, n_end, out);
-      break;
-    case DType::F16:
-      linear_rows_avx2<F16Rows>(x, M, K, static_cast<const uint16_t*>(w), N, n_begin, n_end, out);
-      break;
-    default:
-      break;  // callers check the dtype
-  }
+  if (linear_uses_avx2())
+    linear_rows_dispatch<true>(x, M, K, w, w_dtype, N, n_begin, n_end, out);
+  else
+    linear_rows_dispatch<false>(x, M, K, w, w_dtype, N, n_begin, n_end, out);
 }
 
 }  // namespace llmq::cpu

@@ -1,14 +1,30 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 
 namespace llmq {
 
 namespace {
+
+// About 50-100 microseconds of polling before sleeping.
+constexpr int kSpinIterations = 20000;
+
 void chunk_bounds(int64_t n, int chunks, int index, int64_t* begin, int64_t* end) {
   *begin = n * index / chunks;
   *end = n * (index + 1) / chunks;
 }
+
+template <typename Ready>
+bool spin_until(Ready ready) {
+  for (int i = 0; i < kSpinIterations; ++i) {
+    if (ready()) return true;
+    _mm_pause();
+  }
+  return false;
+}
+
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
@@ -18,7 +34,7 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (auto& worker : workers_) worker.join();
@@ -31,44 +47,44 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
     fn(0, n);
     return;
   }
+  job_ = &fn;
+  job_size_ = n;
+  job_chunks_ = chunks;
+  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
   {
+    // Bumped under the mutex so that a worker about to sleep cannot miss it.
     std::lock_guard<std::mutex> lock(mutex_);
-    job_ = &fn;
-    job_size_ = n;
-    job_chunks_ = chunks;
-    pending_ = chunks - 1;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
   }
   wake_.notify_all();
   int64_t begin, end;
   chunk_bounds(n, chunks, 0, &begin, &end);
   fn(begin, end);
-  std::unique_lock<std::mutex> lock(mutex_);
-  done_.wait(lock, [this] { return pending_ == 0; });
-  job_ = nullptr;
+  auto all_done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(all_done)) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, all_done);
+  }
 }
 
 void ThreadPool::worker_loop(int index) {
   uint64_t seen = 0;
   for (;;) {
-    const std::function<void(int64_t, int64_t)>* job;
-    int64_t size;
-    int chunks;
-    {
+    auto has_work = [&] { return generation_.load(std::memory_order_acquire) != seen || stop_.load(); };
+    if (!spin_until(has_work)) {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      job = job_;
-      size = job_size_;
-      chunks = job_chunks_;
+      wake_.wait(lock, has_work);
     }
-    if (index < chunks) {
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
+    if (index < job_chunks_) {
       int64_t begin, end;
-      chunk_bounds(size, chunks, index, &begin, &end);
-      (*job)(begin, end);
+      chunk_bounds(job_size_, job_chunks_, index, &begin, &end);
+      (*job_)(begin, end);
+    }
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      done_.notify_one();
     }
   }
 }
