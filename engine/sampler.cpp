@@ -22,30 +22,6 @@ void validate_sampling(const SamplingParams& p) {
          p.repetition_penalty);
 }
 
-Rng::Rng(uint64_t seed) {
-  // splitmix64 spreads any seed (0 included) over the state, which must not be all zero.
-  for (uint64_t& s : s_) {
-    seed += 0x9e3779b97f4a7c15ull;
-    uint64_t z = seed;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    s = z ^ (z >> 31);
-  }
-}
-
-uint64_t Rng::next() {
-  auto rotl = [](uint64_t x, int k) { return (x << k) | (x >> (64 - k)); };
-  const uint64_t result = rotl(s_[1] * 5, 7) * 9;
-  const uint64_t t = s_[1] << 17;
-  s_[2] ^= s_[0];
-  s_[3] ^= s_[1];
-  s_[1] ^= s_[2];
-  s_[0] ^= s_[3];
-  s_[2] ^= t;
-  s_[3] = rotl(s_[3], 45);
-  return result;
-}
-
 Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {
   validate_sampling(params);
 }

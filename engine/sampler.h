@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/rng.h"
+
 namespace llmq {
 
 struct SamplingParams {
@@ -20,17 +22,6 @@ struct SamplingParams {
 // top_k < 0, top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0.
 void validate_sampling(const SamplingParams& params);
 
-// xoshiro256** seeded through splitmix64: fixed, portable output for a given seed.
-class Rng {
- public:
-  explicit Rng(uint64_t seed);
-  uint64_t next();
-  // Uniform in [0, 1), from the top 53 bits.
-  double uniform() { return double(next() >> 11) * 0x1.0p-53; }
-
- private:
-  uint64_t s_[4];
-};
 
 class Sampler {
  public:

@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include "engine/error.h"
+#include "engine/rng.h"
 
 namespace llmq {
 
@@ -29,40 +30,11 @@ constexpr int64_t kOutlierDivisor = 200;  // 0.5% of the input channels (at leas
 constexpr int64_t kBlock = int64_t(1) << 16;
 constexpr int64_t kChunkBlocks = 64;  // elements generated and written at a time: 4M
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 uint64_t fnv1a64(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ull;
   for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
   return h;
 }
-
-// xoshiro256+: fast and plenty for weights; its weak lowest bits only pick table entries.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) {
-    for (uint64_t& word : s_) word = seed = splitmix64(seed);
-  }
-  uint64_t next() {
-    const uint64_t result = s_[0] + s_[3];
-    const uint64_t t = s_[1] << 17;
-    s_[2] ^= s_[0];
-    s_[3] ^= s_[1];
-    s_[1] ^= s_[2];
-    s_[0] ^= s_[3];
-    s_[2] ^= t;
-    s_[3] = (s_[3] << 45) | (s_[3] >> 19);
-    return result;
-  }
-
- private:
-  uint64_t s_[4];
-};
 
 // Inverse normal CDF (Acklam's rational approximation, relative error < 1.2e-9).
 double normal_quantile(double p) {
