@@ -218,6 +218,7 @@ LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
   params->kv_cache_bytes = defaults.kv_cache_bytes;
   params->kv_block_size = defaults.kv_block_size;
   params->max_batch_tokens = defaults.max_batch_tokens;
+  params->kv_dtype = defaults.kv_dtype;
 }
 
 LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_params* params,
@@ -239,6 +240,11 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
     options.kv_cache_bytes = p.kv_cache_bytes;
     options.kv_block_size = p.kv_block_size;
     options.max_batch_tokens = p.max_batch_tokens;
+    int32_t kv_dtype;
+    std::memcpy(&kv_dtype, &p.kv_dtype, sizeof kv_dtype);
+    if (kv_dtype < LLMQ_KV_DTYPE_AUTO || kv_dtype > LLMQ_KV_DTYPE_BF16)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_engine_create: params.kv_dtype {} is not a known KV dtype", kv_dtype);
+    options.kv_dtype = llmq_kv_dtype(kv_dtype);
     auto handle = std::make_unique<llmq_engine>();
     handle->model = model->model;
     handle->engine = std::make_unique<llmq::Engine>(model->model, options);

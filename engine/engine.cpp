@@ -16,20 +16,21 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-// The KV cache stores fp32 K and V for every layer.
-uint64_t kv_bytes_per_block(const ModelConfig& c, int32_t block_size) {
+// K and V for every layer.
+uint64_t kv_bytes_per_block(const ModelConfig& c, int32_t block_size, DType kv_dtype) {
   return uint64_t(c.num_layers) * 2 * uint64_t(c.num_kv_heads) * uint64_t(block_size) * uint64_t(c.head_dim) *
-         sizeof(float);
+         dtype_size(kv_dtype);
 }
 
-int32_t kv_num_blocks(const ModelConfig& c, const EngineOptions& o) {
+int32_t kv_num_blocks(const Model& model, const EngineOptions& o) {
+  const ModelConfig& c = model.config();
   if (o.kv_block_size < 1 || o.kv_block_size > 1024)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: kv_block_size must be in [1, 1024], got {}", o.kv_block_size);
   if (o.max_batch_tokens < 1 || o.max_batch_tokens > 65536)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: max_batch_tokens must be in [1, 65536], got {}", o.max_batch_tokens);
   if (o.n_threads < 0 || o.n_threads > 1024)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: n_threads must be in [0, 1024], got {}", o.n_threads);
-  uint64_t per_block = kv_bytes_per_block(c, o.kv_block_size);
+  uint64_t per_block = kv_bytes_per_block(c, o.kv_block_size, resolve_kv_dtype(model, o.kv_dtype));
   uint64_t bytes = o.kv_cache_bytes;
   if (bytes == 0) {
     uint64_t full_context = uint64_t((c.max_position + o.kv_block_size - 1) / o.kv_block_size) * per_block;
@@ -45,6 +46,20 @@ int32_t kv_num_blocks(const ModelConfig& c, const EngineOptions& o) {
 }
 
 }  // namespace
+
+DType resolve_kv_dtype(const Model& model, llmq_kv_dtype requested) {
+  switch (int(requested)) {
+    case LLMQ_KV_DTYPE_AUTO:
+      return model.weights().layers.front().wk.dtype;
+    case LLMQ_KV_DTYPE_F32:
+      return DType::F32;
+    case LLMQ_KV_DTYPE_F16:
+      return DType::F16;
+    case LLMQ_KV_DTYPE_BF16:
+      return DType::BF16;
+  }
+  fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: unknown kv_dtype {}", int(requested));
+}
 
 std::vector<float> rope_inv_freq(const ModelConfig& c) {
   const int64_t half = c.head_dim / 2;
@@ -75,7 +90,10 @@ std::vector<float> rope_inv_freq(const ModelConfig& c) {
 }
 
 Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
-    : model_(std::move(model)), options_(options), allocator_(kv_num_blocks(model_->config(), options)) {
+    : model_(std::move(model)),
+      options_(options),
+      kv_dtype_(resolve_kv_dtype(*model_, options.kv_dtype)),
+      allocator_(kv_num_blocks(*model_, options)) {
   const ModelConfig& c = model_->config();
   if (options.backend == LLMQ_BACKEND_CUDA) {
     std::string why;
@@ -100,15 +118,15 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
   inv_freq_host_ = rope_inv_freq(c);
   inv_freq_ = backend_->upload(Tensor{inv_freq_host_.data(), DType::F32, 1, int64_t(inv_freq_host_.size())});
 
-  auto tensor = [&](int64_t rows, int64_t cols) {
-    buffers_.push_back(backend_->allocate(uint64_t(rows) * uint64_t(cols) * sizeof(float)));
-    return Tensor{buffers_.back()->data(), DType::F32, rows, cols};
+  auto tensor = [&](int64_t rows, int64_t cols, DType dtype = DType::F32) {
+    buffers_.push_back(backend_->allocate(uint64_t(rows) * uint64_t(cols) * dtype_size(dtype)));
+    return Tensor{buffers_.back()->data(), dtype, rows, cols};
   };
   const int64_t per_layer_cols = c.num_kv_heads * options.kv_block_size * c.head_dim;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     KvLayer layer;
-    layer.k = tensor(allocator_.num_blocks(), per_layer_cols);
-    layer.v = tensor(allocator_.num_blocks(), per_layer_cols);
+    layer.k = tensor(allocator_.num_blocks(), per_layer_cols, kv_dtype_);
+    layer.v = tensor(allocator_.num_blocks(), per_layer_cols, kv_dtype_);
     layer.block_size = options.kv_block_size;
     layer.num_kv_heads = int32_t(c.num_kv_heads);
     layer.head_dim = int32_t(c.head_dim);
@@ -128,6 +146,10 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
 }
 
 Engine::~Engine() = default;
+
+uint64_t Engine::kv_bytes_per_token() const {
+  return kv_bytes_per_block(model_->config(), 1, kv_dtype_);
+}
 
 void Engine::check_token_ids(const int32_t* ids, size_t n, const char* what) const {
   for (size_t i = 0; i < n; ++i)

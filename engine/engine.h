@@ -23,6 +23,7 @@ struct EngineOptions {
   uint64_t kv_cache_bytes = 0;   // 0 = one full context, at most kDefaultKvCacheBytes
   int32_t kv_block_size = 16;
   int32_t max_batch_tokens = 512;
+  llmq_kv_dtype kv_dtype = LLMQ_KV_DTYPE_AUTO;
 };
 
 constexpr uint64_t kDefaultKvCacheBytes = uint64_t(2) << 30;
@@ -64,6 +65,9 @@ class Engine {
   int32_t max_batch_tokens() const { return options_.max_batch_tokens; }
   int32_t block_size() const { return options_.kv_block_size; }
   BlockAllocator& allocator() { return allocator_; }
+  DType kv_dtype() const { return kv_dtype_; }
+  // Bytes of KV cache one token takes, over all layers.
+  uint64_t kv_bytes_per_token() const;
   std::unique_ptr<SequenceKv> new_sequence() { return std::make_unique<SequenceKv>(allocator_, block_size()); }
 
   // Runs one forward step. Reserves KV blocks first (LLMQ_ERR_KV_CACHE_FULL, with nothing changed,
@@ -88,6 +92,7 @@ class Engine {
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
   ModelWeights weights_;  // as uploaded to the backend
+  DType kv_dtype_;
   std::vector<float> inv_freq_host_;
   Tensor inv_freq_;
   BlockAllocator allocator_;
@@ -97,6 +102,9 @@ class Engine {
   std::unique_ptr<Buffer> logits_buffer_;
   BatchPlan plan_;
 };
+
+// The KV cache element type an engine uses for `requested` on this model.
+DType resolve_kv_dtype(const Model& model, llmq_kv_dtype requested);
 
 // RoPE inverse frequencies [head_dim / 2], with linear or Llama 3 scaling applied.
 std::vector<float> rope_inv_freq(const ModelConfig& config);

@@ -12,7 +12,8 @@ static void usage(FILE* out) {
   fprintf(out,
           "usage: llmq-generate --model DIR (--prompt TEXT | --prompt-ids \"1 2 3\") [--max-tokens N]\n"
           "                     [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
-          "                     [--repetition-penalty R] [--seed S] [--threads N] [--print-ids]\n"
+          "                     [--repetition-penalty R] [--seed S] [--threads N]\n"
+          "                     [--kv-dtype auto|f32|f16|bf16] [--print-ids]\n"
           "  --prompt is tokenized as the model's tokenizer config says (BOS added if add_bos_token);\n"
           "  --prompt-ids is taken as the full prompt. Generation stops at --max-tokens (default 256)\n"
           "  or at the model's EOS ids. Text goes to stdout; timings to stderr.\n");
@@ -98,6 +99,7 @@ int main(int argc, char** argv) {
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f, repetition_penalty = 1.0f;
   unsigned long long seed = LLMQ_SEED_RANDOM;
   int print_ids = 0, i, exit_code = 1;
+  llmq_kv_dtype kv_dtype = LLMQ_KV_DTYPE_AUTO;
   llmq_model* model = NULL;
   llmq_engine* engine = NULL;
   int32_t* prompt_ids = NULL;
@@ -148,6 +150,16 @@ int main(int argc, char** argv) {
       seed = strtoull(value, &end, 10);
       ok = errno == 0 && end != value && *end == '\0' && value[0] != '-';
       if (!ok) fprintf(stderr, "llmq-generate: --seed expects a non-negative integer, got '%s'\n", value);
+    } else if (strcmp(arg, "--kv-dtype") == 0) {
+      static const char* const names[] = {"auto", "f32", "f16", "bf16"};
+      int k;
+      ok = 0;
+      for (k = 0; k < 4; ++k)
+        if (strcmp(value, names[k]) == 0) {
+          kv_dtype = (llmq_kv_dtype)k;
+          ok = 1;
+        }
+      if (!ok) fprintf(stderr, "llmq-generate: --kv-dtype expects auto, f32, f16 or bf16, got '%s'\n", value);
     } else if (strcmp(arg, "--threads") == 0) {
       ok = parse_long(value, arg, 0, 1024, &threads);
     } else {
@@ -187,6 +199,7 @@ int main(int argc, char** argv) {
 
   llmq_engine_params_default(&engine_params);
   engine_params.n_threads = (int32_t)threads;
+  engine_params.kv_dtype = kv_dtype;
   status = llmq_engine_create(model, &engine_params, &engine);
   if (status != LLMQ_OK) {
     fail_status(status, "creating the engine");

@@ -143,13 +143,21 @@ LLMQ_API llmq_status llmq_detokenize(const llmq_model* model, const int32_t* ids
 
 /* ---- Engines -------------------------------------------------------------------------------- */
 
+typedef enum llmq_kv_dtype {
+  LLMQ_KV_DTYPE_AUTO = 0, /* the dtype of the model's weights (F32, F16 or BF16) */
+  LLMQ_KV_DTYPE_F32 = 1,
+  LLMQ_KV_DTYPE_F16 = 2,
+  LLMQ_KV_DTYPE_BF16 = 3
+} llmq_kv_dtype;
+
 typedef struct llmq_engine_params {
   size_t struct_size;        /* in: sizeof(llmq_engine_params) */
   llmq_backend backend;      /* default LLMQ_BACKEND_CPU */
   int32_t n_threads;         /* CPU worker threads; 0 = one per core (default) */
-  uint64_t kv_cache_bytes;   /* capacity of the paged KV cache; 0 = enough for one full context */
+  uint64_t kv_cache_bytes;   /* capacity of the paged KV cache; 0 = one full context, at most 2 GiB */
   int32_t kv_block_size;     /* tokens per KV block (default 16) */
   int32_t max_batch_tokens;  /* most tokens in one forward step, i.e. the prefill chunk (default 512) */
+  llmq_kv_dtype kv_dtype;    /* element type of the KV cache (default LLMQ_KV_DTYPE_AUTO) */
 } llmq_engine_params;
 
 /* Fills *params with defaults and sets struct_size. Thread-safe. */

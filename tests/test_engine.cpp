@@ -270,3 +270,47 @@ TEST(KvCache, AllocatorRefcountsAndFreeList) {
 }
 
 }  // namespace
+
+namespace {
+
+using namespace llmq;
+
+TEST(EngineKvDtype, SixteenBitCacheHoldsTwiceTheTokensAndStaysClose) {
+  const uint64_t budget = 1 << 20;
+  EngineOptions o = options_with(2, 512, budget);
+  o.kv_dtype = LLMQ_KV_DTYPE_F32;
+  Engine f32(stories(), o);
+  EXPECT_EQ(f32.kv_dtype(), DType::F32);
+  EXPECT_EQ(f32.kv_bytes_per_token(), 5u * 2 * 4 * 8 * 4);
+  o.kv_dtype = LLMQ_KV_DTYPE_AUTO;  // stories260K is stored in F32
+  EXPECT_EQ(Engine(stories(), o).kv_dtype(), DType::F32);
+
+  const std::vector<int32_t> ids = story_tokens(120, 8);
+  std::vector<float> reference(ids.size() * 512);
+  f32.score(ids, reference.data());
+  for (llmq_kv_dtype dtype : {LLMQ_KV_DTYPE_F16, LLMQ_KV_DTYPE_BF16}) {
+    o.kv_dtype = dtype;
+    Engine half(stories(), o);
+    EXPECT_EQ(half.kv_bytes_per_token() * 2, f32.kv_bytes_per_token());
+    EXPECT_EQ(half.allocator().num_blocks(), 2 * f32.allocator().num_blocks());
+    std::vector<float> logits(ids.size() * 512);
+    half.score(ids, logits.data());
+    double worst = 0;
+    for (size_t i = 0; i < logits.size(); ++i) worst = std::max(worst, double(std::fabs(logits[i] - reference[i])));
+    // Rounding K and V to 16 bits moves these O(10) logits by up to ~0.02 with F16 (11-bit
+    // significand) and ~0.13 with BF16 (8-bit significand) over these 120 positions.
+    EXPECT_LT(worst, dtype == LLMQ_KV_DTYPE_F16 ? 0.05 : 0.25) << "kv dtype " << int(dtype);
+    EXPECT_GT(worst, 0.0) << "the cache should really be 16-bit";
+    // Batch invariance holds for a 16-bit cache too.
+    Engine chunked(stories(), [&] {
+      EngineOptions c = o;
+      c.max_batch_tokens = 9;
+      return c;
+    }());
+    std::vector<float> again(ids.size() * 512);
+    chunked.score(ids, again.data());
+    EXPECT_EQ(again, logits);
+  }
+}
+
+}  // namespace

@@ -32,6 +32,7 @@ void compare_with_numpy(const SynthSpec& spec, const std::vector<int32_t>& ids) 
 
   EngineOptions options;
   options.max_batch_tokens = 5;  // chunked prefill
+  options.kv_dtype = LLMQ_KV_DTYPE_F32;  // the reference keeps K and V in float64
   Engine engine(Model::load(dir.path()), options);
   const size_t vocab = size_t(spec.vocab_size);
   std::vector<float> logits(ids.size() * vocab);

@@ -46,6 +46,38 @@ float load_element(const void* base, DType dtype, int64_t index) {
   }
 }
 
+// KV cache elements: fp32, or 16-bit rounded to nearest even on write.
+struct F32Kv {
+  using Elem = float;
+  static float load(Elem e) { return e; }
+  static Elem store(float f) { return f; }
+};
+struct Bf16Kv {
+  using Elem = uint16_t;
+  static float load(Elem e) { return bf16_to_f32(e); }
+  static Elem store(float f) { return f32_to_bf16(f); }
+};
+struct F16Kv {
+  using Elem = uint16_t;
+  static float load(Elem e) { return f16_to_f32(e); }
+  static Elem store(float f) { return f32_to_f16(f); }
+};
+
+// Calls fn(KvType{}) for the cache's dtype.
+template <typename Fn>
+void with_kv_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32:
+      return fn(F32Kv{});
+    case DType::BF16:
+      return fn(Bf16Kv{});
+    case DType::F16:
+      return fn(F16Kv{});
+    default:
+      fail(LLMQ_ERR_UNSUPPORTED, "cpu backend: KV cache dtype {} is not supported", dtype_name(dtype));
+  }
+}
+
 void rmsnorm_row(const float* x, const Tensor& weight, float eps, int64_t dim, float* out) {
   double sum_squares = 0.0;
   for (int64_t i = 0; i < dim; ++i) sum_squares += double(x[i]) * double(x[i]);
@@ -136,58 +168,26 @@ class CpuBackend final : public Backend {
 
         int64_t slot = plan_->slots[size_t(t)];
         int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
-        for (int64_t h = 0; h < n_kv_heads; ++h) {
-          int64_t dst = ((block * n_kv_heads + h) * cache.block_size + offset) * head_dim;
-          std::memcpy(cache.k.as<float>() + dst, k.as<float>() + t * k.cols + h * head_dim, sizeof(float) * head_dim);
-          std::memcpy(cache.v.as<float>() + dst, v.as<float>() + t * v.cols + h * head_dim, sizeof(float) * head_dim);
-        }
+        with_kv_type(cache.k.dtype, [&](auto kv) {
+          using Kv = decltype(kv);
+          for (int64_t h = 0; h < n_kv_heads; ++h) {
+            int64_t dst = ((block * n_kv_heads + h) * cache.block_size + offset) * head_dim;
+            const float* k_src = k.as<float>() + t * k.cols + h * head_dim;
+            const float* v_src = v.as<float>() + t * v.cols + h * head_dim;
+            auto* k_dst = cache.k.as<typename Kv::Elem>() + dst;
+            auto* v_dst = cache.v.as<typename Kv::Elem>() + dst;
+            for (int64_t d = 0; d < head_dim; ++d) {
+              k_dst[d] = Kv::store(k_src[d]);
+              v_dst[d] = Kv::store(v_src[d]);
+            }
+          }
+        });
       }
     });
   }
 
   void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) override {
-    const int64_t head_dim = params.head_dim, bs = cache.block_size;
-    const int64_t group = params.num_heads / params.num_kv_heads;
-    const int64_t tasks = q.rows * params.num_heads;
-    pool_.parallel_for(tasks, 4, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t task = begin; task < end; ++task) {
-        int64_t t = task / params.num_heads, h = task % params.num_heads, kv_head = h / group;
-        int32_t seq = plan_->token_seq[size_t(t)];
-        int64_t position = plan_->positions[size_t(t)];
-        int64_t first = params.sliding_window > 0 ? std::max<int64_t>(0, position - params.sliding_window + 1) : 0;
-        const int32_t* blocks = plan_->block_ids.data() + plan_->block_offsets[size_t(seq)];
-        const float* qh = q.as<float>() + t * q.cols + h * head_dim;
-        auto kv_row = [&](const Tensor& store, int64_t j) {
-          int64_t block = blocks[j / bs];
-          return store.as<float>() + ((block * cache.num_kv_heads + kv_head) * bs + j % bs) * head_dim;
-        };
-        scores.resize(size_t(position - first + 1));
-        float max_score = -INFINITY;
-        for (int64_t j = first; j <= position; ++j) {
-          const float* kj = kv_row(cache.k, j);
-          float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kj[d];
-          float s = dot * params.scale;
-          scores[size_t(j - first)] = s;
-          max_score = std::max(max_score, s);
-        }
-        float denominator = 0.0f;
-        for (float& s : scores) {
-          s = std::exp(s - max_score);
-          denominator += s;
-        }
-        float* oh = out.as<float>() + t * out.cols + h * head_dim;
-        std::fill(oh, oh + head_dim, 0.0f);
-        for (int64_t j = first; j <= position; ++j) {
-          const float* vj = kv_row(cache.v, j);
-          float p = scores[size_t(j - first)];
-          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * vj[d];
-        }
-        float inv = 1.0f / denominator;
-        for (int64_t d = 0; d < head_dim; ++d) oh[d] *= inv;
-      }
-    });
+    with_kv_type(cache.k.dtype, [&](auto kv) { attend<decltype(kv)>(q, cache, params, out); });
   }
 
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -209,6 +209,57 @@ class CpuBackend final : public Backend {
   void to_host(const Tensor& x, float* host) override { std::memcpy(host, x.data, x.nbytes()); }
 
  private:
+  template <typename Kv>
+  void attend(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) {
+    using Elem = typename Kv::Elem;
+    const int64_t head_dim = params.head_dim, bs = cache.block_size;
+    const int64_t group = params.num_heads / params.num_kv_heads;
+    const int64_t tasks = q.rows * params.num_heads;
+    // Waking the workers costs more than a short decode attention: run small steps inline.
+    int64_t work = 0;
+    for (int32_t position : plan_->positions) work += position + 1;
+    const int64_t grain = work * params.num_heads * head_dim < (1 << 16) ? tasks : 1;
+    pool_.parallel_for(tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t t = task / params.num_heads, h = task % params.num_heads, kv_head = h / group;
+        int32_t seq = plan_->token_seq[size_t(t)];
+        int64_t position = plan_->positions[size_t(t)];
+        int64_t first = params.sliding_window > 0 ? std::max<int64_t>(0, position - params.sliding_window + 1) : 0;
+        const int32_t* blocks = plan_->block_ids.data() + plan_->block_offsets[size_t(seq)];
+        const float* qh = q.as<float>() + t * q.cols + h * head_dim;
+        auto kv_row = [&](const Tensor& store, int64_t j) {
+          int64_t block = blocks[j / bs];
+          return store.as<Elem>() + ((block * cache.num_kv_heads + kv_head) * bs + j % bs) * head_dim;
+        };
+        scores.resize(size_t(position - first + 1));
+        float max_score = -INFINITY;
+        for (int64_t j = first; j <= position; ++j) {
+          const Elem* kj = kv_row(cache.k, j);
+          float dot = 0.0f;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * Kv::load(kj[d]);
+          float s = dot * params.scale;
+          scores[size_t(j - first)] = s;
+          max_score = std::max(max_score, s);
+        }
+        float denominator = 0.0f;
+        for (float& s : scores) {
+          s = std::exp(s - max_score);
+          denominator += s;
+        }
+        float* oh = out.as<float>() + t * out.cols + h * head_dim;
+        std::fill(oh, oh + head_dim, 0.0f);
+        for (int64_t j = first; j <= position; ++j) {
+          const Elem* vj = kv_row(cache.v, j);
+          float p = scores[size_t(j - first)];
+          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * Kv::load(vj[d]);
+        }
+        float inv = 1.0f / denominator;
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] *= inv;
+      }
+    });
+  }
+
   ThreadPool pool_;
   const BatchPlan* plan_ = nullptr;
 };
