@@ -65,7 +65,7 @@ constexpr double kSubsetPpl = 4.185682;
 
 TEST(Eval, FullFileMatchesRunC) {
 #if defined(LLMQ_TEST_SANITIZED)
-  GTEST_SKIP() << "the full file takes minutes under sanitizers; SubsetPinned covers the same code";
+  GTEST_SKIP() << "the full file takes minutes under sanitizers; SubsetPinned runs the same code";
 #else
   // From the issue: the unquantized stories260K gives ppl 5.37496 over 381,598 scored tokens, as
   // computed with llama2.c's run.c (float32). run.c's figure has 5 decimals (rounding <= 5e-6), and

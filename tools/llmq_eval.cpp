@@ -363,7 +363,8 @@ int run(int argc, char** argv) {
   const Options o = parse_options(argc, argv);
   const std::string text = read_data(o.data_path);
   std::vector<std::string_view> paragraphs = split_documents(text);
-  if (paragraphs.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "data file '{}' has no documents (only blank lines)", o.data_path);
+  if (paragraphs.empty())
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "data file '{}' has no documents (only blank lines)", o.data_path);
   if (o.max_docs > 0 && size_t(o.max_docs) < paragraphs.size()) paragraphs.resize(size_t(o.max_docs));
 
   std::shared_ptr<const Model> model = Model::load(o.model_dir);
