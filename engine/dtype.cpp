@@ -48,14 +48,11 @@ float f16_to_f32(uint16_t h) {
     mantissa &= 0x3ffu;
     bits = sign | (uint32_t(113 - shift) << 23) | (mantissa << 13);
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return f32_from_bits(bits);
 }
 
 uint16_t f32_to_f16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = f32_bits(f);
   uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN

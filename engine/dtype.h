@@ -18,17 +18,23 @@ const char* dtype_name(DType dtype);
 // Parses a safetensors dtype string; returns false for an unknown one.
 bool parse_dtype(std::string_view name, DType* out);
 
-inline float bf16_to_f32(uint16_t bits) {
-  uint32_t u = uint32_t(bits) << 16;
+// The IEEE bit pattern of a float, and back.
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float f32_from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
+inline float bf16_to_f32(uint16_t bits) { return f32_from_bits(uint32_t(bits) << 16); }
+
 // Round to nearest even; NaN stays a (quiet) NaN.
 inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = f32_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);

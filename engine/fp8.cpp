@@ -1,26 +1,11 @@
 #include "engine/fp8.h"
 
-#include <cstring>
-
 #include "engine/dtype.h"
 
 namespace llmq {
 
-namespace {
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-}  // namespace
-
 uint8_t f32_to_fp8_e4m3(float x) {
-  const uint32_t u = bits_of(x);
+  const uint32_t u = f32_bits(x);
   const uint8_t sign = uint8_t((u >> 24) & 0x80u);
   const uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return 0x7f;                // NaN: CUDA's canonical 0x7f, sign dropped
@@ -47,12 +32,12 @@ uint8_t bf16_to_fp8_e4m3(uint16_t b) { return f32_to_fp8_e4m3(bf16_to_f32(b)); }
 
 float fp8_e4m3_to_f32(uint8_t v) {
   const uint32_t sign = uint32_t(v & 0x80u) << 24, exponent = (v >> 3) & 0xfu, mantissa = v & 7u;
-  if ((v & 0x7fu) == 0x7fu) return float_of(0x7fffffffu);  // NaN, as CUDA: positive, all ones
+  if ((v & 0x7fu) == 0x7fu) return f32_from_bits(0x7fffffffu);  // NaN, as CUDA: positive, all ones
   if (exponent == 0) {                                     // zero or subnormal: mantissa * 2^-9
     const float magnitude = float(mantissa) * 0x1p-9f;
     return sign ? -magnitude : magnitude;
   }
-  return float_of(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+  return f32_from_bits(sign | ((exponent + 120u) << 23) | (mantissa << 20));
 }
 
 uint16_t fp8_e4m3_to_f16(uint8_t v) {
