@@ -24,17 +24,6 @@
 namespace llmq {
 namespace {
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // The OCP spec formula: sign * 2^(e-7) * (1 + m/8), subnormals sign * 2^-6 * m/8, 0x7f/0xff NaN.
 double spec_value(uint8_t v) {
   const int e = (v >> 3) & 15, m = v & 7;
@@ -76,7 +65,7 @@ void count_mismatch(int64_t& bad, const char* what, uint32_t input, int got, int
 std::vector<float> edge_values() {
   std::vector<float> v = {0.0f, std::numeric_limits<float>::infinity(), std::numeric_limits<float>::max(),
                           std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(),
-                          float_of(0x007fffffu), float_of(0x00400000u), float_of(0x00000003u),
+                          f32_from_bits(0x007fffffu), f32_from_bits(0x00400000u), f32_from_bits(0x00000003u),
                           // saturation: max, the midpoint to the would-be 480, 480, and beyond
                           448.0f, 464.0f, 480.0f, 512.0f, 1e6f, 0x1p-6f, 0x1p-9f, 0x1p-10f, 0x1p-11f, 0x1p-20f};
   // Every fp8 value and every midpoint between neighbours (0x7e..0x7f: 448..480, midpoint 464).
@@ -92,7 +81,7 @@ std::vector<float> edge_values() {
   }
   for (size_t i = 0, m = v.size(); i < m; ++i) v.push_back(-v[i]);
   for (uint32_t nan : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff800001u, 0x7fffffffu, 0xffffffffu, 0x7fa00000u})
-    v.push_back(float_of(nan));
+    v.push_back(f32_from_bits(nan));
   return v;
 }
 
@@ -142,15 +131,15 @@ TEST(Fp8E4M3, EveryCodeDecodesToTheSpecValue) {
     const double want = spec_value(v);
     const float f = fp8_e4m3_to_f32(v);
     const uint16_t h = fp8_e4m3_to_f16(v);
-    EXPECT_EQ(bits_of(table[c]), bits_of(f)) << "code " << c;
+    EXPECT_EQ(f32_bits(table[c]), f32_bits(f)) << "code " << c;
     if (std::isnan(want)) {  // NaN decodes to a positive, all-ones NaN (as CUDA does)
-      EXPECT_EQ(bits_of(f), 0x7fffffffu) << "code " << c;
+      EXPECT_EQ(f32_bits(f), 0x7fffffffu) << "code " << c;
       EXPECT_EQ(h, 0x7fff) << "code " << c;
       continue;
     }
     EXPECT_EQ(double(f), want) << "code " << c;
     EXPECT_EQ(std::signbit(f), (c & 0x80) != 0) << "code " << c;
-    EXPECT_EQ(bits_of(f16_to_f32(h)), bits_of(f)) << "code " << c;
+    EXPECT_EQ(f32_bits(f16_to_f32(h)), f32_bits(f)) << "code " << c;
     EXPECT_EQ(f32_to_fp8_e4m3(f), v) << "code " << c;  // every value encodes back to itself
     EXPECT_EQ(f16_to_fp8_e4m3(h), v) << "code " << c;
   }
@@ -178,7 +167,7 @@ TEST(Fp8E4M3, SpecialValuesSaturateAndNaNIsCanonical) {
   EXPECT_EQ(f32_to_fp8_e4m3(432.0f), 0x7e);                        // 416..448 midpoint: to even 448
   EXPECT_EQ(f32_to_fp8_e4m3(std::nextafter(432.0f, 0.0f)), 0x7d);  // 416
   for (uint32_t nan : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xffffffffu})  // every NaN: 0x7f, no sign
-    EXPECT_EQ(f32_to_fp8_e4m3(float_of(nan)), 0x7f) << std::hex << nan;
+    EXPECT_EQ(f32_to_fp8_e4m3(f32_from_bits(nan)), 0x7f) << std::hex << nan;
   EXPECT_EQ(f16_to_fp8_e4m3(0xfe00), 0x7f);
   EXPECT_EQ(bf16_to_fp8_e4m3(0xffc0), 0x7f);
   EXPECT_EQ(f16_to_fp8_e4m3(0x7c00), 0x7e);  // half inf
@@ -195,7 +184,7 @@ TEST(Fp8E4M3, SpecialValuesSaturateAndNaNIsCanonical) {
 }
 
 TEST(Fp8E4M3, EdgesAndMidpointsMatchTheReference) {
-  for (float f : edge_values()) EXPECT_EQ(f32_to_fp8_e4m3(f), reference_fp8(f)) << std::hex << bits_of(f);
+  for (float f : edge_values()) EXPECT_EQ(f32_to_fp8_e4m3(f), reference_fp8(f)) << std::hex << f32_bits(f);
   // Each midpoint goes to the even code; one float either side goes to the nearer neighbour.
   for (int c = 0; c < 0x7e; ++c) {
     const float mid = float((spec_value(uint8_t(c)) + spec_value(uint8_t(c + 1))) / 2);
@@ -213,7 +202,7 @@ TEST(Fp8E4M3, DenseSweepRoundsToTheNearestValue) {
   int64_t bad = 0;
   for (uint32_t u = 0; u <= 0x44160000u; u += 331) {
     for (uint32_t s : {0u, 0x80000000u}) {
-      const float f = float_of(u | s);
+      const float f = f32_from_bits(u | s);
       const uint8_t got = f32_to_fp8_e4m3(f), want = reference_fp8(f);
       count_mismatch(bad, "f32", u | s, got, want);
       // ... and back: the decoded value is the nearest representable one.
@@ -242,7 +231,7 @@ TEST(Fp8E4M3Cuda, DecodeMatchesForEveryCode) {
   SKIP_WITHOUT_CUDA_FP8();
   for (int c = 0; c < 256; ++c) {
     EXPECT_EQ(fp8_e4m3_to_f16(uint8_t(c)), cuda_to_f16(uint8_t(c))) << "code " << c;
-    EXPECT_EQ(bits_of(fp8_e4m3_to_f32(uint8_t(c))), bits_of(cuda_to_f32(uint8_t(c)))) << "code " << c;
+    EXPECT_EQ(f32_bits(fp8_e4m3_to_f32(uint8_t(c))), f32_bits(cuda_to_f32(uint8_t(c)))) << "code " << c;
   }
 }
 
@@ -261,22 +250,22 @@ TEST(Fp8E4M3Cuda, EveryHalfAndBfloat16Matches) {
 
 TEST(Fp8E4M3Cuda, EdgesAndMidpointsMatch) {
   SKIP_WITHOUT_CUDA_FP8();
-  for (float f : edge_values()) EXPECT_EQ(f32_to_fp8_e4m3(f), cuda_from_f32(f)) << std::hex << bits_of(f);
+  for (float f : edge_values()) EXPECT_EQ(f32_to_fp8_e4m3(f), cuda_from_f32(f)) << std::hex << f32_bits(f);
 }
 
 TEST(Fp8E4M3Cuda, RandomFloatsMatch) {
   SKIP_WITHOUT_CUDA_FP8();
   Rng rng(0xf8e4);
-  const uint32_t lo = bits_of(0x1p-12f), span = bits_of(600.0f) - lo + 1;
+  const uint32_t lo = f32_bits(0x1p-12f), span = f32_bits(600.0f) - lo + 1;
   int64_t bad = 0;
   for (int64_t i = 0; i < kRandomCount; ++i) {
     // One f32 bit pattern uniform over all 2^32, and one with |x| in [2^-12, 600] (log-uniform-ish
     // over bit patterns, random sign), where the fp8 rounding actually happens.
     const uint64_t r = rng.next(), s = rng.next();
-    const float any = float_of(uint32_t(r >> 32));
-    const float near = float_of((lo + uint32_t((s >> 32) % span)) | (uint32_t(s) & 0x80000000u));
+    const float any = f32_from_bits(uint32_t(r >> 32));
+    const float near = f32_from_bits((lo + uint32_t((s >> 32) % span)) | (uint32_t(s) & 0x80000000u));
     for (float f : {any, near}) {
-      count_mismatch(bad, "f32", bits_of(f), f32_to_fp8_e4m3(f), cuda_from_f32(f));
+      count_mismatch(bad, "f32", f32_bits(f), f32_to_fp8_e4m3(f), cuda_from_f32(f));
     }
   }
   EXPECT_EQ(bad, 0);

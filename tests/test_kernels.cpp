@@ -70,18 +70,8 @@ namespace {
 
 constexpr uint32_t kPoisonBits = 0x7fedcba9u;  // a quiet NaN with a recognizable payload
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float poison() { return float_of(kPoisonBits); }
-bool is_poison(float f) { return bits_of(f) == kPoisonBits; }
+float poison() { return f32_from_bits(kPoisonBits); }
+bool is_poison(float f) { return f32_bits(f) == kPoisonBits; }
 std::vector<float> poisoned(size_t n) { return std::vector<float>(n, poison()); }
 
 // A portable generator: the same numbers with any standard library.
@@ -256,7 +246,7 @@ class FailureLog {
 
 bool same_bits(const float* a, const float* b, size_t n, size_t* where = nullptr) {
   for (size_t i = 0; i < n; ++i) {
-    if (bits_of(a[i]) != bits_of(b[i])) {
+    if (f32_bits(a[i]) != f32_bits(b[i])) {
       if (where) *where = i;
       return false;
     }
@@ -475,7 +465,7 @@ TEST(CpuKernels, EmbedCopiesTheTokensRowsExactly) {
             for (int64_t i = 0; i < dim; ++i) {
               const float expected = float(table.value[size_t(plan.tokens[size_t(t)] * dim + i)]);
               const float got = out[size_t(t * dim + i)];
-              if (bits_of(got) != bits_of(expected)) {
+              if (f32_bits(got) != f32_bits(expected)) {
                 log.add(name.str() + ": token " + std::to_string(t) + " element " + std::to_string(i) + " is " +
                         std::to_string(got) + ", expected " + std::to_string(expected));
                 t = T;
@@ -993,7 +983,7 @@ TEST(DType, F16ToF32IsExactForAllValues) {
     if (std::isnan(ref)) {
       ASSERT_TRUE(std::isnan(got)) << std::hex << "half 0x" << h;
     } else {
-      ASSERT_EQ(bits_of(got), bits_of(float(ref))) << std::hex << "half 0x" << h << " -> " << got;
+      ASSERT_EQ(f32_bits(got), f32_bits(float(ref))) << std::hex << "half 0x" << h << " -> " << got;
     }
   }
   EXPECT_EQ(f16_to_f32(0x7c00), std::numeric_limits<float>::infinity());
@@ -1001,7 +991,7 @@ TEST(DType, F16ToF32IsExactForAllValues) {
   EXPECT_EQ(f16_to_f32(0x0001), 0x1p-24f);
   EXPECT_EQ(f16_to_f32(0x03ff), 0x3ffp-24f);
   EXPECT_EQ(f16_to_f32(0x7bff), 65504.0f);
-  EXPECT_EQ(bits_of(f16_to_f32(0x8000)), 0x80000000u);
+  EXPECT_EQ(f32_bits(f16_to_f32(0x8000)), 0x80000000u);
 }
 
 TEST(DType, Bf16ToF32IsExactForAllValues) {
@@ -1011,7 +1001,7 @@ TEST(DType, Bf16ToF32IsExactForAllValues) {
     if (std::isnan(ref)) {
       ASSERT_TRUE(std::isnan(got)) << std::hex << "bf16 0x" << b;
     } else {
-      ASSERT_EQ(bits_of(got), bits_of(float(ref))) << std::hex << "bf16 0x" << b;
+      ASSERT_EQ(f32_bits(got), f32_bits(float(ref))) << std::hex << "bf16 0x" << b;
     }
   }
 }
@@ -1053,9 +1043,9 @@ TEST(DType, F32ToF16RoundTripsAndRoundsToNearestEven) {
   EXPECT_EQ(f32_to_f16(0x1p-149f), 0x0000);  // fp32 subnormals
   EXPECT_EQ(f32_to_f16(0x1.ffcp-15f), 0x0400);  // rounds up into the smallest normal
   EXPECT_TRUE(f16_is_nan(f32_to_f16(std::numeric_limits<float>::quiet_NaN())));
-  EXPECT_TRUE(f16_is_nan(f32_to_f16(float_of(0x7f800001u))));  // signaling NaN whose top bits look like inf
-  EXPECT_TRUE(f16_is_nan(f32_to_f16(float_of(0xff800001u))));
-  EXPECT_TRUE(f16_is_nan(f32_to_f16(float_of(0x7fffffffu))));
+  EXPECT_TRUE(f16_is_nan(f32_to_f16(f32_from_bits(0x7f800001u))));  // signaling NaN whose top bits look like inf
+  EXPECT_TRUE(f16_is_nan(f32_to_f16(f32_from_bits(0xff800001u))));
+  EXPECT_TRUE(f16_is_nan(f32_to_f16(f32_from_bits(0x7fffffffu))));
 }
 
 TEST(DType, F32ToBf16RoundTripsAndRoundsToNearestEven) {
@@ -1085,7 +1075,7 @@ TEST(DType, F32ToBf16RoundTripsAndRoundsToNearestEven) {
   EXPECT_EQ(f32_to_bf16(0x1p-133f), 0x0001);
   // NaN stays NaN (quiet) with its sign, including the NaNs whose top 16 bits look like infinity.
   for (uint32_t nan : {0x7f800001u, 0x7f80ffffu, 0x7fc00000u, 0x7fffffffu, 0x7fbfffffu, 0xff800001u, 0xffffffffu}) {
-    const uint16_t got = f32_to_bf16(float_of(nan));
+    const uint16_t got = f32_to_bf16(f32_from_bits(nan));
     EXPECT_TRUE(bf16_is_nan(got)) << std::hex << "0x" << nan << " -> 0x" << got;
     EXPECT_TRUE(got & 0x40) << std::hex << "0x" << nan << " -> 0x" << got << " is not a quiet NaN";
     EXPECT_EQ(got & 0x8000, (nan >> 16) & 0x8000) << std::hex << "0x" << nan << " lost its sign";
@@ -1099,10 +1089,10 @@ std::vector<float> random_floats_for_conversion() {
   std::vector<float> v(1000000);
   for (size_t i = 0; i < v.size(); ++i) {
     if (i % 2 == 0) {
-      v[i] = float_of(rng.u32());
+      v[i] = f32_from_bits(rng.u32());
     } else {
       const uint32_t exponent = 98 + uint32_t(rng.below(146 - 98));  // 2^-29 .. 2^18
-      v[i] = float_of((rng.u32() & 0x807fffffu) | (exponent << 23));
+      v[i] = f32_from_bits((rng.u32() & 0x807fffffu) | (exponent << 23));
     }
   }
   return v;
@@ -1115,14 +1105,14 @@ TEST(DType, RandomFloatsConvertLikeTheFloat64Reference) {
     const uint16_t h = f32_to_f16(f), b = f32_to_bf16(f);
     const uint16_t rh = ref_f32_to_f16(f), rb = ref_f32_to_bf16(f);
     if (std::isnan(f)) {
-      if (!f16_is_nan(h) && ++bad_f16 <= 5) ADD_FAILURE() << std::hex << "f16 of NaN 0x" << bits_of(f) << " is 0x" << h;
-      if (!bf16_is_nan(b) && ++bad_bf16 <= 5) ADD_FAILURE() << std::hex << "bf16 of NaN 0x" << bits_of(f) << " is 0x" << b;
+      if (!f16_is_nan(h) && ++bad_f16 <= 5) ADD_FAILURE() << std::hex << "f16 of NaN 0x" << f32_bits(f) << " is 0x" << h;
+      if (!bf16_is_nan(b) && ++bad_bf16 <= 5) ADD_FAILURE() << std::hex << "bf16 of NaN 0x" << f32_bits(f) << " is 0x" << b;
       continue;
     }
     if (h != rh && ++bad_f16 <= 5)
-      ADD_FAILURE() << std::hex << "f32_to_f16(0x" << bits_of(f) << " = " << f << ") = 0x" << h << ", expected 0x" << rh;
+      ADD_FAILURE() << std::hex << "f32_to_f16(0x" << f32_bits(f) << " = " << f << ") = 0x" << h << ", expected 0x" << rh;
     if (b != rb && ++bad_bf16 <= 5)
-      ADD_FAILURE() << std::hex << "f32_to_bf16(0x" << bits_of(f) << " = " << f << ") = 0x" << b << ", expected 0x" << rb;
+      ADD_FAILURE() << std::hex << "f32_to_bf16(0x" << f32_bits(f) << " = " << f << ") = 0x" << b << ", expected 0x" << rb;
   }
   EXPECT_EQ(bad_f16, 0);
   EXPECT_EQ(bad_bf16, 0);
@@ -1147,9 +1137,9 @@ TEST(DType, ConversionsAgreeWithTheCudaToolkitHostFunctions) {
     const uint16_t bits = uint16_t(u);
     const float cf = __half2float(half_of(bits)), cb = __bfloat162float(bf16_of(bits));
     if (f16_is_nan(bits)) ASSERT_TRUE(std::isnan(cf) && std::isnan(f16_to_f32(bits)));
-    else ASSERT_EQ(bits_of(f16_to_f32(bits)), bits_of(cf)) << std::hex << "half 0x" << u;
+    else ASSERT_EQ(f32_bits(f16_to_f32(bits)), f32_bits(cf)) << std::hex << "half 0x" << u;
     if (bf16_is_nan(bits)) ASSERT_TRUE(std::isnan(cb) && std::isnan(bf16_to_f32(bits)));
-    else ASSERT_EQ(bits_of(bf16_to_f32(bits)), bits_of(cb)) << std::hex << "bf16 0x" << u;
+    else ASSERT_EQ(f32_bits(bf16_to_f32(bits)), f32_bits(cb)) << std::hex << "bf16 0x" << u;
   }
   const std::vector<float> values = random_floats_for_conversion();
   int64_t bad = 0;
@@ -1158,7 +1148,7 @@ TEST(DType, ConversionsAgreeWithTheCudaToolkitHostFunctions) {
     const uint16_t h = f32_to_f16(f), ch = half_bits(__float2half_rn(f));
     const uint16_t b = f32_to_bf16(f), cb = bf16_bits(__float2bfloat16_rn(f));
     if ((h != ch || b != cb) && ++bad <= 5)
-      ADD_FAILURE() << std::hex << "0x" << bits_of(f) << ": f16 0x" << h << " vs cuda 0x" << ch << ", bf16 0x" << b
+      ADD_FAILURE() << std::hex << "0x" << f32_bits(f) << ": f16 0x" << h << " vs cuda 0x" << ch << ", bf16 0x" << b
                     << " vs cuda 0x" << cb;
   }
   EXPECT_EQ(bad, 0);
