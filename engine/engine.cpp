@@ -22,15 +22,14 @@ uint64_t kv_bytes_per_block(const ModelConfig& c, int32_t block_size, DType kv_d
          dtype_size(kv_dtype);
 }
 
-int32_t kv_num_blocks(const Model& model, const EngineOptions& o) {
-  const ModelConfig& c = model.config();
+int32_t kv_num_blocks(const ModelConfig& c, const EngineOptions& o, DType kv_dtype) {
   if (o.kv_block_size < 1 || o.kv_block_size > 1024)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: kv_block_size must be in [1, 1024], got {}", o.kv_block_size);
   if (o.max_batch_tokens < 1 || o.max_batch_tokens > 65536)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: max_batch_tokens must be in [1, 65536], got {}", o.max_batch_tokens);
   if (o.n_threads < 0 || o.n_threads > 1024)
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: n_threads must be in [0, 1024], got {}", o.n_threads);
-  uint64_t per_block = kv_bytes_per_block(c, o.kv_block_size, resolve_kv_dtype(model, o.kv_dtype));
+  uint64_t per_block = kv_bytes_per_block(c, o.kv_block_size, kv_dtype);
   uint64_t bytes = o.kv_cache_bytes;
   if (bytes == 0) {
     uint64_t full_context = uint64_t((c.max_position + o.kv_block_size - 1) / o.kv_block_size) * per_block;
@@ -93,7 +92,7 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
     : model_(std::move(model)),
       options_(options),
       kv_dtype_(resolve_kv_dtype(*model_, options.kv_dtype)),
-      allocator_(kv_num_blocks(*model_, options)) {
+      allocator_(kv_num_blocks(model_->config(), options, kv_dtype_)) {
   const ModelConfig& c = model_->config();
   if (options.backend == LLMQ_BACKEND_CUDA) {
     std::string why;
