@@ -125,6 +125,7 @@ LLMQ_API const char* llmq_status_string(llmq_status status) {
     case LLMQ_ERR_BUFFER_TOO_SMALL: return "LLMQ_ERR_BUFFER_TOO_SMALL";
     case LLMQ_ERR_CONTEXT_OVERFLOW: return "LLMQ_ERR_CONTEXT_OVERFLOW";
     case LLMQ_ERR_INTERNAL: return "LLMQ_ERR_INTERNAL";
+    case LLMQ_ERR_DEVICE: return "LLMQ_ERR_DEVICE";
   }
   return "LLMQ_ERR_UNKNOWN";
 }
@@ -219,6 +220,7 @@ LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
   params->kv_block_size = defaults.kv_block_size;
   params->max_batch_tokens = defaults.max_batch_tokens;
   params->kv_dtype = defaults.kv_dtype;
+  params->quant = LLMQ_QUANT_NONE;
 }
 
 LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_params* params,
@@ -245,6 +247,13 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
     if (kv_dtype < LLMQ_KV_DTYPE_AUTO || kv_dtype > LLMQ_KV_DTYPE_BF16)
       llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_engine_create: params.kv_dtype {} is not a known KV dtype", kv_dtype);
     options.kv_dtype = llmq_kv_dtype(kv_dtype);
+    int32_t quant;
+    std::memcpy(&quant, &p.quant, sizeof quant);
+    if (quant < LLMQ_QUANT_NONE || quant > LLMQ_QUANT_FP8)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_engine_create: params.quant {} is not a known quantization mode", quant);
+    options.quant = quant == LLMQ_QUANT_INT8WO ? llmq::QuantMode::Int8WeightOnly
+                    : quant == LLMQ_QUANT_FP8  ? llmq::QuantMode::Fp8
+                                               : llmq::QuantMode::None;
     auto handle = std::make_unique<llmq_engine>();
     handle->model = model->model;
     handle->engine = std::make_unique<llmq::Engine>(model->model, options);

@@ -6,8 +6,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "engine/quant.h"
 #include "engine/tensor.h"
 
 namespace llmq {
@@ -64,6 +66,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+  // Whether FP8 weights and activations can run here; else the reason in *why.
+  virtual bool supports_fp8(std::string* why) const { return true; }
 
   virtual std::unique_ptr<Buffer> allocate(uint64_t bytes) = 0;
   // Makes a host tensor (e.g. a memory-mapped weight) usable by the kernels. The CPU backend uses
@@ -79,8 +83,9 @@ class Backend {
   virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   // residual += x; out = rmsnorm(residual) * weight.
   virtual void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
-  // out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]); weight is [N, K] in its stored dtype.
-  virtual void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) = 0;
+  // out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]); weight is [N, K] in its stored dtype,
+  // or quantized as engine/quant.h defines.
+  virtual void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out) = 0;
   // Rotates q [T, Hq*D] in place and k [T, Hkv*D] in place (rotate-half RoPE at each token's
   // position with inv_freq [D/2]), then writes k and v into the cache at each token's slot.
   virtual void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) = 0;
@@ -99,5 +104,11 @@ struct CpuBackendOptions {
   int32_t n_threads = 0;  // 0 = one per core
 };
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options);
+
+struct CudaBackendOptions {
+  int32_t device = 0;
+};
+// The CUDA backend (kernels/cuda); LLMQ_ERR_BACKEND_UNAVAILABLE when not built in.
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options);
 
 }  // namespace llmq

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <cmath>
 #include <unordered_set>
 
@@ -96,24 +97,18 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
   const ModelConfig& c = model_->config();
   if (options.backend == LLMQ_BACKEND_CUDA) {
     std::string why;
-    int devices = cuda_device_count(&why);
-    if (devices == 0) fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: no CUDA backend: {}", why);
-    fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: {} CUDA device(s) found, but the CUDA backend's kernels are not part of this version of llmq", devices);
-  }
-  if (options.backend != LLMQ_BACKEND_CPU)
+    if (cuda_device_count(&why) == 0) fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "engine: no CUDA backend: {}", why);
+    backend_ = make_cuda_backend(CudaBackendOptions{});
+  } else if (options.backend == LLMQ_BACKEND_CPU) {
+    backend_ = make_cpu_backend(CpuBackendOptions{options.n_threads});
+  } else {
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: unknown backend {}", int(options.backend));
-  backend_ = make_cpu_backend(CpuBackendOptions{options.n_threads});
-
-  auto upload = [&](const Tensor& t) { return t.empty() ? t : backend_->upload(t); };
-  const ModelWeights& w = model_->weights();
-  weights_.embed = upload(w.embed);
-  weights_.final_norm = upload(w.final_norm);
-  weights_.lm_head = upload(w.lm_head);
-  for (const LayerWeights& l : w.layers) {
-    weights_.layers.push_back(LayerWeights{upload(l.attn_norm), upload(l.wq), upload(l.wk), upload(l.wv),
-                                           upload(l.wo), upload(l.bq), upload(l.bk), upload(l.bv), upload(l.bo),
-                                           upload(l.mlp_norm), upload(l.w_gate), upload(l.w_up), upload(l.w_down)});
   }
+  if (options.quant == QuantMode::Fp8) {
+    std::string why;
+    if (!backend_->supports_fp8(&why)) fail(LLMQ_ERR_UNSUPPORTED, "engine: quant fp8 on {}: {}", backend_->name(), why);
+  }
+  upload_weights();
   inv_freq_host_ = rope_inv_freq(c);
   inv_freq_ = backend_->upload(Tensor{inv_freq_host_.data(), DType::F32, 1, int64_t(inv_freq_host_.size())});
 
@@ -145,6 +140,40 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
 }
 
 Engine::~Engine() = default;
+
+void Engine::upload_weights() {
+  const ModelWeights& w = model_->weights();
+  auto upload = [&](const Tensor& t) {
+    weight_bytes_per_step_ += t.nbytes();
+    return t.empty() ? t : backend_->upload(t);
+  };
+  // int8wo keeps activations 16-bit: the checkpoint's 16-bit type, BF16 for an F32 checkpoint.
+  const DType model_dtype = w.layers.front().wq.dtype;
+  const DType act_dtype = model_dtype == DType::F16 || model_dtype == DType::BF16 ? model_dtype : DType::BF16;
+  const int threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  auto linear = [&](const Tensor& t) {
+    LinearWeight lw;
+    if (options_.quant == QuantMode::None) {
+      lw.w = upload(t);
+      return lw;
+    }
+    QuantizedWeight q = quantize_weight(t, options_.quant, threads);
+    lw = q.view(act_dtype);
+    weight_bytes_per_step_ += lw.w.nbytes() + lw.scale.nbytes();
+    lw.w = backend_->upload(lw.w);
+    lw.scale = backend_->upload(lw.scale);
+    // The CPU backend uses host memory in place: keep the quantized copy alive.
+    if (lw.w.data == q.data.data()) quantized_.push_back(std::move(q));
+    return lw;
+  };
+  embed_ = backend_->upload(w.embed);
+  final_norm_ = upload(w.final_norm);
+  lm_head_.w = upload(w.lm_head);
+  for (const LayerWeights& l : w.layers)
+    layers_.push_back(Layer{upload(l.attn_norm), upload(l.mlp_norm), linear(l.wq), linear(l.wk), linear(l.wv),
+                            linear(l.wo), linear(l.w_gate), linear(l.w_up), linear(l.w_down), upload(l.bq),
+                            upload(l.bk), upload(l.bv), upload(l.bo)});
+}
 
 uint64_t Engine::kv_bytes_per_token() const {
   return kv_bytes_per_block(model_->config(), 1, kv_dtype_);
@@ -213,9 +242,9 @@ void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
                             float(1.0 / std::sqrt(double(c.head_dim))), int32_t(c.sliding_window)};
   auto bias = [](const Tensor& b) { return b.empty() ? nullptr : &b; };
 
-  backend_->embed(weights_.embed, x);
-  for (size_t l = 0; l < weights_.layers.size(); ++l) {
-    const LayerWeights& w = weights_.layers[l];
+  backend_->embed(embed_, x);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& w = layers_[l];
     // The residual stream is x; the previous layer's MLP output (proj) is added in the fused norm.
     if (l == 0)
       backend_->rmsnorm(x, w.attn_norm, eps, h);
@@ -234,13 +263,13 @@ void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
     backend_->linear(gate, w.w_down, nullptr, proj);
   }
   if (n_logit_rows == 0) return;
-  backend_->add_rmsnorm(x, proj, weights_.final_norm, eps, h);
+  backend_->add_rmsnorm(x, proj, final_norm_, eps, h);
   Tensor last = last_hidden_.row_slice(0, n_logit_rows);
   backend_->gather_rows(h, last);
   uint64_t logits_bytes = uint64_t(n_logit_rows) * uint64_t(c.vocab_size) * sizeof(float);
   if (!logits_buffer_ || logits_buffer_->size() < logits_bytes) logits_buffer_ = backend_->allocate(logits_bytes);
   Tensor logits{logits_buffer_->data(), DType::F32, n_logit_rows, c.vocab_size};
-  backend_->linear(last, weights_.lm_head, nullptr, logits);
+  backend_->linear(last, lm_head_, nullptr, logits);
 }
 
 GenerateResult Engine::generate(const std::vector<int32_t>& prompt, const GenerateOptions& options) {

@@ -24,6 +24,7 @@ struct EngineOptions {
   int32_t kv_block_size = 16;
   int32_t max_batch_tokens = 512;
   llmq_kv_dtype kv_dtype = LLMQ_KV_DTYPE_AUTO;
+  QuantMode quant = QuantMode::None;  // quantize the layers' linear weights on load
 };
 
 constexpr uint64_t kDefaultKvCacheBytes = uint64_t(2) << 30;
@@ -61,11 +62,15 @@ class Engine {
   ~Engine();
 
   const Model& model() const { return *model_; }
+  const char* backend_name() const { return backend_->name(); }
   int32_t vocab_size() const { return int32_t(model_->config().vocab_size); }
   int32_t max_batch_tokens() const { return options_.max_batch_tokens; }
   int32_t block_size() const { return options_.kv_block_size; }
   BlockAllocator& allocator() { return allocator_; }
   DType kv_dtype() const { return kv_dtype_; }
+  // Weight bytes one decode step reads on the backend (quantized where quantized; the embedding
+  // table is gathered by rows and not counted unless it is also the lm_head).
+  uint64_t weight_bytes_per_step() const { return weight_bytes_per_step_; }
   // Bytes of KV cache one token takes, over all layers.
   uint64_t kv_bytes_per_token() const;
   std::unique_ptr<SequenceKv> new_sequence() { return std::make_unique<SequenceKv>(allocator_, block_size()); }
@@ -87,11 +92,23 @@ class Engine {
 
  private:
   void forward(int32_t n_tokens, int32_t n_logit_rows);
+  void upload_weights();
+
+  // A layer's weights as the backend uses them.
+  struct Layer {
+    Tensor attn_norm, mlp_norm;
+    LinearWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+    Tensor bq, bk, bv, bo;  // empty unless the architecture has them
+  };
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
-  ModelWeights weights_;  // as uploaded to the backend
+  std::vector<QuantizedWeight> quantized_;  // host copies of quantized weights (before upload)
+  Tensor embed_, final_norm_;
+  LinearWeight lm_head_;
+  std::vector<Layer> layers_;
+  uint64_t weight_bytes_per_step_ = 0;
   DType kv_dtype_;
   std::vector<float> inv_freq_host_;
   Tensor inv_freq_;

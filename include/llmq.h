@@ -46,7 +46,8 @@ typedef enum llmq_status {
   LLMQ_ERR_BACKEND_UNAVAILABLE = 7, /* the requested backend is not built in, or there is no device */
   LLMQ_ERR_BUFFER_TOO_SMALL = 8,    /* an output buffer is too small; the needed size is reported */
   LLMQ_ERR_CONTEXT_OVERFLOW = 9,    /* the sequence would exceed the model's context length */
-  LLMQ_ERR_INTERNAL = 10            /* a bug in llmq: please report it */
+  LLMQ_ERR_INTERNAL = 10,           /* a bug in llmq: please report it */
+  LLMQ_ERR_DEVICE = 11              /* the GPU reported an error (a failed kernel or copy, a lost device) */
 } llmq_status;
 
 typedef enum llmq_backend {
@@ -150,6 +151,14 @@ typedef enum llmq_kv_dtype {
   LLMQ_KV_DTYPE_BF16 = 3
 } llmq_kv_dtype;
 
+/* Quantization of the layers' linear weights, done when the engine is created (engine/quant.h and
+ * the README give the exact formats). lm_head and the embeddings stay as loaded. */
+typedef enum llmq_quant_mode {
+  LLMQ_QUANT_NONE = 0,   /* weights as loaded */
+  LLMQ_QUANT_INT8WO = 1, /* INT8 weights with per-channel scales; activations 16-bit */
+  LLMQ_QUANT_FP8 = 2     /* FP8 E4M3 weights (per-tensor scale) and activations (dynamic per-token scale) */
+} llmq_quant_mode;
+
 typedef struct llmq_engine_params {
   size_t struct_size;        /* in: sizeof(llmq_engine_params) */
   llmq_backend backend;      /* default LLMQ_BACKEND_CPU */
@@ -158,6 +167,7 @@ typedef struct llmq_engine_params {
   int32_t kv_block_size;     /* tokens per KV block (default 16) */
   int32_t max_batch_tokens;  /* most tokens in one forward step, i.e. the prefill chunk (default 512) */
   llmq_kv_dtype kv_dtype;    /* element type of the KV cache (default LLMQ_KV_DTYPE_AUTO) */
+  llmq_quant_mode quant;     /* weight quantization (default LLMQ_QUANT_NONE) */
 } llmq_engine_params;
 
 /* Fills *params with defaults and sets struct_size. Thread-safe. */

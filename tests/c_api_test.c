@@ -128,6 +128,7 @@ static void check_status_strings(void) {
       {LLMQ_ERR_BUFFER_TOO_SMALL, "LLMQ_ERR_BUFFER_TOO_SMALL"},
       {LLMQ_ERR_CONTEXT_OVERFLOW, "LLMQ_ERR_CONTEXT_OVERFLOW"},
       {LLMQ_ERR_INTERNAL, "LLMQ_ERR_INTERNAL"},
+      {LLMQ_ERR_DEVICE, "LLMQ_ERR_DEVICE"},
   };
   size_t i;
   const char* unknown;

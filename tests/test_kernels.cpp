@@ -313,7 +313,9 @@ std::vector<float> run_linear(Backend& backend, std::vector<float>& x, const Sto
   std::vector<float> out = poisoned(size_t((M + 1) * N));
   Tensor xt = f32_tensor(x, M, K), wt = w.tensor(N, K), ot = f32_tensor(out, M, N);
   Tensor bt = b ? b->tensor(1, N) : Tensor{};
-  backend.linear(xt, wt, b ? &bt : nullptr, ot);
+  LinearWeight lw;
+  lw.w = wt;
+  backend.linear(xt, lw, b ? &bt : nullptr, ot);
   for (int64_t i = M * N; i < (M + 1) * N; ++i) {
     if (!is_poison(out[size_t(i)])) {
       log.add(name + ": wrote past the output at element " + std::to_string(i));

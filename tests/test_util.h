@@ -12,7 +12,11 @@
 
 namespace llmq::test {
 
-inline std::string shared_dir() { return LLMQ_SHARED_DIR; }
+// LLMQ_SHARED_DIR in the environment overrides the configured path (a build taken to another machine).
+inline std::string shared_dir() {
+  const char* env = std::getenv("LLMQ_SHARED_DIR");
+  return env && *env ? env : LLMQ_SHARED_DIR;
+}
 inline std::string stories_dir() { return shared_dir() + "/models/stories260K"; }
 inline std::string bin_dir() { return LLMQ_BIN_DIR; }
 

@@ -10,6 +10,7 @@
 
 #include "engine/backend.h"
 #include "engine/error.h"
+#include "engine/quant.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -127,20 +128,48 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void linear(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out) override {
-    const int64_t M = x.rows, K = x.cols, N = weight.rows;
+  void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out) override {
+    const int64_t M = x.rows, K = x.cols, N = weight.w.rows;
+    const float* input = x.as<float>();
+    const DType w_dtype = weight.w.dtype;
+    // Quantized weights: the activations first take the form the products use (engine/quant.h).
+    if (w_dtype == DType::I8 || w_dtype == DType::F8_E4M3) {
+      activations_.resize(size_t(M * K));
+      if (w_dtype == DType::F8_E4M3) row_scales_.assign(size_t(M), 1.0f);
+      pool_.parallel_for(M, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const float* src = input + m * K;
+          float* dst = activations_.data() + m * K;
+          if (w_dtype == DType::F8_E4M3)
+            row_scales_[size_t(m)] = quantize_row_fp8(src, K, dst);
+          else
+            for (int64_t k = 0; k < K; ++k) dst[k] = round_activation(src[k], weight.act_dtype);
+        }
+      });
+      input = activations_.data();
+    }
     // Split the output columns in groups of 4 weight rows; small products run inline.
     const int64_t tiles = (N + 3) / 4;
     const int64_t macs_per_tile = 4 * M * K;
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_tile));
     pool_.parallel_for(tiles, grain, [&](int64_t begin, int64_t end) {
       int64_t n_begin = begin * 4, n_end = std::min(N, end * 4);
-      cpu::linear_rows(x.as<float>(), M, K, weight.data, weight.dtype, N, n_begin, n_end, out.as<float>());
+      float* o = out.as<float>();
+      cpu::linear_rows(input, M, K, weight.w.data, w_dtype, N, n_begin, n_end, o);
+      if (weight.quantized()) {
+        const float* scale = weight.scale.as<float>();
+        const bool per_channel = weight.scale.cols > 1;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n_begin; n < n_end; ++n)
+            o[m * N + n] *= row_scales_.empty() ? scale[per_channel ? n : 0]
+                                                : row_scales_[size_t(m)] * scale[per_channel ? n : 0];
+      }
       if (bias) {
         for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = n_begin; n < n_end; ++n) out.as<float>()[m * N + n] += load_element(bias->data, bias->dtype, n);
+          for (int64_t n = n_begin; n < n_end; ++n) o[m * N + n] += load_element(bias->data, bias->dtype, n);
       }
     });
+    row_scales_.clear();
   }
 
   void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) override {
@@ -262,6 +291,8 @@ class CpuBackend final : public Backend {
 
   ThreadPool pool_;
   const BatchPlan* plan_ = nullptr;
+  std::vector<float> activations_;  // quantized-form inputs of a linear
+  std::vector<float> row_scales_;   // per-token FP8 activation scales; empty for int8wo
 };
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "engine/fp8.h"
+
 namespace llmq::cpu {
 
 namespace {
@@ -24,6 +26,14 @@ struct Bf16Row {
 struct F16Row {
   const uint16_t* p;
   float at(int64_t k) const { return f16_to_f32(p[k]); }
+};
+struct I8Row {
+  const int8_t* p;
+  float at(int64_t k) const { return float(p[k]); }
+};
+struct Fp8Row {
+  const uint8_t* p;
+  float at(int64_t k) const { return fp8_e4m3_table()[p[k]]; }
 };
 
 // ---- Portable scalar version: the same lanes and the same order as the AVX2 one. ----
@@ -57,6 +67,13 @@ LLMQ_AVX2 inline __m256 load8(Bf16Row w, int64_t k) {
 }
 LLMQ_AVX2 inline __m256 load8(F16Row w, int64_t k) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.p + k)));
+}
+LLMQ_AVX2 inline __m256 load8(I8Row w, int64_t k) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.p + k))));
+}
+LLMQ_AVX2 inline __m256 load8(Fp8Row w, int64_t k) {
+  __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.p + k)));
+  return _mm256_i32gather_ps(fp8_e4m3_table(), codes, 4);
 }
 
 template <typename Row>
@@ -119,6 +136,12 @@ void linear_rows_dispatch(const float* x, int64_t M, int64_t K, const void* w, D
       break;
     case DType::F16:
       linear_rows_typed<kAvx2, F16Row>(x, M, K, static_cast<const uint16_t*>(w), N, n_begin, n_end, out);
+      break;
+    case DType::I8:
+      linear_rows_typed<kAvx2, I8Row>(x, M, K, static_cast<const int8_t*>(w), N, n_begin, n_end, out);
+      break;
+    case DType::F8_E4M3:
+      linear_rows_typed<kAvx2, Fp8Row>(x, M, K, static_cast<const uint8_t*>(w), N, n_begin, n_end, out);
       break;
     default:
       break;  // callers check the dtype

@@ -1,0 +1,563 @@
+// The CUDA backend: the ops of engine/backend.h on one GPU, on one stream. Activations are fp32
+// on the device as in the CPU backend; GEMMs go through cuBLASLt (fp32, 16-bit and FP8 inputs,
+// fp32 accumulation and output) or the quantized GEMV for a few rows; the other ops are the
+// kernels of cuda_kernels.cu. cuBLASLt is opened with dlopen when a backend is created, so that
+// libllmq.so loads on machines without the CUDA libraries.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/device.h"
+#include "engine/error.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace llmq {
+
+namespace {
+
+llmq_status status_of(cudaError_t e) {
+  switch (e) {
+    case cudaErrorMemoryAllocation:
+      return LLMQ_ERR_OUT_OF_MEMORY;
+    case cudaErrorNoDevice:
+    case cudaErrorInsufficientDriver:
+    case cudaErrorInvalidDevice:
+      return LLMQ_ERR_BACKEND_UNAVAILABLE;
+    default:
+      return LLMQ_ERR_DEVICE;
+  }
+}
+
+void check(cudaError_t e, const char* call) {
+  if (e != cudaSuccess) fail(status_of(e), "cuda backend: {}: {} ({})", call, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+// ---- cuBLASLt, opened at run time ---------------------------------------------------------
+
+struct CublasLt {
+#define LLMQ_LT_FUNCTIONS(X)                                                                                 \
+  X(cublasLtCreate) X(cublasLtDestroy) X(cublasLtGetStatusString) X(cublasLtMatmulDescCreate)               \
+  X(cublasLtMatmulDescDestroy) X(cublasLtMatmulDescSetAttribute) X(cublasLtMatrixLayoutCreate)               \
+  X(cublasLtMatrixLayoutDestroy) X(cublasLtMatmulPreferenceCreate) X(cublasLtMatmulPreferenceDestroy)        \
+  X(cublasLtMatmulPreferenceSetAttribute) X(cublasLtMatmulAlgoGetHeuristic) X(cublasLtMatmul)
+#define LLMQ_LT_MEMBER(name) decltype(&::name) name = nullptr;
+  LLMQ_LT_FUNCTIONS(LLMQ_LT_MEMBER)
+#undef LLMQ_LT_MEMBER
+};
+
+const CublasLt& cublas_lt() {
+  static std::once_flag once;
+  static CublasLt lt;
+  static std::string error;
+  std::call_once(once, [] {
+    void* lib = nullptr;
+    for (const char* name : {"libcublasLt.so.13", "/usr/local/cuda/lib64/libcublasLt.so.13", "libcublasLt.so"})
+      if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
+    if (!lib) {
+      error = fmt::format("cannot open libcublasLt.so.13 (the CUDA 13 cuBLAS library): {}", dlerror());
+      return;
+    }
+#define LLMQ_LT_LOAD(name)                                                          \
+  lt.name = reinterpret_cast<decltype(lt.name)>(dlsym(lib, #name));                 \
+  if (!lt.name && error.empty()) error = "libcublasLt.so has no symbol " #name;
+    LLMQ_LT_FUNCTIONS(LLMQ_LT_LOAD)
+#undef LLMQ_LT_LOAD
+  });
+  if (!error.empty()) fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "cuda backend: {}", error);
+  return lt;
+}
+
+void check(cublasStatus_t s, const char* call) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    fail(s == CUBLAS_STATUS_ALLOC_FAILED ? LLMQ_ERR_OUT_OF_MEMORY : LLMQ_ERR_DEVICE, "cuda backend: {}: {}", call,
+         cublas_lt().cublasLtGetStatusString(s));
+}
+
+cudaDataType cuda_type(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return CUDA_R_32F;
+    case DType::BF16:
+      return CUDA_R_16BF;
+    case DType::F16:
+      return CUDA_R_16F;
+    case DType::F8_E4M3:
+      return CUDA_R_8F_E4M3;
+    default:
+      fail(LLMQ_ERR_INTERNAL, "cuda backend: no cuBLASLt type for {}", dtype_name(dtype));
+  }
+}
+
+class DeviceBuffer final : public Buffer {
+ public:
+  explicit DeviceBuffer(uint64_t bytes) : size_(bytes) {
+    cudaError_t e = cudaMalloc(&data_, std::max<uint64_t>(bytes, 256));
+    if (e != cudaSuccess)
+      fail(status_of(e), "cuda backend: cudaMalloc({} bytes): {} ({})", bytes, cudaGetErrorString(e), cudaGetErrorName(e));
+  }
+  ~DeviceBuffer() override { cudaFree(data_); }
+  void* data() override { return data_; }
+  uint64_t size() const override { return size_; }
+
+ private:
+  void* data_ = nullptr;
+  uint64_t size_;
+};
+
+// LLMQ_PROFILE=1: GPU time per op (CUDA events around each), and the host's time to enqueue a step
+// against the step's wall time, printed to stderr when the backend is destroyed.
+class Profiler {
+ public:
+  Profiler() {
+    const char* env = std::getenv("LLMQ_PROFILE");
+    enabled_ = env && *env && std::string(env) != "0";
+  }
+  ~Profiler() {
+    for (cudaEvent_t e : pool_) cudaEventDestroy(e);
+    for (auto& p : pending_) {
+      cudaEventDestroy(p.start);
+      cudaEventDestroy(p.stop);
+    }
+  }
+  bool enabled() const { return enabled_; }
+
+  // Times the ops enqueued between its construction and destruction.
+  class Scope {
+   public:
+    Scope(Profiler& p, std::string name, cudaStream_t stream) : p_(p), stream_(stream) {
+      if (!p_.enabled_) return;
+      name_ = std::move(name);
+      start_ = p_.event();
+      cudaEventRecord(start_, stream_);
+    }
+    ~Scope() {
+      if (!p_.enabled_) return;
+      cudaEvent_t stop = p_.event();
+      cudaEventRecord(stop, stream_);
+      p_.pending_.push_back(Pending{std::move(name_), start_, stop});
+    }
+
+   private:
+    Profiler& p_;
+    cudaStream_t stream_;
+    std::string name_;
+    cudaEvent_t start_ = nullptr;
+  };
+
+  void step_begin() { step_start_ = std::chrono::steady_clock::now(); }
+  void step_enqueued() { enqueued_ = std::chrono::steady_clock::now(); }
+  // After the stream is synchronized: collect the step's timings.
+  void step_done() {
+    if (!enabled_) return;
+    const auto now = std::chrono::steady_clock::now();
+    add("(host) enqueue a step", std::chrono::duration<double, std::milli>(enqueued_ - step_start_).count());
+    add("(host) step wall time", std::chrono::duration<double, std::milli>(now - step_start_).count());
+    for (auto& p : pending_) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, p.start, p.stop);
+      add(p.name, ms);
+      pool_.push_back(p.start);
+      pool_.push_back(p.stop);
+    }
+    pending_.clear();
+  }
+  void print(const std::string& device) const {
+    if (!enabled_ || totals_.empty()) return;
+    std::vector<std::pair<std::string, Total>> rows(totals_.begin(), totals_.end());
+    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.ms > b.second.ms; });
+    std::fprintf(stderr, "llmq profile (%s): op, calls, total ms, us per call\n", device.c_str());
+    for (auto& [name, t] : rows)
+      std::fprintf(stderr, "  %-44s %8lld %10.2f %10.1f\n", name.c_str(), (long long)t.calls, t.ms, 1e3 * t.ms / double(t.calls));
+  }
+
+ private:
+  struct Pending {
+    std::string name;
+    cudaEvent_t start, stop;
+  };
+  struct Total {
+    double ms = 0;
+    int64_t calls = 0;
+  };
+  cudaEvent_t event() {
+    if (!pool_.empty()) {
+      cudaEvent_t e = pool_.back();
+      pool_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    cudaEventCreate(&e);
+    return e;
+  }
+  void add(const std::string& name, double ms) {
+    Total& t = totals_[name];
+    t.ms += ms;
+    ++t.calls;
+  }
+  bool enabled_ = false;
+  std::vector<Pending> pending_;
+  std::vector<cudaEvent_t> pool_;
+  std::map<std::string, Total> totals_;
+  std::chrono::steady_clock::time_point step_start_, enqueued_;
+};
+
+// Rows of a GEMM, in the buckets the profile reports.
+std::string rows_bucket(int64_t M) {
+  return M == 1 ? "M=1" : M <= 8 ? "M<=8" : M <= 64 ? "M<=64" : M <= 512 ? "M<=512" : "M>512";
+}
+
+// One cuBLASLt problem shape: descriptors and the heuristic's algorithm, made once.
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool has_algo = false;
+};
+
+constexpr uint64_t kWorkspaceBytes = uint64_t(32) << 20;
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options) : device_(options.device) {
+    int count = 0;
+    check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    if (device_ < 0 || device_ >= count)
+      fail(LLMQ_ERR_BACKEND_UNAVAILABLE, "cuda backend: device {} does not exist ({} visible)", device_, count);
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+    sm_ = prop.major * 10 + prop.minor;
+    num_sms_ = prop.multiProcessorCount;
+    if (sm_ < 80)
+      fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: {} has compute capability {}.{}; llmq needs 8.0 or newer", prop.name,
+           prop.major, prop.minor);
+    name_ = std::string("cuda:") + prop.name;
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
+    workspace_ = std::make_unique<DeviceBuffer>(kWorkspaceBytes);
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    profiler_.print(name_);
+    const CublasLt& lt = cublas_lt();
+    for (auto& [key, plan] : plans_) {
+      lt.cublasLtMatrixLayoutDestroy(plan.a);
+      lt.cublasLtMatrixLayoutDestroy(plan.b);
+      lt.cublasLtMatrixLayoutDestroy(plan.d);
+      lt.cublasLtMatmulDescDestroy(plan.desc);
+    }
+    lt.cublasLtDestroy(lt_handle_);
+    cudaStreamDestroy(stream_);
+  }
+
+  const char* name() const override { return name_.c_str(); }
+
+  bool supports_fp8(std::string* why) const override {
+    if (sm_ >= 89) return true;
+    *why = fmt::format("FP8 needs FP8 tensor cores (compute capability 8.9 or newer); this GPU has {}.{}", sm_ / 10,
+                       sm_ % 10);
+    return false;
+  }
+
+  std::unique_ptr<Buffer> allocate(uint64_t bytes) override { return std::make_unique<DeviceBuffer>(bytes); }
+
+  Tensor upload(const Tensor& host) override {
+    if (host.empty()) return host;
+    uploads_.push_back(std::make_unique<DeviceBuffer>(host.nbytes()));
+    check(cudaMemcpy(uploads_.back()->data(), host.data, host.nbytes(), cudaMemcpyHostToDevice), "upload (cudaMemcpy)");
+    return Tensor{uploads_.back()->data(), host.dtype, host.rows, host.cols};
+  }
+
+  void begin_step(const BatchPlan& plan) override {
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    profiler_.step_begin();
+    // Attention tiles: runs of up to kAttentionTileQ consecutive tokens of one sequence.
+    tile_first_.clear();
+    tile_count_.clear();
+    max_keys_ = 0;
+    for (int32_t t = 0; t < plan.n_tokens(); ++t) {
+      const size_t i = size_t(t);
+      max_keys_ = std::max(max_keys_, plan.positions[i] + 1);
+      const bool extends = !tile_first_.empty() && tile_count_.back() < cuda::kAttentionTileQ &&
+                           plan.token_seq[i] == plan.token_seq[i - 1] && plan.positions[i] == plan.positions[i - 1] + 1;
+      if (extends) {
+        ++tile_count_.back();
+      } else {
+        tile_first_.push_back(t);
+        tile_count_.push_back(1);
+      }
+    }
+    // All of the step's metadata goes over in one copy.
+    staging_.clear();
+    std::vector<size_t> offsets;
+    const std::vector<int32_t>* arrays[] = {&plan.tokens,     &plan.positions,  &plan.token_seq,
+                                            &plan.slots,      &plan.block_offsets, &plan.block_ids,
+                                            &plan.logit_rows, &tile_first_,     &tile_count_};
+    for (const std::vector<int32_t>* v : arrays) {
+      offsets.push_back(staging_.size());
+      staging_.insert(staging_.end(), v->begin(), v->end());
+      staging_.resize((staging_.size() + 3) / 4 * 4);  // 16-byte aligned arrays
+    }
+    ensure(plan_buffer_, staging_.size() * sizeof(int32_t));
+    check(cudaMemcpyAsync(plan_buffer_->data(), staging_.data(), staging_.size() * sizeof(int32_t),
+                          cudaMemcpyHostToDevice, stream_),
+          "begin_step (cudaMemcpyAsync)");
+    const int32_t* base = static_cast<const int32_t*>(plan_buffer_->data());
+    device_plan_ = cuda::DevicePlan{base + offsets[0], base + offsets[1], base + offsets[2],
+                                    base + offsets[3], base + offsets[4], base + offsets[5],
+                                    base + offsets[6], base + offsets[7], base + offsets[8],
+                                    int32_t(tile_first_.size())};
+  }
+
+  void embed(const Tensor& table, Tensor& out) override {
+    Profiler::Scope timer(profiler_, "embed", stream_);
+    cuda::embed(table.data, table.dtype, table.cols, device_plan_, out.rows, out.as<float>(), stream_);
+    check(cudaGetLastError(), "embed kernel");
+  }
+
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    Profiler::Scope timer(profiler_, "rmsnorm", stream_);
+    cuda::rmsnorm(nullptr, x.as<float>(), weight.data, weight.dtype, eps, x.rows, x.cols, out.as<float>(), stream_);
+    check(cudaGetLastError(), "rmsnorm kernel");
+  }
+
+  void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    Profiler::Scope timer(profiler_, "add_rmsnorm", stream_);
+    cuda::rmsnorm(residual.as<float>(), x.as<float>(), weight.data, weight.dtype, eps, x.rows, x.cols,
+                  out.as<float>(), stream_);
+    check(cudaGetLastError(), "add_rmsnorm kernel");
+  }
+
+  void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out) override {
+    const int64_t M = x.rows, K = x.cols, N = weight.w.rows;
+    const DType w_dtype = weight.w.dtype;
+    const void* bias_data = bias ? bias->data : nullptr;
+    const DType bias_dtype = bias ? bias->dtype : DType::F32;
+    const float* w_scale = weight.quantized() ? weight.scale.as<float>() : nullptr;
+    const bool per_channel = weight.scale.cols > 1;
+    float* y = out.as<float>();
+    Profiler::Scope timer(profiler_, profiler_.enabled() ? fmt::format("linear {} {}", dtype_name(w_dtype), rows_bucket(M)) : "",
+                          stream_);
+    switch (w_dtype) {
+      case DType::F32:
+        gemm(weight.w.data, DType::F32, x.data, DType::F32, M, N, K, y);
+        break;
+      case DType::BF16:
+      case DType::F16:
+        gemm(weight.w.data, w_dtype, activations(x, w_dtype), w_dtype, M, N, K, y);
+        break;
+      case DType::I8: {
+        const void* xs = activations(x, weight.act_dtype);
+        if (M <= cuda::kGemvMaxM) {
+          cuda::quantized_gemv(xs, weight.act_dtype, weight.w.data, DType::I8, M, N, K, nullptr, w_scale, per_channel,
+                               bias_data, bias_dtype, y, stream_);
+          check(cudaGetLastError(), "quantized_gemv kernel (int8)");
+          return;
+        }
+        // Tensor cores for many rows: the weights dequantized exactly to 16-bit, scales after.
+        ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
+        cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, weight.act_dtype, dequantized_->data(), stream_);
+        check(cudaGetLastError(), "dequantize_i8 kernel");
+        gemm(dequantized_->data(), weight.act_dtype, xs, weight.act_dtype, M, N, K, y);
+        break;
+      }
+      case DType::F8_E4M3: {
+        ensure(codes_, uint64_t(M) * uint64_t(K));
+        ensure(row_scales_, uint64_t(M) * sizeof(float));
+        float* row_scales = static_cast<float*>(row_scales_->data());
+        cuda::quantize_fp8_rows(x.as<float>(), M, K, static_cast<uint8_t*>(codes_->data()), row_scales, stream_);
+        check(cudaGetLastError(), "quantize_fp8_rows kernel");
+        if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
+            gemm(weight.w.data, DType::F8_E4M3, codes_->data(), DType::F8_E4M3, M, N, K, y, /*required=*/false)) {
+          cuda::linear_epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype, stream_);
+          check(cudaGetLastError(), "linear epilogue kernel");
+          return;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += cuda::kGemvMaxM) {
+          const int64_t rows = std::min(cuda::kGemvMaxM, M - m0);
+          cuda::quantized_gemv(static_cast<const uint8_t*>(codes_->data()) + m0 * K, DType::F8_E4M3, weight.w.data,
+                               DType::F8_E4M3, rows, N, K, row_scales + m0, w_scale, per_channel, bias_data, bias_dtype,
+                               y + m0 * N, stream_);
+          check(cudaGetLastError(), "quantized_gemv kernel (fp8)");
+        }
+        return;
+      }
+      default:
+        fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: linear weights of dtype {} are not supported", dtype_name(w_dtype));
+    }
+    cuda::linear_epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype, stream_);
+    check(cudaGetLastError(), "linear epilogue kernel");
+  }
+
+  void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) override {
+    Profiler::Scope timer(profiler_, "rope_kv_write", stream_);
+    cuda::rope_kv_write(q.as<float>(), q.cols, k.as<float>(), v.as<float>(), k.cols, inv_freq.as<float>(),
+                        cache.head_dim, cache.num_kv_heads, cache.block_size, cache.k.data, cache.v.data,
+                        cache.k.dtype, device_plan_, q.rows, stream_);
+    check(cudaGetLastError(), "rope_kv_write kernel");
+  }
+
+  void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) override {
+    cuda::AttentionArgs args;
+    args.num_heads = params.num_heads;
+    args.num_kv_heads = params.num_kv_heads;
+    args.head_dim = params.head_dim;
+    args.block_size = cache.block_size;
+    args.sliding_window = params.sliding_window;
+    args.scale = params.scale;
+    // Few (tile, head) blocks over long keys would leave most multiprocessors idle: split the keys.
+    const int64_t blocks = int64_t(device_plan_.n_tiles) * params.num_heads;
+    if (blocks < 2 * num_sms_ && max_keys_ > 256)
+      args.n_splits = int32_t(std::min<int64_t>({(2 * num_sms_ + blocks - 1) / blocks, (max_keys_ + 127) / 128, 64}));
+    Profiler::Scope timer(profiler_,
+                          profiler_.enabled() ? fmt::format("attention {} {}", q.rows == device_plan_.n_tiles ? "decode" : "prefill",
+                                                            args.n_splits > 1 ? "split" : "")
+                                              : "",
+                          stream_);
+    float *partial_o = nullptr, *partial_ml = nullptr;
+    if (args.n_splits > 1) {
+      const uint64_t parts = uint64_t(q.rows) * uint64_t(params.num_heads) * uint64_t(args.n_splits);
+      ensure(partial_o_, parts * uint64_t(params.head_dim) * sizeof(float));
+      ensure(partial_ml_, parts * 2 * sizeof(float));
+      partial_o = static_cast<float*>(partial_o_->data());
+      partial_ml = static_cast<float*>(partial_ml_->data());
+    }
+    cuda::attention(q.as<float>(), q.cols, cache.k.data, cache.v.data, cache.k.dtype, args, device_plan_, q.rows,
+                    partial_o, partial_ml, out.as<float>(), stream_);
+    check(cudaGetLastError(), "attention kernel");
+  }
+
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    Profiler::Scope timer(profiler_, "silu_mul", stream_);
+    cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), out.as<float>(), stream_);
+    check(cudaGetLastError(), "silu_mul kernel");
+  }
+
+  void gather_rows(const Tensor& x, Tensor& out) override {
+    cuda::gather_rows(x.as<float>(), x.cols, device_plan_, out.rows, out.as<float>(), stream_);
+    check(cudaGetLastError(), "gather_rows kernel");
+  }
+
+  void to_host(const Tensor& x, float* host) override {
+    profiler_.step_enqueued();
+    check(cudaMemcpyAsync(host, x.data, x.nbytes(), cudaMemcpyDeviceToHost, stream_), "to_host (cudaMemcpyAsync)");
+    // Errors of any earlier kernel of the step surface here.
+    check(cudaStreamSynchronize(stream_), "step (cudaStreamSynchronize)");
+    profiler_.step_done();
+  }
+
+ private:
+  // Grows a scratch buffer to at least `bytes` (freeing waits for the device first).
+  void ensure(std::unique_ptr<Buffer>& buffer, uint64_t bytes) {
+    if (buffer && buffer->size() >= bytes) return;
+    if (buffer) check(cudaStreamSynchronize(stream_), "scratch resize (cudaStreamSynchronize)");
+    buffer.reset();
+    buffer = std::make_unique<DeviceBuffer>(std::max<uint64_t>(bytes, 1 << 20));
+  }
+
+  // x rounded to `dtype` in scratch memory (F32: x itself).
+  const void* activations(const Tensor& x, DType dtype) {
+    if (dtype == DType::F32) return x.data;
+    ensure(converted_, uint64_t(x.numel()) * dtype_size(dtype));
+    cuda::convert_activations(x.as<float>(), x.numel(), dtype, converted_->data(), stream_);
+    check(cudaGetLastError(), "convert_activations kernel");
+    return converted_->data();
+  }
+
+  // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation. In cuBLASLt's column-major terms
+  // y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN" layout FP8 requires.
+  // Returns false (with `required` false) when cuBLASLt has no algorithm for the shape.
+  bool gemm(const void* w, DType w_dtype, const void* x, DType x_dtype, int64_t M, int64_t N, int64_t K, float* y,
+            bool required = true) {
+    const CublasLt& lt = cublas_lt();
+    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), M, N, K);
+    auto it = plans_.find(key);
+    if (it == plans_.end()) {
+      if (plans_.size() > 4096) fail(LLMQ_ERR_INTERNAL, "cuda backend: too many GEMM shapes");
+      GemmPlan plan;
+      check(lt.cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+      const cublasOperation_t transpose = CUBLAS_OP_T;
+      check(lt.cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose),
+            "cublasLtMatmulDescSetAttribute(TRANSA)");
+      check(lt.cublasLtMatrixLayoutCreate(&plan.a, cuda_type(w_dtype), uint64_t(K), uint64_t(N), K),
+            "cublasLtMatrixLayoutCreate(A)");
+      check(lt.cublasLtMatrixLayoutCreate(&plan.b, cuda_type(x_dtype), uint64_t(K), uint64_t(M), K),
+            "cublasLtMatrixLayoutCreate(B)");
+      check(lt.cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, uint64_t(N), uint64_t(M), N),
+            "cublasLtMatrixLayoutCreate(D)");
+      cublasLtMatmulPreference_t preference = nullptr;
+      check(lt.cublasLtMatmulPreferenceCreate(&preference), "cublasLtMatmulPreferenceCreate");
+      const uint64_t workspace = kWorkspaceBytes;
+      lt.cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                              sizeof workspace);
+      cublasLtMatmulHeuristicResult_t result{};
+      int found = 0;
+      cublasStatus_t s = lt.cublasLtMatmulAlgoGetHeuristic(lt_handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
+                                                          preference, 1, &result, &found);
+      lt.cublasLtMatmulPreferenceDestroy(preference);
+      plan.has_algo = s == CUBLAS_STATUS_SUCCESS && found > 0;
+      if (plan.has_algo) plan.algo = result.algo;
+      it = plans_.emplace(key, plan).first;
+    }
+    const GemmPlan& plan = it->second;
+    if (!plan.has_algo) {
+      if (!required) return false;
+      fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: cuBLASLt has no algorithm for {} x {} GEMM of [{}, {}] x [{}, {}]",
+           dtype_name(w_dtype), dtype_name(x_dtype), M, K, N, K);
+    }
+    const float alpha = 1.0f, beta = 0.0f;
+    check(lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d,
+                            &plan.algo, workspace_->data(), kWorkspaceBytes, stream_),
+          "cublasLtMatmul");
+    return true;
+  }
+
+  int device_ = 0;
+  int sm_ = 0;
+  int num_sms_ = 0;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_handle_ = nullptr;
+  std::unique_ptr<Buffer> workspace_;
+  std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
+  std::vector<std::unique_ptr<Buffer>> uploads_;
+
+  std::vector<int32_t> staging_, tile_first_, tile_count_;
+  int32_t max_keys_ = 0;
+  std::unique_ptr<Buffer> plan_buffer_;
+  cuda::DevicePlan device_plan_;
+
+  std::unique_ptr<Buffer> converted_, dequantized_, codes_, row_scales_, partial_o_, partial_ml_;
+  Profiler profiler_;
+};
+
+}  // namespace
+
+int cuda_device_count(std::string* why) {
+  int count = 0;
+  cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    *why = std::string("CUDA runtime: ") + cudaGetErrorString(status);
+    return 0;
+  }
+  if (count == 0) *why = "CUDA runtime: no CUDA device is visible";
+  return count;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
+  return std::make_unique<CudaBackend>(options);
+}
+
+}  // namespace llmq

@@ -1,0 +1,74 @@
+// Launchers of the CUDA backend's kernels (cuda_kernels.cu). All run on `stream`; activations are
+// fp32 [rows, cols] row-major, as in the CPU backend; the element type of weights and of the KV
+// cache is a DType. Errors of a launch are reported by the caller's check after it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "engine/dtype.h"
+
+namespace llmq::cuda {
+
+// The step's batch metadata on the device (BatchPlan's arrays), plus attention's query tiles.
+struct DevicePlan {
+  const int32_t* tokens = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* token_seq = nullptr;
+  const int32_t* slots = nullptr;
+  const int32_t* block_offsets = nullptr;
+  const int32_t* block_ids = nullptr;
+  const int32_t* logit_rows = nullptr;
+  const int32_t* tile_first = nullptr;  // attention tiles: up to kAttentionTileQ consecutive tokens of one sequence
+  const int32_t* tile_count = nullptr;
+  int32_t n_tiles = 0;
+};
+
+constexpr int kAttentionTileQ = 16;
+
+void embed(const void* table, DType dtype, int64_t dim, const DevicePlan& plan, int64_t rows, float* out,
+           cudaStream_t stream);
+// residual == nullptr: out = rmsnorm(x) * w. Else residual += x, out = rmsnorm(residual) * w.
+void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
+             int64_t dim, float* out, cudaStream_t stream);
+void silu_mul(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t rows, float* out, cudaStream_t stream);
+
+// Rounds x to `dtype` (F16 / BF16 / F32 copy) into out.
+void convert_activations(const float* x, int64_t n, DType dtype, void* out, cudaStream_t stream);
+// Per-row dynamic FP8 E4M3 quantization (engine/quant.h): codes [rows, cols] and row scales.
+void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* row_scales,
+                       cudaStream_t stream);
+// INT8 codes to BF16 or F16 (exact), n elements.
+void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream);
+
+// out[m, n] = acc[m, n] * (row_scale ? row_scale[m] : 1) * w_scale[per_channel ? n : 0] (when
+// w_scale), + bias[n] (when bias), in place.
+void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, const float* w_scale,
+                     bool per_channel, const void* bias, DType bias_dtype, cudaStream_t stream);
+
+// Quantized GEMV for M <= kGemvMaxM: weights I8 or F8_E4M3 [N, K]; activations already in the
+// product's form: BF16/F16 (I8 weights) or F8_E4M3 codes (FP8 weights); epilogue fused.
+constexpr int64_t kGemvMaxM = 8;
+void quantized_gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
+                    const float* row_scale, const float* w_scale, bool per_channel, const void* bias,
+                    DType bias_dtype, float* out, cudaStream_t stream);
+
+// RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache.
+void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
+                   int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
+                   DType kv_dtype, const DevicePlan& plan, int64_t n_tokens, cudaStream_t stream);
+
+struct AttentionArgs {
+  int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0, sliding_window = 0;
+  float scale = 1.0f;
+  int32_t n_splits = 1;  // key-range splits per (tile, head); > 1 needs the partial buffers
+};
+// Paged causal attention for every query tile; partial_o [T * H * n_splits * D] and
+// partial_ml [T * H * n_splits * 2] are scratch when n_splits > 1.
+void attention(const float* q, int64_t q_cols, const void* k_cache, const void* v_cache, DType kv_dtype,
+               const AttentionArgs& args, const DevicePlan& plan, int64_t n_tokens, float* partial_o,
+               float* partial_ml, float* out, cudaStream_t stream);
+
+}  // namespace llmq::cuda

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check: build the CUDA backend, run the gpu tests, benchmark bf16 / int8wo / fp8 on a
+# Llama-2-7B-shaped synthetic model next to PyTorch on the same GPU, and print a table last.
+#
+# The GPU machine has no package registry and no Debian GoogleTest or fmt, so the build is made
+# here, on a development machine, and taken along (it is self-contained: static CUDA runtime,
+# GoogleTest and fmt; cuBLASLt is opened at run time from the machine's CUDA 13):
+#
+#   bash scripts/gpu-check.sh prepare      # here: builds build-gpu/, fills .gpu-carry/ (~15 MB)
+#   bash scripts/gpu-check.sh run          # there, from the repository root, with .gpu-carry
+#   bash scripts/gpu-check.sh local        # both, on one machine that has a GPU and the packages
+#
+# Options for run/local: --quick (fewer benchmark steps). Results also go to $OUT when it is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+carry=$root/.gpu-carry
+mode=${1:-}
+shift || true
+quick=0
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    *) echo "gpu-check: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+prepare() {
+  local shared=${LLMQ_SHARED_DIR:-$root/../shared}
+  cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLMQ_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="80;90a" -DLLMQ_SHARED_DIR="$shared" >/dev/null
+  cmake --build "$root/build-gpu" --target llmq_gpu_tests llmq-step-bench llmq-synth
+  rm -rf "$carry"
+  mkdir -p "$carry/bin" "$carry/shared/models" "$carry/shared/data"
+  cp "$root"/build-gpu/bin/{llmq_gpu_tests,llmq-step-bench,llmq-synth} "$carry/bin/"
+  cp -r "$shared/models/stories260K" "$carry/shared/models/"
+  chmod -R u+w "$carry"
+  du -sh "$carry"
+}
+
+run() {
+  local out=${OUT:-/tmp/llmq-gpu-check}
+  mkdir -p "$out"
+  [ -x "$carry/bin/llmq_gpu_tests" ] || { echo "gpu-check: no $carry/bin; run 'gpu-check.sh prepare' first" >&2; exit 2; }
+  local start=$SECONDS status=0
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
+
+  echo "== 1. gpu tests"
+  LLMQ_SHARED_DIR=$carry/shared "$carry/bin/llmq_gpu_tests" --gtest_brief=1 2>&1 | tee "$out/gpu_tests.log" || status=1
+  echo "   ($((SECONDS - start)) s so far)"
+
+  echo "== 2. Llama-2-7B-shaped synthetic model"
+  local model=/dev/shm/llmq-llama2-7b
+  [ -d /dev/shm ] && [ "$(df --output=avail -B1G /dev/shm | tail -1)" -gt 20 ] || model=/tmp/llmq-llama2-7b
+  [ -f "$model/model.safetensors" ] || "$carry/bin/llmq-synth" --out "$model" --shape llama2-7b >/dev/null
+  echo "   written to $model ($((SECONDS - start)) s so far)"
+
+  echo "== 3. llmq step benchmark"
+  local steps=32
+  [ $quick = 1 ] && steps=8
+  "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,16,64 \
+    --prompt-len 128 --decode-steps $steps --prefill 2048 --json "$out/llmq_bench.json" >/dev/null || status=1
+  echo "   ($((SECONDS - start)) s so far)"
+
+  echo "== 4. PyTorch peer"
+  local reps=10
+  [ $quick = 1 ] && reps=3
+  PYTHONUNBUFFERED=1 python3 scripts/torch_peer.py --context 144 --reps $reps --json "$out/torch_peer.json" >/dev/null || status=1
+  echo "   ($((SECONDS - start)) s so far)"
+
+  echo "== 5. table"
+  python3 scripts/gpu_report.py "$out/llmq_bench.json" "$out/torch_peer.json" | tee "$out/table.md" || status=1
+  echo "gpu-check: $((SECONDS - start)) s, status $status"
+  return $status
+}
+
+case $mode in
+  prepare) prepare ;;
+  run) run ;;
+  local) prepare && run ;;
+  *) echo "usage: gpu-check.sh prepare|run|local [--quick]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,424 @@
+// The CUDA backend against the CPU backend (ctest label "gpu"). Every test skips, saying why, on a
+// machine without a usable GPU.
+//
+// Kernel tests run each op on both backends with the same fresh random inputs at odd sizes, the
+// GPU output poisoned with NaN beforehand (an element left unwritten fails), and compare with a
+// stated tolerance: the relative error of the whole output (L2 norm of the difference over the L2
+// norm of the CPU result) and the largest absolute difference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/device.h"
+#include "engine/engine.h"
+#include "engine/error.h"
+#include "engine/quant.h"
+#include "engine/rng.h"
+#include "test_util.h"
+
+namespace llmq {
+namespace {
+
+#define REQUIRE_GPU()                                                  \
+  do {                                                                 \
+    std::string why_;                                                  \
+    if (cuda_device_count(&why_) == 0) GTEST_SKIP() << "no GPU: " << why_; \
+  } while (0)
+
+struct Tolerance {
+  double rel;      // of the whole output
+  double max_abs;  // of any element
+};
+
+void expect_close(const std::vector<float>& ref, const std::vector<float>& got, Tolerance tol, const std::string& what) {
+  ASSERT_EQ(ref.size(), got.size()) << what;
+  double diff2 = 0, ref2 = 0, max_abs = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) {
+      ++bad;
+      continue;
+    }
+    const double d = double(got[i]) - double(ref[i]);
+    diff2 += d * d;
+    ref2 += double(ref[i]) * double(ref[i]);
+    max_abs = std::max(max_abs, std::fabs(d));
+  }
+  EXPECT_EQ(bad, 0u) << what << ": elements not finite (unwritten or overflowed)";
+  const double rel = ref2 > 0 ? std::sqrt(diff2 / ref2) : std::sqrt(diff2);
+  EXPECT_LE(rel, tol.rel) << what;
+  EXPECT_LE(max_abs, tol.max_abs) << what;
+}
+
+class Random {
+ public:
+  explicit Random(uint64_t seed) : rng_(seed) {}
+  float uniform(float lo, float hi) { return lo + (hi - lo) * float(rng_.uniform()); }
+  std::vector<float> floats(size_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::vector<float> v(n);
+    for (float& f : v) f = uniform(lo, hi);
+    return v;
+  }
+  int32_t below(int32_t n) { return int32_t(rng_.next() % uint64_t(n)); }
+
+ private:
+  Rng rng_;
+};
+
+// Host bytes of `values` stored as `dtype` (F32, F16 or BF16).
+std::vector<uint8_t> encode(const std::vector<float>& values, DType dtype) {
+  std::vector<uint8_t> bytes(values.size() * dtype_size(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (dtype == DType::F32) {
+      std::memcpy(&bytes[i * 4], &values[i], 4);
+    } else {
+      uint16_t h = dtype == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+      std::memcpy(&bytes[i * 2], &h, 2);
+    }
+  }
+  return bytes;
+}
+
+// The same op on both backends. Host arrays are kept alive here; the CPU backend uses them in place.
+class BackendPair : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    if (cuda_device_count(&why) == 0) GTEST_SKIP() << "no GPU: " << why;
+    cpu_ = make_cpu_backend(CpuBackendOptions{2});
+    gpu_ = make_cuda_backend(CudaBackendOptions{});
+  }
+
+  struct Both {
+    Tensor cpu, gpu;
+  };
+
+  Both tensor(std::vector<uint8_t> bytes, DType dtype, int64_t rows, int64_t cols) {
+    host_.push_back(std::move(bytes));
+    Tensor h{host_.back().data(), dtype, rows, cols};
+    return Both{cpu_->upload(h), gpu_->upload(h)};
+  }
+  Both floats(const std::vector<float>& v, int64_t rows, int64_t cols, DType dtype = DType::F32) {
+    return tensor(encode(v, dtype), dtype, rows, cols);
+  }
+  // An F32 output: zeros on the CPU, NaN on the GPU (poisoned).
+  Both output(int64_t rows, int64_t cols) {
+    Both o = floats(std::vector<float>(size_t(rows * cols), 0.0f), rows, cols);
+    o.gpu = gpu_->upload(Tensor{nan_host(rows * cols), DType::F32, rows, cols});
+    return o;
+  }
+  float* nan_host(int64_t n) {
+    std::vector<float> nan(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN());
+    host_.push_back(std::vector<uint8_t>(reinterpret_cast<uint8_t*>(nan.data()),
+                                         reinterpret_cast<uint8_t*>(nan.data() + n)));
+    return reinterpret_cast<float*>(host_.back().data());
+  }
+  std::vector<float> read(Backend& b, const Tensor& t) {
+    std::vector<float> v(static_cast<size_t>(t.numel()));
+    b.to_host(t, v.data());
+    return v;
+  }
+  void begin(const BatchPlan& plan) {
+    cpu_->begin_step(plan);
+    gpu_->begin_step(plan);
+  }
+
+  std::unique_ptr<Backend> cpu_, gpu_;
+  std::vector<std::vector<uint8_t>> host_;
+};
+
+// ---- Linear -------------------------------------------------------------------------------------
+
+struct LinearCase {
+  DType dtype;           // weights as loaded
+  QuantMode quant;
+  Tolerance tol;
+};
+
+class GpuLinear : public BackendPair {
+ protected:
+  void check(const LinearCase& c, int64_t M, int64_t N, int64_t K, bool with_bias) {
+    Random rnd(uint64_t(M * 1000003 + N * 1009 + K));
+    const std::string what = fmt::format("{} {} M={} N={} K={}", dtype_name(c.dtype), quant_mode_name(c.quant), M, N, K);
+    Both x = floats(rnd.floats(size_t(M * K)), M, K);
+    std::vector<uint8_t> w_bytes = encode(rnd.floats(size_t(N * K)), c.dtype);
+    Tensor w_host{w_bytes.data(), c.dtype, N, K};
+    LinearWeight w_cpu, w_gpu;
+    if (c.quant == QuantMode::None) {
+      Both w = tensor(w_bytes, c.dtype, N, K);
+      w_cpu.w = w.cpu;
+      w_gpu.w = w.gpu;
+    } else {
+      quantized_.push_back(quantize_weight(w_host, c.quant, 2));
+      w_cpu = quantized_.back().view(DType::BF16);
+      w_gpu = w_cpu;
+      w_gpu.w = gpu_->upload(w_cpu.w);
+      w_gpu.scale = gpu_->upload(w_cpu.scale);
+    }
+    Both bias = floats(rnd.floats(size_t(N)), 1, N, DType::BF16);
+    Both out = output(M, N);
+    cpu_->linear(x.cpu, w_cpu, with_bias ? &bias.cpu : nullptr, out.cpu);
+    gpu_->linear(x.gpu, w_gpu, with_bias ? &bias.gpu : nullptr, out.gpu);
+    expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), c.tol, what);
+  }
+  std::vector<QuantizedWeight> quantized_;
+};
+
+// Tolerances: F32 differs only in summation order. BF16/F16 weights: the GPU rounds activations to
+// the weight type for the tensor cores while the CPU keeps them fp32 (2^-9 / 2^-12 relative per
+// product). int8wo: both round activations to BF16 and the products are exact, so only the order
+// differs. fp8: the same codes on both; Hopper's FP8 tensor cores add in a narrower accumulator
+// between promotions, hence the looser bound.
+const LinearCase kLinearCases[] = {
+    {DType::F32, QuantMode::None, {2e-6, 1e-4}},
+    {DType::BF16, QuantMode::None, {8e-3, 0.2}},
+    {DType::F16, QuantMode::None, {1e-3, 0.03}},
+    {DType::BF16, QuantMode::Int8WeightOnly, {2e-6, 1e-4}},
+    {DType::BF16, QuantMode::Fp8, {5e-4, 0.05}},
+};
+
+TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
+  for (const LinearCase& c : kLinearCases)
+    for (int64_t M : {1, 3, 7, 8, 9, 19, 733})
+      for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {733, 64}, {48, 4096}, {17, 7}})
+        check(c, M, N, K, /*with_bias=*/M == 3 || M == 19);
+}
+
+// ---- Norms, embedding, SiLU, gather ---------------------------------------------------------------
+
+TEST_F(BackendPair, RmsNormAndResidual) {
+  Random rnd(7);
+  for (int64_t rows : {1, 7, 19})
+    for (int64_t dim : {7, 64, 733, 4096})
+      for (DType w_dtype : {DType::F32, DType::BF16}) {
+        const std::string what = fmt::format("rows={} dim={} {}", rows, dim, dtype_name(w_dtype));
+        Both x = floats(rnd.floats(size_t(rows * dim), -3, 3), rows, dim);
+        Both w = floats(rnd.floats(size_t(dim), 0.5f, 1.5f), 1, dim, w_dtype);
+        Both out = output(rows, dim);
+        cpu_->rmsnorm(x.cpu, w.cpu, 1e-5f, out.cpu);
+        gpu_->rmsnorm(x.gpu, w.gpu, 1e-5f, out.gpu);
+        expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), {1e-6, 1e-5}, "rmsnorm " + what);
+
+        Both residual = floats(rnd.floats(size_t(rows * dim), -3, 3), rows, dim);
+        Both out2 = output(rows, dim);
+        cpu_->add_rmsnorm(residual.cpu, x.cpu, w.cpu, 1e-5f, out2.cpu);
+        gpu_->add_rmsnorm(residual.gpu, x.gpu, w.gpu, 1e-5f, out2.gpu);
+        expect_close(read(*cpu_, out2.cpu), read(*gpu_, out2.gpu), {1e-6, 1e-5}, "add_rmsnorm " + what);
+        expect_close(read(*cpu_, residual.cpu), read(*gpu_, residual.gpu), {0, 0}, "residual " + what);
+      }
+}
+
+TEST_F(BackendPair, EmbedSiluGather) {
+  Random rnd(11);
+  const int64_t vocab = 733, dim = 19, T = 37;
+  BatchPlan plan;
+  plan.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    plan.tokens.push_back(rnd.below(int32_t(vocab)));
+    plan.positions.push_back(int32_t(t));
+    plan.token_seq.push_back(0);
+    plan.slots.push_back(int32_t(t));
+  }
+  plan.block_ids = {0, 1, 2};
+  plan.block_offsets.push_back(3);
+  plan.logit_rows = {36, 0, 17};
+  begin(plan);
+  Both table = floats(rnd.floats(size_t(vocab * dim)), vocab, dim, DType::BF16);
+  Both e = output(T, dim);
+  cpu_->embed(table.cpu, e.cpu);
+  gpu_->embed(table.gpu, e.gpu);
+  expect_close(read(*cpu_, e.cpu), read(*gpu_, e.gpu), {0, 0}, "embed");
+
+  Both up = floats(rnd.floats(size_t(T * dim), -4, 4), T, dim);
+  Both s = output(T, dim);
+  cpu_->silu_mul(e.cpu, up.cpu, s.cpu);
+  gpu_->silu_mul(e.gpu, up.gpu, s.gpu);
+  expect_close(read(*cpu_, s.cpu), read(*gpu_, s.gpu), {1e-6, 1e-6}, "silu_mul");
+
+  Both g = output(3, dim);
+  cpu_->gather_rows(s.cpu, g.cpu);
+  gpu_->gather_rows(s.gpu, g.gpu);
+  expect_close(read(*cpu_, g.cpu), read(*gpu_, g.gpu), {1e-6, 1e-6}, "gather_rows");
+}
+
+// ---- RoPE, paged KV and attention -----------------------------------------------------------------
+
+struct AttentionCase {
+  int32_t heads, kv_heads, head_dim, window;
+  DType kv_dtype;
+  Tolerance tol;
+};
+
+class GpuAttention : public BackendPair {
+ protected:
+  // Sequences given as (cached tokens before the step, new tokens in the step). A first step writes
+  // the cached prefixes; the second step (the one compared) mixes prefill and decode tokens.
+  void check(const AttentionCase& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) {
+    const int32_t block_size = 16;
+    const std::string what = fmt::format("heads={}/{} D={} window={} kv={}", c.heads, c.kv_heads, c.head_dim,
+                                         c.window, dtype_name(c.kv_dtype));
+    Random rnd(uint64_t(c.heads * 31 + c.head_dim * 7 + c.window + int(c.kv_dtype)));
+    // Blocks of each sequence, scattered over the cache in a random order.
+    int32_t total_blocks = 0;
+    std::vector<int32_t> n_blocks;
+    for (auto [cached, fresh] : seqs) {
+      n_blocks.push_back((cached + fresh + block_size - 1) / block_size);
+      total_blocks += n_blocks.back();
+    }
+    std::vector<int32_t> order(static_cast<size_t>(total_blocks));
+    std::iota(order.begin(), order.end(), 0);
+    for (int32_t i = total_blocks - 1; i > 0; --i) std::swap(order[size_t(i)], order[size_t(rnd.below(i + 1))]);
+    const int64_t per_block = int64_t(c.kv_heads) * block_size * c.head_dim;
+    const size_t kv_bytes = size_t(total_blocks * per_block) * dtype_size(c.kv_dtype);
+    Both k_cache = tensor(std::vector<uint8_t>(kv_bytes), c.kv_dtype, total_blocks, per_block);
+    Both v_cache = tensor(std::vector<uint8_t>(kv_bytes), c.kv_dtype, total_blocks, per_block);
+    KvLayer cpu_layer{k_cache.cpu, v_cache.cpu, block_size, c.kv_heads, c.head_dim};
+    KvLayer gpu_layer{k_cache.gpu, v_cache.gpu, block_size, c.kv_heads, c.head_dim};
+    std::vector<float> inv_freq(static_cast<size_t>(c.head_dim / 2));
+    for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = float(std::pow(10000.0, -2.0 * double(i) / c.head_dim));
+    Both freq = floats(inv_freq, 1, int64_t(inv_freq.size()));
+    AttentionParams params{c.heads, c.kv_heads, c.head_dim, float(1.0 / std::sqrt(double(c.head_dim))), c.window};
+
+    for (int phase = 0; phase < 2; ++phase) {
+      BatchPlan plan;
+      plan.clear();
+      int32_t first_block = 0;
+      for (size_t s = 0; s < seqs.size(); ++s) {
+        const auto [cached, fresh] = seqs[s];
+        const int32_t begin = phase == 0 ? 0 : cached, end = phase == 0 ? cached : cached + fresh;
+        for (int32_t p = begin; p < end; ++p) {
+          plan.tokens.push_back(0);
+          plan.positions.push_back(p);
+          plan.token_seq.push_back(int32_t(s));
+          plan.slots.push_back(order[size_t(first_block + p / block_size)] * block_size + p % block_size);
+        }
+        for (int32_t b = 0; b < n_blocks[s]; ++b) plan.block_ids.push_back(order[size_t(first_block + b)]);
+        plan.block_offsets.push_back(int32_t(plan.block_ids.size()));
+        first_block += n_blocks[s];
+      }
+      const int64_t T = plan.n_tokens();
+      if (T == 0) continue;
+      begin(plan);
+      Both q = floats(rnd.floats(size_t(T * c.heads * c.head_dim), -2, 2), T, int64_t(c.heads) * c.head_dim);
+      Both k = floats(rnd.floats(size_t(T * c.kv_heads * c.head_dim), -2, 2), T, int64_t(c.kv_heads) * c.head_dim);
+      Both v = floats(rnd.floats(size_t(T * c.kv_heads * c.head_dim), -2, 2), T, int64_t(c.kv_heads) * c.head_dim);
+      cpu_->rope_kv_write(q.cpu, k.cpu, v.cpu, freq.cpu, cpu_layer);
+      gpu_->rope_kv_write(q.gpu, k.gpu, v.gpu, freq.gpu, gpu_layer);
+      if (phase == 0) continue;
+      expect_close(read(*cpu_, q.cpu), read(*gpu_, q.gpu), {1e-6, 2e-6}, "rope q " + what);
+      expect_close(read(*cpu_, k.cpu), read(*gpu_, k.gpu), {1e-6, 2e-6}, "rope k " + what);
+      Both out = output(T, int64_t(c.heads) * c.head_dim);
+      cpu_->attention(q.cpu, cpu_layer, params, out.cpu);
+      gpu_->attention(q.gpu, gpu_layer, params, out.gpu);
+      expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), c.tol, "attention " + what);
+    }
+  }
+};
+
+// 16-bit caches: the rotated keys may differ in their last fp32 bit (cosf/sinf), which can move a
+// rounding to 16 bits by one unit.
+const AttentionCase kAttentionCases[] = {
+    {8, 2, 64, 0, DType::F32, {1e-5, 1e-4}},   {8, 8, 8, 0, DType::BF16, {4e-3, 0.02}},
+    {4, 1, 128, 0, DType::F16, {1e-3, 5e-3}},  {8, 2, 64, 16, DType::F32, {1e-5, 1e-4}},
+    {32, 32, 128, 0, DType::BF16, {4e-3, 0.02}},
+};
+
+TEST_F(GpuAttention, MixedPrefillAndDecodeMatchCpu) {
+  for (const AttentionCase& c : kAttentionCases) check(c, {{0, 37}, {300, 1}, {5, 19}, {16, 1}, {0, 1}});
+}
+
+TEST_F(GpuAttention, LongContextDecodeSplitsKeys) {
+  // One decoding sequence with a long context: few blocks, so the keys are split and merged.
+  for (const AttentionCase& c : kAttentionCases) check(c, {{3000, 1}});
+  check(kAttentionCases[0], {{2047, 1}, {1000, 1}});
+}
+
+// ---- End to end on stories260K -------------------------------------------------------------------
+
+std::vector<int32_t> greedy(const std::shared_ptr<const Model>& model, llmq_backend backend, QuantMode quant,
+                            const std::vector<int32_t>& prompt) {
+  EngineOptions o;
+  o.backend = backend;
+  o.n_threads = 2;
+  o.quant = quant;
+  o.max_batch_tokens = 7;  // chunked prefill, then decode
+  Engine engine(model, o);
+  GenerateOptions g;
+  g.sampling.temperature = 0.0f;
+  g.max_new_tokens = 200;
+  return engine.generate(prompt, g).tokens;
+}
+
+TEST(GpuEndToEnd, GreedyTokensEqualCpuInEveryMode) {
+  REQUIRE_GPU();
+  auto model = Model::load(test::stories_dir());
+  const std::vector<int32_t> prompt = model->tokenizer()->encode("Once upon a time, there was a little", true);
+  for (QuantMode quant : {QuantMode::None, QuantMode::Int8WeightOnly, QuantMode::Fp8}) {
+    std::vector<int32_t> cpu = greedy(model, LLMQ_BACKEND_CPU, quant, prompt);
+    std::vector<int32_t> gpu = greedy(model, LLMQ_BACKEND_CUDA, quant, prompt);
+    EXPECT_GE(cpu.size(), 50u) << quant_mode_name(quant);
+    EXPECT_EQ(cpu, gpu) << quant_mode_name(quant);
+  }
+}
+
+double relative_error(const std::vector<float>& ref, const std::vector<float>& got) {
+  double diff2 = 0, ref2 = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    diff2 += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
+    ref2 += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(diff2 / ref2);
+}
+
+TEST(GpuEndToEnd, ScoreLogitsMatchCpu) {
+  REQUIRE_GPU();
+  auto model = Model::load(test::stories_dir());
+  std::vector<int32_t> ids = model->tokenizer()->encode("Lily and Ben went to the park. They saw a big red ball.", true);
+  auto score = [&](llmq_backend backend, QuantMode quant) {
+    EngineOptions o;
+    o.backend = backend;
+    o.quant = quant;
+    Engine engine(model, o);
+    std::vector<float> logits(ids.size() * size_t(engine.vocab_size()));
+    engine.score(ids, logits.data());
+    return logits;
+  };
+  const std::vector<float> unquantized = score(LLMQ_BACKEND_CPU, QuantMode::None);
+  expect_close(unquantized, score(LLMQ_BACKEND_CUDA, QuantMode::None), {1e-4, 1e-3}, "score none");
+  expect_close(score(LLMQ_BACKEND_CPU, QuantMode::Int8WeightOnly), score(LLMQ_BACKEND_CUDA, QuantMode::Int8WeightOnly),
+               {1e-4, 1e-3}, "score int8wo");
+  // FP8 activations are quantized per token: where the two backends' inputs to a layer differ in the
+  // last bit (summation order upstream), a value on a rounding boundary takes the neighbouring FP8
+  // code (6-12% apart). The backends must still agree far better than FP8 agrees with the
+  // unquantized model.
+  const std::vector<float> cpu_fp8 = score(LLMQ_BACKEND_CPU, QuantMode::Fp8);
+  const double backends = relative_error(cpu_fp8, score(LLMQ_BACKEND_CUDA, QuantMode::Fp8));
+  const double quantization = relative_error(unquantized, cpu_fp8);
+  EXPECT_LE(backends, 0.5 * quantization) << "fp8: GPU vs CPU " << backends << ", fp8 vs unquantized " << quantization;
+  std::printf("score fp8: GPU vs CPU relative error %.4f; CPU fp8 vs unquantized %.4f\n", backends, quantization);
+}
+
+// ---- Errors ----------------------------------------------------------------------------------------
+
+TEST(GpuErrors, KvCacheLargerThanTheGpuIsOutOfMemory) {
+  REQUIRE_GPU();
+  auto model = Model::load(test::stories_dir());
+  EngineOptions o;
+  o.backend = LLMQ_BACKEND_CUDA;
+  o.kv_cache_bytes = uint64_t(1) << 40;  // 1 TiB
+  try {
+    Engine engine(model, o);
+    FAIL() << "a 1 TiB KV cache was allocated";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), LLMQ_ERR_OUT_OF_MEMORY) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cudaMalloc"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace llmq
