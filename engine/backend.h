@@ -76,6 +76,14 @@ class Backend {
 
   // Called once per step, before any op: the batch metadata the ops below refer to.
   virtual void begin_step(const BatchPlan& plan) = 0;
+  // Recorded steps (CUDA graphs). After begin_step, replay_step() returns true when the backend
+  // has replayed a recording of an earlier step of the same shape (same batch layout, same
+  // buffers): the engine then skips the ops. Else the engine runs the ops, which the backend may
+  // be recording, then calls end_step(). drop_recordings() forgets them all (a buffer they use
+  // changed).
+  virtual bool replay_step() { return false; }
+  virtual void end_step() {}
+  virtual void drop_recordings() {}
 
   // out[t] = table[plan.tokens[t]] in F32.
   virtual void embed(const Tensor& table, Tensor& out) = 0;

@@ -234,7 +234,15 @@ void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* lo
 void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
   const ModelConfig& c = model_->config();
   const float eps = float(c.rms_norm_eps);
+  // The logits buffer first: a step recorded by the backend refers to it.
+  uint64_t logits_bytes = uint64_t(std::max(n_logit_rows, 1)) * uint64_t(c.vocab_size) * sizeof(float);
+  if (!logits_buffer_ || logits_buffer_->size() < logits_bytes) {
+    backend_->drop_recordings();
+    logits_buffer_ = backend_->allocate(logits_bytes);
+  }
   backend_->begin_step(plan_);
+  if (backend_->replay_step()) return;
+
   Tensor x = x_.row_slice(0, n_tokens), h = h_.row_slice(0, n_tokens), q = q_.row_slice(0, n_tokens),
          k = k_.row_slice(0, n_tokens), v = v_.row_slice(0, n_tokens), attn = attn_.row_slice(0, n_tokens),
          proj = proj_.row_slice(0, n_tokens), gate = gate_.row_slice(0, n_tokens), up = up_.row_slice(0, n_tokens);
@@ -262,14 +270,14 @@ void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
     backend_->silu_mul(gate, up, gate);
     backend_->linear(gate, w.w_down, nullptr, proj);
   }
-  if (n_logit_rows == 0) return;
-  backend_->add_rmsnorm(x, proj, final_norm_, eps, h);
-  Tensor last = last_hidden_.row_slice(0, n_logit_rows);
-  backend_->gather_rows(h, last);
-  uint64_t logits_bytes = uint64_t(n_logit_rows) * uint64_t(c.vocab_size) * sizeof(float);
-  if (!logits_buffer_ || logits_buffer_->size() < logits_bytes) logits_buffer_ = backend_->allocate(logits_bytes);
-  Tensor logits{logits_buffer_->data(), DType::F32, n_logit_rows, c.vocab_size};
-  backend_->linear(last, lm_head_, nullptr, logits);
+  if (n_logit_rows > 0) {
+    backend_->add_rmsnorm(x, proj, final_norm_, eps, h);
+    Tensor last = last_hidden_.row_slice(0, n_logit_rows);
+    backend_->gather_rows(h, last);
+    Tensor logits{logits_buffer_->data(), DType::F32, n_logit_rows, c.vocab_size};
+    backend_->linear(last, lm_head_, nullptr, logits);
+  }
+  backend_->end_step();
 }
 
 GenerateResult Engine::generate(const std::vector<int32_t>& prompt, const GenerateOptions& options) {

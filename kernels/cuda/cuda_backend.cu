@@ -11,8 +11,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -243,13 +246,17 @@ class CudaBackend final : public Backend {
       fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: {} has compute capability {}.{}; llmq needs 8.0 or newer", prop.name,
            prop.major, prop.minor);
     name_ = std::string("cuda:") + prop.name;
+    const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
+    graphs_enabled_ = !(graphs && std::string(graphs) == "0");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
     workspace_ = std::make_unique<DeviceBuffer>(kWorkspaceBytes);
   }
 
   ~CudaBackend() override {
+    abandon_capture();
     cudaStreamSynchronize(stream_);
+    drop_recordings();
     profiler_.print(name_);
     const CublasLt& lt = cublas_lt();
     for (auto& [key, plan] : plans_) {
@@ -282,29 +289,42 @@ class CudaBackend final : public Backend {
 
   void begin_step(const BatchPlan& plan) override {
     check(cudaSetDevice(device_), "cudaSetDevice");
+    abandon_capture();  // a step that failed while being recorded
     profiler_.step_begin();
-    // Attention tiles: runs of up to kAttentionTileQ consecutive tokens of one sequence.
-    tile_first_.clear();
-    tile_count_.clear();
+    // Attention tiles: runs of consecutive tokens of one sequence, at most 16 (CUDA-core kernel)
+    // or 64 (tensor-core kernel) long.
     max_keys_ = 0;
+    longest_run_ = 0;
+    for (Tiles& tiles : {std::ref(small_tiles_), std::ref(large_tiles_)}) {
+      tiles.first.clear();
+      tiles.count.clear();
+    }
+    int32_t run = 0;
     for (int32_t t = 0; t < plan.n_tokens(); ++t) {
       const size_t i = size_t(t);
       max_keys_ = std::max(max_keys_, plan.positions[i] + 1);
-      const bool extends = !tile_first_.empty() && tile_count_.back() < cuda::kAttentionTileQ &&
-                           plan.token_seq[i] == plan.token_seq[i - 1] && plan.positions[i] == plan.positions[i - 1] + 1;
-      if (extends) {
-        ++tile_count_.back();
-      } else {
-        tile_first_.push_back(t);
-        tile_count_.push_back(1);
+      const bool continues =
+          t > 0 && plan.token_seq[i] == plan.token_seq[i - 1] && plan.positions[i] == plan.positions[i - 1] + 1;
+      run = continues ? run + 1 : 1;
+      longest_run_ = std::max(longest_run_, run);
+      for (auto [tiles, limit] : {std::pair<Tiles*, int>{&small_tiles_, cuda::kAttentionTileQ},
+                                  {&large_tiles_, cuda::kAttentionTileQLarge}}) {
+        if (continues && tiles->count.back() < limit) {
+          ++tiles->count.back();
+        } else {
+          tiles->first.push_back(t);
+          tiles->count.push_back(1);
+        }
       }
     }
-    // All of the step's metadata goes over in one copy.
+    // All of the step's metadata goes over in one copy. The block table, whose length changes from
+    // step to step, goes last, so that the other arrays keep their addresses for a given batch shape.
     staging_.clear();
     std::vector<size_t> offsets;
-    const std::vector<int32_t>* arrays[] = {&plan.tokens,     &plan.positions,  &plan.token_seq,
-                                            &plan.slots,      &plan.block_offsets, &plan.block_ids,
-                                            &plan.logit_rows, &tile_first_,     &tile_count_};
+    const std::vector<int32_t>* arrays[] = {&plan.tokens,        &plan.positions,       &plan.token_seq,
+                                            &plan.slots,         &plan.block_offsets,   &plan.logit_rows,
+                                            &small_tiles_.first, &small_tiles_.count,   &large_tiles_.first,
+                                            &large_tiles_.count, &plan.block_ids};
     for (const std::vector<int32_t>* v : arrays) {
       offsets.push_back(staging_.size());
       staging_.insert(staging_.end(), v->begin(), v->end());
@@ -315,10 +335,59 @@ class CudaBackend final : public Backend {
                           cudaMemcpyHostToDevice, stream_),
           "begin_step (cudaMemcpyAsync)");
     const int32_t* base = static_cast<const int32_t*>(plan_buffer_->data());
-    device_plan_ = cuda::DevicePlan{base + offsets[0], base + offsets[1], base + offsets[2],
-                                    base + offsets[3], base + offsets[4], base + offsets[5],
-                                    base + offsets[6], base + offsets[7], base + offsets[8],
-                                    int32_t(tile_first_.size())};
+    device_plan_.tokens = base + offsets[0];
+    device_plan_.positions = base + offsets[1];
+    device_plan_.token_seq = base + offsets[2];
+    device_plan_.slots = base + offsets[3];
+    device_plan_.block_offsets = base + offsets[4];
+    device_plan_.logit_rows = base + offsets[5];
+    device_plan_.small = cuda::Tiles{base + offsets[6], base + offsets[7], int32_t(small_tiles_.first.size())};
+    device_plan_.large = cuda::Tiles{base + offsets[8], base + offsets[9], int32_t(large_tiles_.first.size())};
+    device_plan_.block_ids = base + offsets[10];
+
+    // Decode steps (one token per sequence) are recorded as CUDA graphs, keyed by what fixes their
+    // kernels' launch shapes and the metadata's addresses.
+    const int32_t n_seqs = int32_t(plan.block_offsets.size()) - 1;
+    step_key_.reset();
+    if (graphs_enabled_ && !profiler_.enabled() && plan.n_tokens() == n_seqs && n_seqs <= 1024)
+      step_key_ = std::make_tuple(plan.n_tokens(), int32_t(plan.logit_rows.size()), max_keys_ > 64);
+  }
+
+  bool replay_step() override {
+    if (!step_key_) return false;
+    auto it = graphs_.find(*step_key_);
+    if (it != graphs_.end()) {
+      if (!it->second) return false;  // this shape could not be recorded
+      check(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
+      return true;
+    }
+    // Record the second step of a shape: the first has made the GEMM plans and sized the scratch.
+    if (seen_.insert(*step_key_).second) return false;
+    if (graphs_.size() >= 256) drop_recordings();
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    capturing_ = true;
+    return false;
+  }
+
+  void end_step() override {
+    if (!capturing_) return;
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check(e, "cudaGraphInstantiate");
+    graphs_[*step_key_] = exec;
+    // Recording does not run anything: run it now.
+    check(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch");
+  }
+
+  void drop_recordings() override {
+    for (auto& [key, exec] : graphs_)
+      if (exec) cudaGraphExecDestroy(exec);
+    graphs_.clear();
+    seen_.clear();
   }
 
   void embed(const Tensor& table, Tensor& out) override {
@@ -350,6 +419,13 @@ class CudaBackend final : public Backend {
     float* y = out.as<float>();
     Profiler::Scope timer(profiler_, profiler_.enabled() ? fmt::format("linear {} {}", dtype_name(w_dtype), rows_bucket(M)) : "",
                           stream_);
+    if (!weight.quantized() && M <= cuda::kGemvMaxM) {
+      // Decode: the GEMV streams the weights at close to full bandwidth, reading fp32 activations.
+      cuda::gemv(x.data, DType::F32, weight.w.data, w_dtype, M, N, K, nullptr, nullptr, false, bias_data, bias_dtype, y,
+                 stream_);
+      check(cudaGetLastError(), "gemv kernel");
+      return;
+    }
     switch (w_dtype) {
       case DType::F32:
         gemm(weight.w.data, DType::F32, x.data, DType::F32, M, N, K, y);
@@ -361,7 +437,7 @@ class CudaBackend final : public Backend {
       case DType::I8: {
         const void* xs = activations(x, weight.act_dtype);
         if (M <= cuda::kGemvMaxM) {
-          cuda::quantized_gemv(xs, weight.act_dtype, weight.w.data, DType::I8, M, N, K, nullptr, w_scale, per_channel,
+          cuda::gemv(xs, weight.act_dtype, weight.w.data, DType::I8, M, N, K, nullptr, w_scale, per_channel,
                                bias_data, bias_dtype, y, stream_);
           check(cudaGetLastError(), "quantized_gemv kernel (int8)");
           return;
@@ -387,7 +463,7 @@ class CudaBackend final : public Backend {
         }
         for (int64_t m0 = 0; m0 < M; m0 += cuda::kGemvMaxM) {
           const int64_t rows = std::min(cuda::kGemvMaxM, M - m0);
-          cuda::quantized_gemv(static_cast<const uint8_t*>(codes_->data()) + m0 * K, DType::F8_E4M3, weight.w.data,
+          cuda::gemv(static_cast<const uint8_t*>(codes_->data()) + m0 * K, DType::F8_E4M3, weight.w.data,
                                DType::F8_E4M3, rows, N, K, row_scales + m0, w_scale, per_channel, bias_data, bias_dtype,
                                y + m0 * N, stream_);
           check(cudaGetLastError(), "quantized_gemv kernel (fp8)");
@@ -417,13 +493,18 @@ class CudaBackend final : public Backend {
     args.block_size = cache.block_size;
     args.sliding_window = params.sliding_window;
     args.scale = params.scale;
-    // Few (tile, head) blocks over long keys would leave most multiprocessors idle: split the keys.
-    const int64_t blocks = int64_t(device_plan_.n_tiles) * params.num_heads;
-    if (blocks < 2 * num_sms_ && max_keys_ > 256)
-      args.n_splits = int32_t(std::min<int64_t>({(2 * num_sms_ + blocks - 1) / blocks, (max_keys_ + 127) / 128, 64}));
+    // Prefill (a run of more than 16 tokens of one sequence) goes to the tensor cores when the cache
+    // is 16-bit. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
+    args.tensor_cores = longest_run_ > cuda::kAttentionTileQ &&
+                        cuda::attention_has_tensor_core_kernel(cache.k.dtype, params.head_dim);
+    const int64_t blocks = int64_t(device_plan_.small.n) * params.num_heads;
+    // The split count depends only on the batch shape and whether there is more than one key tile,
+    // so that a recorded decode step stays valid as the contexts grow; empty splits cost little.
+    if (!args.tensor_cores && blocks < num_sms_ && max_keys_ > 64)
+      args.n_splits = int32_t(std::min<int64_t>((2 * num_sms_ + blocks - 1) / blocks, 64));
     Profiler::Scope timer(profiler_,
-                          profiler_.enabled() ? fmt::format("attention {} {}", q.rows == device_plan_.n_tiles ? "decode" : "prefill",
-                                                            args.n_splits > 1 ? "split" : "")
+                          profiler_.enabled() ? fmt::format("attention {}{}", args.tensor_cores ? "mma" : "cuda-core",
+                                                            args.n_splits > 1 ? " split" : "")
                                               : "",
                           stream_);
     float *partial_o = nullptr, *partial_ml = nullptr;
@@ -459,12 +540,28 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // Grows a scratch buffer to at least `bytes` (freeing waits for the device first).
+  // Grows a scratch buffer to at least `bytes` (freeing waits for the device first). Recorded steps
+  // that used the old buffer are dropped.
   void ensure(std::unique_ptr<Buffer>& buffer, uint64_t bytes) {
     if (buffer && buffer->size() >= bytes) return;
-    if (buffer) check(cudaStreamSynchronize(stream_), "scratch resize (cudaStreamSynchronize)");
+    if (capturing_) fail(LLMQ_ERR_INTERNAL, "cuda backend: scratch memory grew while a step was being recorded");
+    if (buffer) {
+      check(cudaStreamSynchronize(stream_), "scratch resize (cudaStreamSynchronize)");
+      drop_recordings();
+    }
     buffer.reset();
     buffer = std::make_unique<DeviceBuffer>(std::max<uint64_t>(bytes, 1 << 20));
+  }
+
+  // Ends a recording left open by a step that failed, and never records that shape again.
+  void abandon_capture() {
+    if (!capturing_) return;
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    if (step_key_) graphs_[*step_key_] = nullptr;
   }
 
   // x rounded to `dtype` in scratch memory (F32: x itself).
@@ -502,13 +599,42 @@ class CudaBackend final : public Backend {
       const uint64_t workspace = kWorkspaceBytes;
       lt.cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
                                               sizeof workspace);
-      cublasLtMatmulHeuristicResult_t result{};
+      // The heuristic's first choice can be far from the best for decode-like shapes (a 2.4 ms
+      // lm_head at M = 1 was seen): time its candidates once, on this call's buffers, and keep
+      // the fastest. Plans are made in eager steps only, never during a graph capture.
+      cublasLtMatmulHeuristicResult_t results[8] = {};
       int found = 0;
       cublasStatus_t s = lt.cublasLtMatmulAlgoGetHeuristic(lt_handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
-                                                          preference, 1, &result, &found);
+                                                          preference, 8, results, &found);
       lt.cublasLtMatmulPreferenceDestroy(preference);
       plan.has_algo = s == CUBLAS_STATUS_SUCCESS && found > 0;
-      if (plan.has_algo) plan.algo = result.algo;
+      if (plan.has_algo) plan.algo = results[0].algo;
+      if (plan.has_algo && found > 1) {
+        cudaEvent_t start = nullptr, stop = nullptr;
+        check(cudaEventCreate(&start), "cudaEventCreate");
+        check(cudaEventCreate(&stop), "cudaEventCreate");
+        const float alpha = 1.0f, beta = 0.0f;
+        float best = 0.0f;
+        for (int i = 0; i < found; ++i) {
+          auto run = [&] {
+            return lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d,
+                                     &results[i].algo, workspace_->data(), kWorkspaceBytes, stream_);
+          };
+          if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; an algorithm that fails is skipped
+          check(cudaEventRecord(start, stream_), "cudaEventRecord");
+          for (int r = 0; r < 3; ++r) run();
+          check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+          check(cudaEventSynchronize(stop), "GEMM autotune (cudaEventSynchronize)");
+          float ms = 0.0f;
+          check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+          if (best == 0.0f || ms < best) {
+            best = ms;
+            plan.algo = results[i].algo;
+          }
+        }
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
+      }
       it = plans_.emplace(key, plan).first;
     }
     const GemmPlan& plan = it->second;
@@ -534,13 +660,25 @@ class CudaBackend final : public Backend {
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
   std::vector<std::unique_ptr<Buffer>> uploads_;
 
-  std::vector<int32_t> staging_, tile_first_, tile_count_;
-  int32_t max_keys_ = 0;
+  struct Tiles {
+    std::vector<int32_t> first, count;
+  };
+  std::vector<int32_t> staging_;
+  Tiles small_tiles_, large_tiles_;
+  int32_t max_keys_ = 0, longest_run_ = 0;
   std::unique_ptr<Buffer> plan_buffer_;
   cuda::DevicePlan device_plan_;
 
   std::unique_ptr<Buffer> converted_, dequantized_, codes_, row_scales_, partial_o_, partial_ml_;
   Profiler profiler_;
+
+  // Recorded decode steps: (tokens, logit rows, keys split or not) -> graph (null: not recordable).
+  using StepKey = std::tuple<int32_t, int32_t, bool>;
+  bool graphs_enabled_ = true;
+  bool capturing_ = false;
+  std::optional<StepKey> step_key_;
+  std::map<StepKey, cudaGraphExec_t> graphs_;
+  std::set<StepKey> seen_;
 };
 
 }  // namespace

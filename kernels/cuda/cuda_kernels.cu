@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "engine/error.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -84,6 +85,33 @@ __device__ float block_reduce(float v) {
   return kMax ? warp_max(v) : warp_sum(v);
 }
 
+// 16 one-byte codes or 8 two-byte values of a 16-byte vector, as fp32 (exact).
+__device__ __forceinline__ void unpack16(uint4 v, int8_t, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) out[i] = float(int8_t(words[i / 4] >> (8 * (i % 4))));
+}
+__device__ __forceinline__ void unpack16(uint4 v, fp8, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) out[i] = fp8_to_f32((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+}
+__device__ __forceinline__ void unpack8(uint4 v, bf16, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(uint4 v, f16, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __half2float(__ushort_as_half(uint16_t(words[i] & 0xffffu)));
+    out[2 * i + 1] = __half2float(__ushort_as_half(uint16_t(words[i] >> 16)));
+  }
+}
 // ---- Elementwise and per-row kernels --------------------------------------------------------
 
 template <typename T>
@@ -144,8 +172,21 @@ __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, uint8_t* 
   if (threadIdx.x == 0) row_scales[row] = amax / 448.0f;
 }
 
+// 16 codes per thread per step: one 16-byte load, two 16-byte stores (n is a multiple of 16).
 template <typename T>
 __global__ void dequantize_i8_kernel(const int8_t* q, int64_t n, T* out) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 16; i < n; i += int64_t(gridDim.x) * blockDim.x * 16) {
+    float f[16];
+    unpack16(__ldg(reinterpret_cast<const uint4*>(q + i)), int8_t{}, f);
+    T converted[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) converted[j] = from_f32<T>(f[j]);
+    reinterpret_cast<uint4*>(out + i)[0] = reinterpret_cast<const uint4*>(converted)[0];
+    reinterpret_cast<uint4*>(out + i)[1] = reinterpret_cast<const uint4*>(converted)[1];
+  }
+}
+template <typename T>
+__global__ void dequantize_i8_scalar_kernel(const int8_t* q, int64_t n, T* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = from_f32<T>(float(q[i]));
 }
@@ -186,44 +227,29 @@ __global__ void epilogue_kernel(float* out, int64_t M, int64_t N, Epilogue e) {
 
 // ---- Quantized GEMV: one warp per output channel, all M (<= 8) tokens at once ---------------
 
-// 16 one-byte codes or 8 two-byte values of a 16-byte vector, as fp32 (exact).
-__device__ __forceinline__ void unpack16(uint4 v, int8_t, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) out[i] = float(int8_t(words[i / 4] >> (8 * (i % 4))));
-}
-__device__ __forceinline__ void unpack16(uint4 v, fp8, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) out[i] = fp8_to_f32((words[i / 4] >> (8 * (i % 4))) & 0xffu);
-}
-__device__ __forceinline__ void unpack8(uint4 v, bf16, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(words[i] << 16);
-    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void unpack8(uint4 v, f16, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __half2float(__ushort_as_half(uint16_t(words[i] & 0xffffu)));
-    out[2 * i + 1] = __half2float(__ushort_as_half(uint16_t(words[i] >> 16)));
-  }
-}
-template <typename X>
-__device__ __forceinline__ void load_x16(const X* p, float* out) {
-  if constexpr (sizeof(X) == 1) {
-    unpack16(*reinterpret_cast<const uint4*>(p), X{}, out);
+// 16 consecutive elements of a stored type as fp32 (exact): one, two or four 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+  if constexpr (sizeof(T) == 1) {
+    unpack16(__ldg(v), T{}, out);
+  } else if constexpr (sizeof(T) == 2) {
+    unpack8(__ldg(v), T{}, out);
+    unpack8(__ldg(v + 1), T{}, out + 8);
   } else {
-    unpack8(*reinterpret_cast<const uint4*>(p), X{}, out);
-    unpack8(*reinterpret_cast<const uint4*>(p + 8), X{}, out + 8);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 w = __ldg(v + i);
+      out[4 * i] = __uint_as_float(w.x);
+      out[4 * i + 1] = __uint_as_float(w.y);
+      out[4 * i + 2] = __uint_as_float(w.z);
+      out[4 * i + 3] = __uint_as_float(w.w);
+    }
   }
 }
 
 constexpr int kGemvWarps = 8;
+constexpr int kGemvUnroll = 2;  // 16-element steps per lane in flight at once
 
 template <typename W, typename X, bool kVector>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -236,17 +262,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
   for (int m = 0; m < kGemvMaxM; ++m) acc[m] = 0.0f;
   if constexpr (kVector) {
-    // Each lane streams 16 weights per step: one 16-byte load, dequantized in registers.
-    for (int64_t k = int64_t(lane) * 16; k < K; k += 32 * 16) {
-      float wf[16];
-      unpack16(__ldg(reinterpret_cast<const uint4*>(row + k)), W{}, wf);
+    // Each lane streams 16 weights per step with 16-byte loads, dequantized in registers.
+    constexpr int64_t kStride = 32 * 16;
+    for (int64_t k0 = int64_t(lane) * 16; k0 < K; k0 += kStride * kGemvUnroll) {
+      float wf[kGemvUnroll][16];
 #pragma unroll
-      for (int m = 0; m < kGemvMaxM; ++m) {
-        if (m < M) {
-          float xf[16];
-          load_x16(x + m * K + k, xf);
+      for (int u = 0; u < kGemvUnroll; ++u)
+        if (k0 + u * kStride < K) load16(row + k0 + u * kStride, wf[u]);
 #pragma unroll
-          for (int i = 0; i < 16; ++i) acc[m] = fmaf(xf[i], wf[i], acc[m]);
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int64_t k = k0 + u * kStride;
+        if (k >= K) break;
+#pragma unroll
+        for (int m = 0; m < kGemvMaxM; ++m) {
+          if (m < M) {
+            float xf[16];
+            load16(x + m * K + k, xf);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) acc[m] = fmaf(xf[i], wf[u][i], acc[m]);
+          }
         }
       }
     }
@@ -303,11 +337,16 @@ __global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* 
 
 // ---- Paged attention --------------------------------------------------------------------------
 //
-// One block per (query tile, head, key split). A tile is up to kAttentionTileQ consecutive tokens
-// of one sequence; keys are visited in tiles of kTileK through the block table with an online
-// softmax in fp32 (running max m, running sum l, output rescaled by exp(m_old - m_new)), so long
-// contexts accumulate P.V without overflow or loss. With several splits, each writes its
-// unnormalized output with (m, l) and attention_combine_kernel merges them (FlashDecoding).
+// Two kernels read the paged cache through the block table, both with an online softmax in fp32
+// (running max m, running sum l, output rescaled by exp(m_old - m_new)), so long contexts
+// accumulate P.V without overflow or loss:
+//  - attention_kernel, on CUDA cores in fp32: one block per (query tile of up to 16 tokens, head,
+//    key split). Decode uses it: with few (tile, head) blocks the keys are split and each split
+//    writes its unnormalized output with (m, l); attention_combine_kernel merges them
+//    (FlashDecoding).
+//  - attention_mma_kernel, on tensor cores for 16-bit caches: one block of 4 warps per (query
+//    tile of up to 64 tokens, head), each warp 16 query rows, S = Q.K^T and O += P.V with
+//    mma.sync (16-bit inputs, fp32 accumulation). Prefill uses it.
 
 constexpr int kTileQ = kAttentionTileQ;
 constexpr int kTileK = 64;
@@ -315,6 +354,34 @@ constexpr int kAttentionThreads = 128;
 
 size_t attention_smem_bytes(int head_dim) {
   return sizeof(float) * size_t(2 * kTileQ * head_dim + kTileK * (head_dim + 1) + kTileQ * kTileK + 3 * kTileQ);
+}
+
+// Element offset of each key of a tile in the cache (-1 past key_end), for kTileK keys from key0.
+__device__ __forceinline__ void key_offsets(const int32_t* blocks, int key0, int key_end, int block_size,
+                                            int num_kv_heads, int kv_head, int head_dim, int64_t* offsets) {
+  for (int j = threadIdx.x; j < kTileK; j += blockDim.x) {
+    const int key = key0 + j;
+    offsets[j] = key < key_end
+                     ? ((int64_t(blocks[key / block_size]) * num_kv_heads + kv_head) * block_size + key % block_size) * head_dim
+                     : -1;
+  }
+}
+
+// 16 bytes of cache elements as fp32: 4 (F32) or 8 (16-bit) values.
+__device__ __forceinline__ int unpack_kv(uint4 v, float, float* out) {
+  out[0] = __uint_as_float(v.x);
+  out[1] = __uint_as_float(v.y);
+  out[2] = __uint_as_float(v.z);
+  out[3] = __uint_as_float(v.w);
+  return 4;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, bf16, float* out) {
+  unpack8(v, bf16{}, out);
+  return 8;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, f16, float* out) {
+  unpack8(v, f16{}, out);
+  return 8;
 }
 
 template <typename KvT>
@@ -331,10 +398,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
   float* l_s = m_s + kTileQ;
   float* c_s = l_s + kTileQ;
   __shared__ int pos_s[kTileQ];
+  __shared__ int64_t offset_s[kTileK];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tile = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
-  const int t0 = plan.tile_first[tile], count = plan.tile_count[tile];
+  const int t0 = plan.small.first[tile], count = plan.small.count[tile];
   const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
   const int kv_head = h / (a.num_heads / a.num_kv_heads);
 
@@ -358,21 +426,36 @@ __global__ void __launch_bounds__(kAttentionThreads)
     l_s[tid] = 0.0f;
     pos_s[tid] = tid < count ? plan.positions[t0 + tid] : -1;
   }
-  auto load_tile = [&](const KvT* cache, int key0) {
-    for (int i = tid; i < kTileK * D; i += kAttentionThreads) {
-      const int j = i / D, d = i % D, key = key0 + j;
-      float value = 0.0f;
-      if (key < key_end) {
-        const int64_t block = blocks[key / a.block_size];
-        value = to_f32(cache[((block * a.num_kv_heads + kv_head) * a.block_size + key % a.block_size) * D + d]);
+  // One key tile of K or V into kv_s as fp32: 16-byte loads when rows allow, all in flight at once.
+  const bool vector = (D * int(sizeof(KvT))) % 16 == 0;
+  const int per_vector = 16 / int(sizeof(KvT));
+  auto load_tile = [&](const KvT* cache) {
+    if (vector) {
+      const int vectors = D / per_vector;
+#pragma unroll 4
+      for (int i = tid; i < kTileK * vectors; i += kAttentionThreads) {
+        const int j = i / vectors, c = i % vectors;
+        const int64_t offset = offset_s[j];
+        float values[8];
+        uint4 raw = make_uint4(0, 0, 0, 0);
+        if (offset >= 0) raw = __ldg(reinterpret_cast<const uint4*>(cache + offset + c * per_vector));
+        const int n = unpack_kv(raw, KvT{}, values);
+        for (int e = 0; e < n; ++e) kv_s[j * Dp + c * per_vector + e] = values[e];
       }
-      kv_s[j * Dp + d] = value;
+    } else {
+      for (int i = tid; i < kTileK * D; i += kAttentionThreads) {
+        const int j = i / D, d = i % D;
+        const int64_t offset = offset_s[j];
+        kv_s[j * Dp + d] = offset >= 0 ? to_f32(cache[offset + d]) : 0.0f;
+      }
     }
   };
-  __syncthreads();
 
   for (int key0 = key_begin; key0 < key_end; key0 += kTileK) {
-    load_tile(k_cache, key0);
+    __syncthreads();  // the previous tile's V and offsets are no longer read
+    key_offsets(blocks, key0, key_end, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
+    __syncthreads();
+    load_tile(k_cache);
     __syncthreads();
     for (int i = tid; i < count * kTileK; i += kAttentionThreads) {
       const int r = i / kTileK, j = i % kTileK, key = key0 + j, p = pos_s[r];
@@ -401,7 +484,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
         c_s[r] = correction;
       }
     }
-    load_tile(v_cache, key0);  // K is no longer read after the barrier above
+    load_tile(v_cache);  // K is no longer read after the barrier above
     __syncthreads();
     for (int i = tid; i < count * D; i += kAttentionThreads) {
       const int r = i / D, d = i % D;
@@ -409,8 +492,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
       for (int j = 0; j < kTileK; ++j) o = fmaf(p_s[r * kTileK + j], kv_s[j * Dp + d], o);
       o_s[i] = o;
     }
-    __syncthreads();
   }
+  __syncthreads();
 
   for (int i = tid; i < count * D; i += kAttentionThreads) {
     const int r = i / D, d = i % D;
@@ -449,6 +532,183 @@ __global__ void attention_combine_kernel(const float* partial_o, const float* pa
     }
     out[t * out_cols + int64_t(h) * head_dim + d] = l > 0.0f ? o / l : 0.0f;
   }
+}
+
+// ---- Tensor-core attention (mma.sync m16n8k16, 16-bit inputs, fp32 accumulation) --------------
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .row.col): with g = lane / 4 and t = lane % 4,
+// A (16 x 16, row-major) registers hold A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..];
+// B (16 x 8, "col") holds B[2t..2t+1][g] and B[2t+8..2t+9][g]; C (16 x 8, fp32) holds C[g][2t],
+// C[g][2t+1], C[g+8][2t], C[g+8][2t+1]. Two 16-bit values share a register, lower column first.
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, bf16) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, f16) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, bf16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, f16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+constexpr int kMmaTileQ = kAttentionTileQLarge;  // 4 warps x 16 rows
+constexpr int kMmaKPad = 8;                      // row padding of the smem tiles (conflict-free fragment loads)
+
+template <typename KvT, int D>
+__global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int64_t q_cols, const KvT* k_cache,
+                                                            const KvT* v_cache, AttentionArgs a, DevicePlan plan,
+                                                            float* out) {
+  __shared__ __align__(16) KvT k_s[kTileK][D + kMmaKPad];   // K tile, [key][dim]
+  __shared__ __align__(16) KvT vt_s[D][kTileK + kMmaKPad];  // V tile transposed, [dim][key]
+  __shared__ int pos_s[kMmaTileQ];
+  __shared__ int64_t offset_s[kTileK];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
+  const int tile = blockIdx.x, h = blockIdx.y;
+  const int t0 = plan.large.first[tile], count = plan.large.count[tile];
+  const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
+  const int kv_head = h / (a.num_heads / a.num_kv_heads);
+
+  int lo = INT_MAX, hi = -1;
+  for (int r = 0; r < count; ++r) {
+    const int p = plan.positions[t0 + r];
+    hi = max(hi, p);
+    lo = min(lo, a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0);
+  }
+  for (int r = tid; r < kMmaTileQ; r += blockDim.x) pos_s[r] = r < count ? plan.positions[t0 + r] : -1;
+
+  // This warp's 16 query rows as A fragments, pre-scaled and rounded to 16 bits.
+  const int row0 = warp * 16 + g, row1 = row0 + 8;
+  uint32_t qa[D / 16][4];
+  auto q_at = [&](int row, int d) {
+    return row < count ? q[int64_t(t0 + row) * q_cols + int64_t(h) * D + d] * a.scale : 0.0f;
+  };
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    const int d = 16 * c + 2 * t4;
+    qa[c][0] = pack2(q_at(row0, d), q_at(row0, d + 1), KvT{});
+    qa[c][1] = pack2(q_at(row1, d), q_at(row1, d + 1), KvT{});
+    qa[c][2] = pack2(q_at(row0, d + 8), q_at(row0, d + 9), KvT{});
+    qa[c][3] = pack2(q_at(row1, d + 8), q_at(row1, d + 9), KvT{});
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l is this thread's part
+
+  constexpr int kVectors = D * int(sizeof(KvT)) / 16;  // 16-byte vectors per key row
+  for (int key0 = lo; key0 <= hi; key0 += kTileK) {
+    __syncthreads();  // the previous tile is no longer read
+    key_offsets(blocks, key0, hi + 1, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
+    __syncthreads();
+#pragma unroll 4
+    for (int i = tid; i < kTileK * kVectors; i += blockDim.x) {
+      const int j = i / kVectors, c = i % kVectors;
+      const int64_t offset = offset_s[j];
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end (never NaN)
+      if (offset >= 0) {
+        kv = __ldg(reinterpret_cast<const uint4*>(k_cache + offset) + c);
+        vv = __ldg(reinterpret_cast<const uint4*>(v_cache + offset) + c);
+      }
+      *reinterpret_cast<uint4*>(&k_s[j][c * 8]) = kv;
+      const KvT* v8 = reinterpret_cast<const KvT*>(&vv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vt_s[c * 8 + e][j] = v8[e];
+    }
+    __syncthreads();
+
+    // S = Q.K^T for this warp's 16 rows and the tile's 64 keys.
+    float s[kTileK / 8][4];
+#pragma unroll
+    for (int j = 0; j < kTileK / 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        uint32_t b[2];
+        b[0] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4]);
+        b[1] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4 + 8]);
+        mma16816(s[j], qa[c], b, KvT{});
+      }
+    }
+    // Mask, then the online softmax per row (each row's 64 scores sit in the 4 threads of a quad).
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kTileK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + 8 * j + 2 * t4 + (e & 1);
+        const int p = pos_s[e < 2 ? row0 : row1];
+        const int window_lo = a.sliding_window > 0 ? p - a.sliding_window + 1 : 0;
+        if (key > hi || key > p || key < window_lo) s[j][e] = -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+      }
+    float correction[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = fmaxf(m[r], tile_max[r]);
+      correction[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= correction[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kTileK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        s[j][e] = m[r] == -INFINITY ? 0.0f : expf(s[j][e] - m[r]);
+        l[r] += s[j][e];
+      }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][0] *= correction[0];
+      o[j][1] *= correction[0];
+      o[j][2] *= correction[1];
+      o[j][3] *= correction[1];
+    }
+    // O += P.V: P's C fragments become A fragments (rounded to 16 bits), V^T rows give B.
+#pragma unroll
+    for (int c = 0; c < kTileK / 16; ++c) {
+      uint32_t pa[4];
+      pa[0] = pack2(s[2 * c][0], s[2 * c][1], KvT{});
+      pa[1] = pack2(s[2 * c][2], s[2 * c][3], KvT{});
+      pa[2] = pack2(s[2 * c + 1][0], s[2 * c + 1][1], KvT{});
+      pa[3] = pack2(s[2 * c + 1][2], s[2 * c + 1][3], KvT{});
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        uint32_t b[2];
+        b[0] = *reinterpret_cast<const uint32_t*>(&vt_s[8 * j + g][16 * c + 2 * t4]);
+        b[1] = *reinterpret_cast<const uint32_t*>(&vt_s[8 * j + g][16 * c + 2 * t4 + 8]);
+        mma16816(o[j], pa, b, KvT{});
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2, row = r == 0 ? row0 : row1;
+      if (row < count)
+        out[int64_t(t0 + row) * q_cols + int64_t(h) * D + 8 * j + 2 * t4 + (e & 1)] = l[r] > 0.0f ? o[j][e] / l[r] : 0.0f;
+    }
 }
 
 }  // namespace
@@ -495,7 +755,10 @@ void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, uint8_t* code
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream) {
   with_float_type(dtype, "dequantized weight", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dequantize_i8_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(q, n, static_cast<T*>(out));
+    if (n % 16 == 0)
+      dequantize_i8_kernel<T><<<blocks_for(n / 16, 256), 256, 0, stream>>>(q, n, static_cast<T*>(out));
+    else
+      dequantize_i8_scalar_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(q, n, static_cast<T*>(out));
   });
 }
 
@@ -506,9 +769,9 @@ void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, c
   epilogue_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(out, M, N, e);
 }
 
-void quantized_gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
-                    const float* row_scale, const float* w_scale, bool per_channel, const void* bias,
-                    DType bias_dtype, float* out, cudaStream_t stream) {
+void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
+          const float* row_scale, const float* w_scale, bool per_channel, const void* bias, DType bias_dtype,
+          float* out, cudaStream_t stream) {
   if (M < 1 || M > kGemvMaxM) fail(LLMQ_ERR_INTERNAL, "cuda backend: GEMV for {} rows", M);
   Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
   const bool vector = K % 16 == 0;
@@ -529,6 +792,12 @@ void quantized_gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, 
     launch(Tag<int8_t>{}, Tag<f16>{});
   else if (w_dtype == DType::F8_E4M3 && x_dtype == DType::F8_E4M3)
     launch(Tag<fp8>{}, Tag<fp8>{});
+  else if (w_dtype == DType::BF16 && x_dtype == DType::F32)
+    launch(Tag<bf16>{}, Tag<float>{});
+  else if (w_dtype == DType::F16 && x_dtype == DType::F32)
+    launch(Tag<f16>{}, Tag<float>{});
+  else if (w_dtype == DType::F32 && x_dtype == DType::F32)
+    launch(Tag<float>{}, Tag<float>{});
   else
     fail(LLMQ_ERR_INTERNAL, "cuda backend: no GEMV for {} weights and {} activations", dtype_name(w_dtype),
          dtype_name(x_dtype));
@@ -545,11 +814,33 @@ void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t k
   });
 }
 
+bool attention_has_tensor_core_kernel(DType kv_dtype, int32_t head_dim) {
+  return (kv_dtype == DType::BF16 || kv_dtype == DType::F16) && (head_dim == 64 || head_dim == 128);
+}
+
 void attention(const float* q, int64_t q_cols, const void* k_cache, const void* v_cache, DType kv_dtype,
                const AttentionArgs& args, const DevicePlan& plan, int64_t n_tokens, float* partial_o,
                float* partial_ml, float* out, cudaStream_t stream) {
   if (args.head_dim < 2 || args.head_dim > 256)
     fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: head_dim {} is outside [2, 256]", args.head_dim);
+  if (args.tensor_cores) {
+    if (!attention_has_tensor_core_kernel(kv_dtype, args.head_dim))
+      fail(LLMQ_ERR_INTERNAL, "cuda backend: no tensor-core attention for {} head_dim {}", dtype_name(kv_dtype),
+           args.head_dim);
+    dim3 grid(unsigned(plan.large.n), unsigned(args.num_heads));
+    auto launch = [&](auto tag, auto dim) {
+      using T = typename decltype(tag)::type;
+      attention_mma_kernel<T, decltype(dim)::value><<<grid, 128, 0, stream>>>(
+          q, q_cols, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), args, plan, out);
+    };
+    using D64 = std::integral_constant<int, 64>;
+    using D128 = std::integral_constant<int, 128>;
+    if (kv_dtype == DType::BF16)
+      args.head_dim == 64 ? launch(Tag<bf16>{}, D64{}) : launch(Tag<bf16>{}, D128{});
+    else
+      args.head_dim == 64 ? launch(Tag<f16>{}, D64{}) : launch(Tag<f16>{}, D128{});
+    return;
+  }
   const size_t smem = attention_smem_bytes(args.head_dim);
   with_float_type(kv_dtype, "KV cache", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -559,7 +850,7 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       configured = smem;
     }
-    dim3 grid(unsigned(plan.n_tiles), unsigned(args.num_heads), unsigned(args.n_splits));
+    dim3 grid(unsigned(plan.small.n), unsigned(args.num_heads), unsigned(args.n_splits));
     kernel<<<grid, kAttentionThreads, smem, stream>>>(q, q_cols, static_cast<const T*>(k_cache),
                                                       static_cast<const T*>(v_cache), args, plan, partial_o,
                                                       partial_ml, out);

@@ -11,6 +11,13 @@
 
 namespace llmq::cuda {
 
+// Attention's query tiles: runs of consecutive tokens of one sequence.
+struct Tiles {
+  const int32_t* first = nullptr;  // first token of each tile
+  const int32_t* count = nullptr;  // tokens in each tile
+  int32_t n = 0;
+};
+
 // The step's batch metadata on the device (BatchPlan's arrays), plus attention's query tiles.
 struct DevicePlan {
   const int32_t* tokens = nullptr;
@@ -20,12 +27,12 @@ struct DevicePlan {
   const int32_t* block_offsets = nullptr;
   const int32_t* block_ids = nullptr;
   const int32_t* logit_rows = nullptr;
-  const int32_t* tile_first = nullptr;  // attention tiles: up to kAttentionTileQ consecutive tokens of one sequence
-  const int32_t* tile_count = nullptr;
-  int32_t n_tiles = 0;
+  Tiles small;  // up to kAttentionTileQ tokens: the CUDA-core kernel
+  Tiles large;  // up to kAttentionTileQLarge tokens: the tensor-core kernel
 };
 
 constexpr int kAttentionTileQ = 16;
+constexpr int kAttentionTileQLarge = 64;
 
 void embed(const void* table, DType dtype, int64_t dim, const DevicePlan& plan, int64_t rows, float* out,
            cudaStream_t stream);
@@ -48,10 +55,11 @@ void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStrea
 void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, const float* w_scale,
                      bool per_channel, const void* bias, DType bias_dtype, cudaStream_t stream);
 
-// Quantized GEMV for M <= kGemvMaxM: weights I8 or F8_E4M3 [N, K]; activations already in the
-// product's form: BF16/F16 (I8 weights) or F8_E4M3 codes (FP8 weights); epilogue fused.
+// GEMV for M <= kGemvMaxM, one warp per output channel streaming its weight row: weights
+// F32/BF16/F16 with F32 activations, I8 with BF16/F16 activations, or F8_E4M3 with F8_E4M3 codes
+// (activations already in the product's form); the epilogue is fused.
 constexpr int64_t kGemvMaxM = 8;
-void quantized_gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
+void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
                     const float* row_scale, const float* w_scale, bool per_channel, const void* bias,
                     DType bias_dtype, float* out, cudaStream_t stream);
 
@@ -64,7 +72,10 @@ struct AttentionArgs {
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0, sliding_window = 0;
   float scale = 1.0f;
   int32_t n_splits = 1;  // key-range splits per (tile, head); > 1 needs the partial buffers
+  bool tensor_cores = false;  // the tensor-core kernel over plan.large (no splits)
 };
+// Whether the tensor-core (mma) kernel handles this cache: 16-bit KV, head_dim 64 or 128.
+bool attention_has_tensor_core_kernel(DType kv_dtype, int32_t head_dim);
 // Paged causal attention for every query tile; partial_o [T * H * n_splits * D] and
 // partial_ml [T * H * n_splits * 2] are scratch when n_splits > 1.
 void attention(const float* q, int64_t q_cols, const void* k_cache, const void* v_cache, DType kv_dtype,
