@@ -33,6 +33,7 @@ prepare() {
   rm -rf "$carry"
   mkdir -p "$carry/bin" "$carry/shared/models" "$carry/shared/data"
   cp "$root"/build-gpu/bin/{llmq_gpu_tests,llmq-step-bench,llmq-synth} "$carry/bin/"
+  strip "$carry"/bin/*  # host symbols only; keeps the carried folder small
   cp -r "$shared/models/stories260K" "$carry/shared/models/"
   chmod -R u+w "$carry"
   du -sh "$carry"

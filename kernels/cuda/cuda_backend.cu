@@ -226,6 +226,8 @@ struct GemmPlan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool has_algo = false;
+  int candidates = 0, chosen = 0;  // the heuristic's candidates, and which one was fastest
+  float first_ms = 0, best_ms = 0; // 3 runs of the heuristic's first choice and of the fastest
 };
 
 constexpr uint64_t kWorkspaceBytes = uint64_t(32) << 20;
@@ -248,6 +250,7 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
+
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
     workspace_ = std::make_unique<DeviceBuffer>(kWorkspaceBytes);
@@ -259,6 +262,14 @@ class CudaBackend final : public Backend {
     drop_recordings();
     profiler_.print(name_);
     const CublasLt& lt = cublas_lt();
+    if (profiler_.enabled()) {
+      std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K: candidates, chosen, us for 3 runs (first choice -> chosen)\n");
+      for (auto& [key, plan] : plans_)
+        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
+                     dtype_name(DType(std::get<1>(key))), dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key),
+                     (long long)std::get<4>(key), (long long)std::get<5>(key), plan.candidates, plan.chosen,
+                     1e3 * plan.first_ms, 1e3 * plan.best_ms);
+    }
     for (auto& [key, plan] : plans_) {
       lt.cublasLtMatrixLayoutDestroy(plan.a);
       lt.cublasLtMatrixLayoutDestroy(plan.b);
@@ -576,10 +587,13 @@ class CudaBackend final : public Backend {
   // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation. In cuBLASLt's column-major terms
   // y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN" layout FP8 requires.
   // Returns false (with `required` false) when cuBLASLt has no algorithm for the shape.
+  // (A BF16 output converted by the epilogue was tried: no faster on an H200, so the output is fp32.)
   bool gemm(const void* w, DType w_dtype, const void* x, DType x_dtype, int64_t M, int64_t N, int64_t K, float* y,
             bool required = true) {
     const CublasLt& lt = cublas_lt();
-    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), M, N, K);
+    void* d = y;
+    const DType out_dtype = DType::F32;
+    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K);
     auto it = plans_.find(key);
     if (it == plans_.end()) {
       if (plans_.size() > 4096) fail(LLMQ_ERR_INTERNAL, "cuda backend: too many GEMM shapes");
@@ -592,7 +606,7 @@ class CudaBackend final : public Backend {
             "cublasLtMatrixLayoutCreate(A)");
       check(lt.cublasLtMatrixLayoutCreate(&plan.b, cuda_type(x_dtype), uint64_t(K), uint64_t(M), K),
             "cublasLtMatrixLayoutCreate(B)");
-      check(lt.cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, uint64_t(N), uint64_t(M), N),
+      check(lt.cublasLtMatrixLayoutCreate(&plan.d, cuda_type(out_dtype), uint64_t(N), uint64_t(M), N),
             "cublasLtMatrixLayoutCreate(D)");
       cublasLtMatmulPreference_t preference = nullptr;
       check(lt.cublasLtMatmulPreferenceCreate(&preference), "cublasLtMatmulPreferenceCreate");
@@ -609,6 +623,7 @@ class CudaBackend final : public Backend {
       lt.cublasLtMatmulPreferenceDestroy(preference);
       plan.has_algo = s == CUBLAS_STATUS_SUCCESS && found > 0;
       if (plan.has_algo) plan.algo = results[0].algo;
+      plan.candidates = found;
       if (plan.has_algo && found > 1) {
         cudaEvent_t start = nullptr, stop = nullptr;
         check(cudaEventCreate(&start), "cudaEventCreate");
@@ -617,7 +632,7 @@ class CudaBackend final : public Backend {
         float best = 0.0f;
         for (int i = 0; i < found; ++i) {
           auto run = [&] {
-            return lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d,
+            return lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, d, plan.d, d, plan.d,
                                      &results[i].algo, workspace_->data(), kWorkspaceBytes, stream_);
           };
           if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; an algorithm that fails is skipped
@@ -627,9 +642,12 @@ class CudaBackend final : public Backend {
           check(cudaEventSynchronize(stop), "GEMM autotune (cudaEventSynchronize)");
           float ms = 0.0f;
           check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+          if (i == 0) plan.first_ms = ms;
           if (best == 0.0f || ms < best) {
             best = ms;
             plan.algo = results[i].algo;
+            plan.chosen = i;
+            plan.best_ms = ms;
           }
         }
         cudaEventDestroy(start);
@@ -644,7 +662,7 @@ class CudaBackend final : public Backend {
            dtype_name(w_dtype), dtype_name(x_dtype), M, K, N, K);
     }
     const float alpha = 1.0f, beta = 0.0f;
-    check(lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.d, y, plan.d,
+    check(lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, d, plan.d, d, plan.d,
                             &plan.algo, workspace_->data(), kWorkspaceBytes, stream_),
           "cublasLtMatmul");
     return true;
@@ -657,7 +675,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_handle_ = nullptr;
   std::unique_ptr<Buffer> workspace_;
-  std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
+  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
+
   std::vector<std::unique_ptr<Buffer>> uploads_;
 
   struct Tiles {

@@ -248,8 +248,11 @@ __device__ __forceinline__ void load16(const T* p, float* out) {
   }
 }
 
+// One warp per output channel, 8 warps per block; each lane keeps kGemvSteps 16-byte weight loads in
+// flight. Measured on an H200 (7B shapes, M = 1): 2 steps 28 us per GEMV on average; 4 steps, or
+// 4 channels per warp with 4 warps per block, 36-37 us.
 constexpr int kGemvWarps = 8;
-constexpr int kGemvUnroll = 2;  // 16-element steps per lane in flight at once
+constexpr int kGemvSteps = 2;
 
 template <typename W, typename X, bool kVector>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -264,22 +267,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   if constexpr (kVector) {
     // Each lane streams 16 weights per step with 16-byte loads, dequantized in registers.
     constexpr int64_t kStride = 32 * 16;
-    for (int64_t k0 = int64_t(lane) * 16; k0 < K; k0 += kStride * kGemvUnroll) {
-      float wf[kGemvUnroll][16];
+    for (int64_t k0 = int64_t(lane) * 16; k0 < K; k0 += kStride * kGemvSteps) {
+      float wf[kGemvSteps][16];
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u)
+      for (int u = 0; u < kGemvSteps; ++u)
         if (k0 + u * kStride < K) load16(row + k0 + u * kStride, wf[u]);
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u) {
+      for (int u = 0; u < kGemvSteps; ++u) {
         const int64_t k = k0 + u * kStride;
-        if (k >= K) break;
+        if (k < K) {
 #pragma unroll
-        for (int m = 0; m < kGemvMaxM; ++m) {
-          if (m < M) {
-            float xf[16];
-            load16(x + m * K + k, xf);
+          for (int m = 0; m < kGemvMaxM; ++m) {
+            if (m < M) {
+              float xf[16];
+              load16(x + m * K + k, xf);
 #pragma unroll
-            for (int i = 0; i < 16; ++i) acc[m] = fmaf(xf[i], wf[u][i], acc[m]);
+              for (int i = 0; i < 16; ++i) acc[m] = fmaf(xf[i], wf[u][i], acc[m]);
+            }
           }
         }
       }
