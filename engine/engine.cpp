@@ -143,7 +143,9 @@ Engine::~Engine() = default;
 
 void Engine::upload_weights() {
   const ModelWeights& w = model_->weights();
+  // Every tensor but the embedding table is read once per decode step.
   auto upload = [&](const Tensor& t) {
+    weight_bytes_ += t.nbytes();
     weight_bytes_per_step_ += t.nbytes();
     return t.empty() ? t : backend_->upload(t);
   };
@@ -159,6 +161,7 @@ void Engine::upload_weights() {
     }
     QuantizedWeight q = quantize_weight(t, options_.quant, threads);
     lw = q.view(act_dtype);
+    weight_bytes_ += lw.w.nbytes() + lw.scale.nbytes();
     weight_bytes_per_step_ += lw.w.nbytes() + lw.scale.nbytes();
     lw.w = backend_->upload(lw.w);
     lw.scale = backend_->upload(lw.scale);
@@ -167,8 +170,14 @@ void Engine::upload_weights() {
     return lw;
   };
   embed_ = backend_->upload(w.embed);
+  weight_bytes_ += w.embed.nbytes();
   final_norm_ = upload(w.final_norm);
-  lm_head_.w = upload(w.lm_head);
+  if (w.lm_head.data == w.embed.data) {  // tied: one copy
+    lm_head_.w = embed_;
+    weight_bytes_per_step_ += w.embed.nbytes();
+  } else {
+    lm_head_.w = upload(w.lm_head);
+  }
   for (const LayerWeights& l : w.layers)
     layers_.push_back(Layer{upload(l.attn_norm), upload(l.mlp_norm), linear(l.wq), linear(l.wk), linear(l.wv),
                             linear(l.wo), linear(l.w_gate), linear(l.w_up), linear(l.w_down), upload(l.bq),

@@ -71,6 +71,8 @@ class Engine {
   // Weight bytes one decode step reads on the backend (quantized where quantized; the embedding
   // table is gathered by rows and not counted unless it is also the lm_head).
   uint64_t weight_bytes_per_step() const { return weight_bytes_per_step_; }
+  // Bytes of all the weights the engine holds, as stored on its backend (quantized where quantized).
+  uint64_t weight_bytes() const { return weight_bytes_; }
   // Bytes of KV cache one token takes, over all layers.
   uint64_t kv_bytes_per_token() const;
   std::unique_ptr<SequenceKv> new_sequence() { return std::make_unique<SequenceKv>(allocator_, block_size()); }
@@ -108,7 +110,7 @@ class Engine {
   Tensor embed_, final_norm_;
   LinearWeight lm_head_;
   std::vector<Layer> layers_;
-  uint64_t weight_bytes_per_step_ = 0;
+  uint64_t weight_bytes_per_step_ = 0, weight_bytes_ = 0;
   DType kv_dtype_;
   std::vector<float> inv_freq_host_;
   Tensor inv_freq_;

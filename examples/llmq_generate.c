@@ -13,7 +13,8 @@ static void usage(FILE* out) {
           "usage: llmq-generate --model DIR (--prompt TEXT | --prompt-ids \"1 2 3\") [--max-tokens N]\n"
           "                     [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
           "                     [--repetition-penalty R] [--seed S] [--threads N]\n"
-          "                     [--kv-dtype auto|f32|f16|bf16] [--print-ids]\n"
+          "                     [--kv-dtype auto|f32|f16|bf16] [--quant none|int8wo|fp8]\n"
+          "                     [--backend cpu|cuda] [--print-ids]\n"
           "  --prompt is tokenized as the model's tokenizer config says (BOS added if add_bos_token);\n"
           "  --prompt-ids is taken as the full prompt. Generation stops at --max-tokens (default 256)\n"
           "  or at the model's EOS ids. Text goes to stdout; timings to stderr.\n");
@@ -100,6 +101,8 @@ int main(int argc, char** argv) {
   unsigned long long seed = LLMQ_SEED_RANDOM;
   int print_ids = 0, i, exit_code = 1;
   llmq_kv_dtype kv_dtype = LLMQ_KV_DTYPE_AUTO;
+  llmq_quant_mode quant = LLMQ_QUANT_NONE;
+  llmq_backend backend = LLMQ_BACKEND_CPU;
   llmq_model* model = NULL;
   llmq_engine* engine = NULL;
   int32_t* prompt_ids = NULL;
@@ -160,6 +163,20 @@ int main(int argc, char** argv) {
           ok = 1;
         }
       if (!ok) fprintf(stderr, "llmq-generate: --kv-dtype expects auto, f32, f16 or bf16, got '%s'\n", value);
+    } else if (strcmp(arg, "--quant") == 0) {
+      static const char* const names[] = {"none", "int8wo", "fp8"};
+      int k;
+      ok = 0;
+      for (k = 0; k < 3; ++k)
+        if (strcmp(value, names[k]) == 0) {
+          quant = (llmq_quant_mode)k;
+          ok = 1;
+        }
+      if (!ok) fprintf(stderr, "llmq-generate: --quant expects none, int8wo or fp8, got '%s'\n", value);
+    } else if (strcmp(arg, "--backend") == 0) {
+      ok = strcmp(value, "cpu") == 0 || strcmp(value, "cuda") == 0;
+      backend = strcmp(value, "cuda") == 0 ? LLMQ_BACKEND_CUDA : LLMQ_BACKEND_CPU;
+      if (!ok) fprintf(stderr, "llmq-generate: --backend expects cpu or cuda, got '%s'\n", value);
     } else if (strcmp(arg, "--threads") == 0) {
       ok = parse_long(value, arg, 0, 1024, &threads);
     } else {
@@ -200,6 +217,8 @@ int main(int argc, char** argv) {
   llmq_engine_params_default(&engine_params);
   engine_params.n_threads = (int32_t)threads;
   engine_params.kv_dtype = kv_dtype;
+  engine_params.quant = quant;
+  engine_params.backend = backend;
   status = llmq_engine_create(model, &engine_params, &engine);
   if (status != LLMQ_OK) {
     fail_status(status, "creating the engine");

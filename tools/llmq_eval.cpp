@@ -37,9 +37,9 @@ namespace llmq {
 namespace {
 
 const char* kUsage =
-    "usage: llmq-eval --model DIR --data FILE [--quant none] [--kv-dtype auto] [--max-docs N]\n"
+    "usage: llmq-eval --model DIR --data FILE [--quant MODE] [--kv-dtype DTYPE] [--max-docs N]\n"
     "                 [--threads T] [--batch-tokens B]\n"
-    "  --quant MODE      weight quantization of the candidate (only 'none' so far)\n"
+    "  --quant MODE      weight quantization of the candidate: none, int8wo, fp8 (engine/quant.h)\n"
     "  --kv-dtype DTYPE  KV cache dtype of the candidate: auto (the weights' dtype), f32, f16, bf16\n"
     "  --max-docs N      score only the first N documents (default all)\n"
     "  --threads T       CPU threads per engine (default one per core)\n"
@@ -102,8 +102,8 @@ Options parse_options(int argc, char** argv) {
   }
   if (o.model_dir.empty()) usage_error("--model DIR is required");
   if (o.data_path.empty()) usage_error("--data FILE is required");
-  if (o.mode.quant != "none")
-    usage_error(fmt::format("--quant: mode '{}' is not implemented yet (available: none)", o.mode.quant));
+  if (o.mode.quant != "none" && o.mode.quant != "int8wo" && o.mode.quant != "fp8")
+    usage_error(fmt::format("--quant: unknown mode '{}' (none, int8wo, fp8)", o.mode.quant));
   const char* const kv_dtypes[] = {"auto", "f32", "f16", "bf16"};  // in llmq_kv_dtype order
   const auto* kv = std::find(std::begin(kv_dtypes), std::end(kv_dtypes), o.mode.kv_dtype_name);
   if (kv == std::end(kv_dtypes))
@@ -326,8 +326,9 @@ class Evaluator {
 
 // ---- The mode's costs and engines ----------------------------------------------------------------
 
-// Weight bytes the mode's engine holds. Quantized modes will report their packed size.
-uint64_t mode_weight_bytes(const Model& model, const Mode&) { return model.weight_bytes(); }
+QuantMode quant_mode(const Mode& mode) {
+  return mode.quant == "int8wo" ? QuantMode::Int8WeightOnly : mode.quant == "fp8" ? QuantMode::Fp8 : QuantMode::None;
+}
 
 // KV cache bytes per token: K and V of every layer.
 uint64_t kv_bytes_per_token(const Model& model, llmq_kv_dtype kv_dtype) {
@@ -353,7 +354,7 @@ std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, const Op
   const int64_t block = e.kv_block_size;
   const int64_t blocks = std::max(2 * ((o.batch_tokens + block - 1) / block), (longest_inputs + block - 1) / block);
   e.kv_cache_bytes = uint64_t(blocks * block) * kv_bytes_per_token(*model, mode.kv_dtype);
-  // Weight quantization modes will prepare the candidate's weights here.
+  e.quant = quant_mode(mode);
   return std::make_unique<Engine>(std::move(model), e);
 }
 
@@ -395,20 +396,19 @@ int run(int argc, char** argv) {
   const Mode reference_mode;
   fmt::print("model: {} ({}, {} layers, vocab {})\n", o.model_dir, config.architecture_name, config.num_layers,
              config.vocab_size);
-  fmt::print("reference: quant=none kv-dtype=auto ({}): model_bytes={} kv_bytes_per_token={}\n",
-             dtype_name(resolve_kv_dtype(*model, reference_mode.kv_dtype)), mode_weight_bytes(*model, reference_mode),
-             kv_bytes_per_token(*model, reference_mode.kv_dtype));
-  fmt::print("mode: quant={} kv-dtype={} ({}): model_bytes={} kv_bytes_per_token={}{}\n", mode.quant,
-             mode.kv_dtype_name, dtype_name(resolve_kv_dtype(*model, mode.kv_dtype)), mode_weight_bytes(*model, mode),
-             kv_bytes_per_token(*model, mode.kv_dtype), is_reference(*model, mode) ? " (the reference itself)" : "");
-  fmt::print("data: {}: {} documents, {} ids, {} scored tokens\n", o.data_path, paragraphs.size(), n_ids, scored);
-  std::fflush(stdout);
-
   const auto start = Clock::now();
   std::unique_ptr<Engine> reference = make_engine(model, o, reference_mode, longest_inputs);
   // The candidate: none when the mode is the reference itself (its logits are the reference's).
   std::unique_ptr<Engine> candidate;
   if (!is_reference(*model, mode)) candidate = make_engine(model, o, mode, longest_inputs);
+  const Engine& engine = candidate ? *candidate : *reference;
+  fmt::print("reference: quant=none kv-dtype=auto ({}): model_bytes={} kv_bytes_per_token={}\n",
+             dtype_name(reference->kv_dtype()), reference->weight_bytes(), reference->kv_bytes_per_token());
+  fmt::print("mode: quant={} kv-dtype={} ({}): model_bytes={} kv_bytes_per_token={}{}\n", mode.quant,
+             mode.kv_dtype_name, dtype_name(engine.kv_dtype()), engine.weight_bytes(), engine.kv_bytes_per_token(),
+             is_reference(*model, mode) ? " (the reference itself)" : "");
+  fmt::print("data: {}: {} documents, {} ids, {} scored tokens\n", o.data_path, paragraphs.size(), n_ids, scored);
+  std::fflush(stdout);
   Evaluator evaluator(*reference, candidate.get(), o.batch_tokens);
   Progress progress(scored);
   const Totals t = evaluator.run(docs, progress);
