@@ -180,6 +180,29 @@ TEST_F(Capi, OlderSmallerEngineParamsUseDefaults) {
   EXPECT_EQ(engine, nullptr);
 }
 
+TEST_F(Capi, QuantModeIsCheckedAndUsed) {
+  llmq_engine_params params;
+  llmq_engine_params_default(&params);
+  EXPECT_EQ(params.quant, LLMQ_QUANT_NONE);
+  int32_t bad = 7;  // stored as a C caller might
+  std::memcpy(&params.quant, &bad, sizeof bad);
+  llmq_engine* engine = reinterpret_cast<llmq_engine*>(&params);
+  EXPECT_TRUE(fails_with(outcome(llmq_engine_create(model_, &params, &engine)), LLMQ_ERR_INVALID_ARGUMENT,
+                         {"params.quant", "7"}));
+  EXPECT_EQ(engine, nullptr);
+  // A struct from before the field existed: the field is not read (LLMQ_QUANT_NONE).
+  params.struct_size = offsetof(llmq_engine_params, quant);
+  ASSERT_LLMQ_OK(llmq_engine_create(model_, &params, &engine));
+  EXPECT_EQ(greedy(engine, kPrompt, 16), kReference);
+  llmq_engine_destroy(engine);
+  // int8wo on stories260K keeps the greedy reference continuation's first tokens.
+  params.struct_size = sizeof params;
+  params.quant = LLMQ_QUANT_INT8WO;
+  ASSERT_LLMQ_OK(llmq_engine_create(model_, &params, &engine));
+  EXPECT_EQ(greedy(engine, kPrompt, 8), std::vector<int32_t>(kReference.begin(), kReference.begin() + 8));
+  llmq_engine_destroy(engine);
+}
+
 TEST_F(Capi, OlderSmallerSamplingParamsUseDefaults) {
   llmq_sampling_params sampling;
   llmq_sampling_params_default(&sampling);
