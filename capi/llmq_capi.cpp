@@ -244,7 +244,7 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
     options.max_batch_tokens = p.max_batch_tokens;
     int32_t kv_dtype;
     std::memcpy(&kv_dtype, &p.kv_dtype, sizeof kv_dtype);
-    if (kv_dtype < LLMQ_KV_DTYPE_AUTO || kv_dtype > LLMQ_KV_DTYPE_BF16)
+    if (kv_dtype < LLMQ_KV_DTYPE_AUTO || kv_dtype > LLMQ_KV_DTYPE_FP8)
       llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_engine_create: params.kv_dtype {} is not a known KV dtype", kv_dtype);
     options.kv_dtype = llmq_kv_dtype(kv_dtype);
     int32_t quant;

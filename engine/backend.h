@@ -46,9 +46,15 @@ struct BatchPlan {
 };
 
 // One layer of the paged KV cache: K and V each [num_blocks, num_kv_heads, block_size, head_dim].
+// 8-bit caches hold codes; the value is code * scale (dequantized before any product):
+//   I8:      k_scale / v_scale F32 [num_blocks, num_kv_heads * block_size], one per token and head
+//            (element offset / head_dim), set when the token is written: amax / 127, codes
+//            rne(x * 127 / amax) (engine/quant.h's int8 rule).
+//   F8_E4M3: k_scale / v_scale F32 [1, 1] per layer, static; codes fp8(x * (1 / scale)).
 struct KvLayer {
   Tensor k;  // rows = num_blocks, cols = num_kv_heads * block_size * head_dim
   Tensor v;
+  Tensor k_scale, v_scale;  // empty for 16/32-bit caches
   int32_t block_size = 16;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;

@@ -13,14 +13,16 @@ namespace llmq {
 
 namespace {
 
+const float kUnitScale = 1.0f;
+
 using Clock = std::chrono::steady_clock;
 
 double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-// K and V for every layer.
+// K and V for every layer, with the per-token scales of an INT8 cache.
 uint64_t kv_bytes_per_block(const ModelConfig& c, int32_t block_size, DType kv_dtype) {
-  return uint64_t(c.num_layers) * 2 * uint64_t(c.num_kv_heads) * uint64_t(block_size) * uint64_t(c.head_dim) *
-         dtype_size(kv_dtype);
+  const uint64_t per_head = uint64_t(c.head_dim) * dtype_size(kv_dtype) + (kv_dtype == DType::I8 ? sizeof(float) : 0);
+  return uint64_t(c.num_layers) * 2 * uint64_t(c.num_kv_heads) * uint64_t(block_size) * per_head;
 }
 
 int32_t kv_num_blocks(const ModelConfig& c, const EngineOptions& o, DType kv_dtype) {
@@ -47,6 +49,10 @@ int32_t kv_num_blocks(const ModelConfig& c, const EngineOptions& o, DType kv_dty
 
 }  // namespace
 
+uint64_t kv_bytes_per_token(const ModelConfig& config, DType kv_dtype) {
+  return kv_bytes_per_block(config, 1, kv_dtype);
+}
+
 DType resolve_kv_dtype(const Model& model, llmq_kv_dtype requested) {
   switch (int(requested)) {
     case LLMQ_KV_DTYPE_AUTO:
@@ -57,6 +63,10 @@ DType resolve_kv_dtype(const Model& model, llmq_kv_dtype requested) {
       return DType::F16;
     case LLMQ_KV_DTYPE_BF16:
       return DType::BF16;
+    case LLMQ_KV_DTYPE_INT8:
+      return DType::I8;
+    case LLMQ_KV_DTYPE_FP8:
+      return DType::F8_E4M3;
   }
   fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: unknown kv_dtype {}", int(requested));
 }
@@ -121,6 +131,14 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
     KvLayer layer;
     layer.k = tensor(allocator_.num_blocks(), per_layer_cols, kv_dtype_);
     layer.v = tensor(allocator_.num_blocks(), per_layer_cols, kv_dtype_);
+    if (kv_dtype_ == DType::I8) {
+      layer.k_scale = tensor(allocator_.num_blocks(), c.num_kv_heads * options.kv_block_size);
+      layer.v_scale = tensor(allocator_.num_blocks(), c.num_kv_heads * options.kv_block_size);
+    } else if (kv_dtype_ == DType::F8_E4M3) {
+      // Static per-layer scales; 1.0 (as vLLM without calibrated k_scale / v_scale).
+      layer.k_scale = backend_->upload(Tensor{const_cast<float*>(&kUnitScale), DType::F32, 1, 1});
+      layer.v_scale = layer.k_scale;
+    }
     layer.block_size = options.kv_block_size;
     layer.num_kv_heads = int32_t(c.num_kv_heads);
     layer.head_dim = int32_t(c.head_dim);

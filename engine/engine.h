@@ -122,6 +122,10 @@ class Engine {
   BatchPlan plan_;
 };
 
+// Bytes of KV cache one token takes over all layers, for a cache of `kv_dtype` (with the
+// per-token scales of an INT8 cache).
+uint64_t kv_bytes_per_token(const ModelConfig& config, DType kv_dtype);
+
 // The KV cache element type an engine uses for `requested` on this model.
 DType resolve_kv_dtype(const Model& model, llmq_kv_dtype requested);
 

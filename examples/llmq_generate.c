@@ -13,7 +13,7 @@ static void usage(FILE* out) {
           "usage: llmq-generate --model DIR (--prompt TEXT | --prompt-ids \"1 2 3\") [--max-tokens N]\n"
           "                     [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
           "                     [--repetition-penalty R] [--seed S] [--threads N]\n"
-          "                     [--kv-dtype auto|f32|f16|bf16] [--quant none|int8wo|fp8]\n"
+          "                     [--kv-dtype auto|f32|f16|bf16|int8|fp8] [--quant none|int8wo|fp8]\n"
           "                     [--backend cpu|cuda] [--print-ids]\n"
           "  --prompt is tokenized as the model's tokenizer config says (BOS added if add_bos_token);\n"
           "  --prompt-ids is taken as the full prompt. Generation stops at --max-tokens (default 256)\n"
@@ -154,15 +154,15 @@ int main(int argc, char** argv) {
       ok = errno == 0 && end != value && *end == '\0' && value[0] != '-';
       if (!ok) fprintf(stderr, "llmq-generate: --seed expects a non-negative integer, got '%s'\n", value);
     } else if (strcmp(arg, "--kv-dtype") == 0) {
-      static const char* const names[] = {"auto", "f32", "f16", "bf16"};
+      static const char* const names[] = {"auto", "f32", "f16", "bf16", "int8", "fp8"};
       int k;
       ok = 0;
-      for (k = 0; k < 4; ++k)
+      for (k = 0; k < 6; ++k)
         if (strcmp(value, names[k]) == 0) {
           kv_dtype = (llmq_kv_dtype)k;
           ok = 1;
         }
-      if (!ok) fprintf(stderr, "llmq-generate: --kv-dtype expects auto, f32, f16 or bf16, got '%s'\n", value);
+      if (!ok) fprintf(stderr, "llmq-generate: --kv-dtype expects auto, f32, f16, bf16, int8 or fp8, got '%s'\n", value);
     } else if (strcmp(arg, "--quant") == 0) {
       static const char* const names[] = {"none", "int8wo", "fp8"};
       int k;

@@ -148,7 +148,9 @@ typedef enum llmq_kv_dtype {
   LLMQ_KV_DTYPE_AUTO = 0, /* the dtype of the model's weights (F32, F16 or BF16) */
   LLMQ_KV_DTYPE_F32 = 1,
   LLMQ_KV_DTYPE_F16 = 2,
-  LLMQ_KV_DTYPE_BF16 = 3
+  LLMQ_KV_DTYPE_BF16 = 3,
+  LLMQ_KV_DTYPE_INT8 = 4, /* INT8 with a dynamic fp32 scale per token and KV head (stored beside the blocks) */
+  LLMQ_KV_DTYPE_FP8 = 5   /* FP8 E4M3 with static per-layer K and V scales (1.0 until calibrated) */
 } llmq_kv_dtype;
 
 /* Quantization of the layers' linear weights, done when the engine is created (engine/quant.h and

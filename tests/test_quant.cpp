@@ -6,10 +6,13 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/engine.h"
+#include "engine/synth.h"
 #include "engine/dtype.h"
 #include "engine/fp8.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
+#include "test_util.h"
 
 namespace llmq {
 namespace {
@@ -119,6 +122,135 @@ TEST(Quant, CpuLinearMatchesDefinition) {
       // The products are exact in fp32; what remains is fp32 accumulation.
       EXPECT_LE(std::sqrt(err2 / ref2), 1e-6) << quant_mode_name(mode) << " M=" << M << " N=" << N << " K=" << K;
     }
+}
+
+}  // namespace
+}  // namespace llmq
+
+namespace llmq {
+namespace {
+
+// ---- 8-bit KV caches ---------------------------------------------------------------------------
+
+// The CPU backend writes INT8 codes with a per-token, per-head scale, and FP8 codes with the
+// layer's scale, as KvLayer (engine/backend.h) defines.
+TEST(QuantKv, WrittenCodesMatchDefinition) {
+  auto backend = make_cpu_backend(CpuBackendOptions{1});
+  const int32_t Hq = 2, Hkv = 2, D = 16, bs = 4, blocks = 2;
+  BatchPlan plan;
+  plan.clear();
+  for (int32_t t = 0; t < 3; ++t) {
+    plan.tokens.push_back(0);
+    plan.positions.push_back(t);
+    plan.token_seq.push_back(0);
+    plan.slots.push_back(4 + t);  // block 1
+  }
+  plan.block_ids = {1};
+  plan.block_offsets.push_back(1);
+  std::vector<float> inv_freq(D / 2, 0.0f);  // no rotation: the written rows are k and v as given
+  for (DType dtype : {DType::I8, DType::F8_E4M3}) {
+    Rng rng{uint64_t(dtype)};
+    std::vector<float> q(3 * Hq * D), k(3 * Hkv * D), v(3 * Hkv * D);
+    for (auto* a : {&q, &k, &v})
+      for (float& x : *a) x = float(rng.uniform() * 6.0 - 3.0);
+    std::vector<uint8_t> kc(size_t(blocks * Hkv * bs * D)), vc(kc.size());
+    std::vector<float> ks(size_t(blocks * Hkv * bs), -1.0f), vs(ks.size(), -1.0f);
+    float layer_k = 0.01f, layer_v = 0.02f;
+    KvLayer layer;
+    layer.k = Tensor{kc.data(), dtype, blocks, Hkv * bs * D};
+    layer.v = Tensor{vc.data(), dtype, blocks, Hkv * bs * D};
+    layer.k_scale = dtype == DType::I8 ? Tensor{ks.data(), DType::F32, blocks, Hkv * bs} : Tensor{&layer_k, DType::F32, 1, 1};
+    layer.v_scale = dtype == DType::I8 ? Tensor{vs.data(), DType::F32, blocks, Hkv * bs} : Tensor{&layer_v, DType::F32, 1, 1};
+    layer.block_size = bs;
+    layer.num_kv_heads = Hkv;
+    layer.head_dim = D;
+    backend->begin_step(plan);
+    Tensor qt{q.data(), DType::F32, 3, Hq * D}, kt{k.data(), DType::F32, 3, Hkv * D}, vt{v.data(), DType::F32, 3, Hkv * D};
+    Tensor ft{inv_freq.data(), DType::F32, 1, D / 2};
+    backend->rope_kv_write(qt, kt, vt, ft, layer);
+    for (int32_t t = 0; t < 3; ++t)
+      for (int32_t h = 0; h < Hkv; ++h) {
+        const int64_t head = (1 * Hkv + h) * bs + t;  // block 1, offset t
+        for (int which = 0; which < 2; ++which) {
+          const float* src = (which ? v : k).data() + (t * Hkv + h) * D;
+          const uint8_t* codes = (which ? vc : kc).data() + head * D;
+          if (dtype == DType::I8) {
+            float amax = 0;
+            for (int d = 0; d < D; ++d) amax = std::max(amax, std::fabs(src[d]));
+            EXPECT_EQ((which ? vs : ks)[size_t(head)], amax / 127.0f);
+            for (int d = 0; d < D; ++d)
+              EXPECT_EQ(int8_t(codes[d]), int8_t(std::nearbyint(src[d] * (127.0f / amax)))) << t << h << d;
+          } else {
+            const float inv = 1.0f / (which ? layer_v : layer_k);
+            for (int d = 0; d < D; ++d) EXPECT_EQ(codes[d], f32_to_fp8_e4m3(src[d] * inv)) << t << h << d;
+          }
+        }
+      }
+    // Attention reads code * scale: one query over the three tokens, against float64.
+    std::vector<float> out(size_t(3 * Hq * D), std::nanf(""));
+    Tensor ot{out.data(), DType::F32, 3, Hq * D};
+    AttentionParams params{Hq, Hkv, D, 0.25f, 0};
+    backend->attention(qt, layer, params, ot);
+    for (int32_t h = 0; h < Hq; ++h) {  // the last token attends to all three
+      const int32_t kvh = h / (Hq / Hkv);
+      std::vector<double> scores(3);
+      double mx = -1e300, sum = 0;
+      auto value = [&](bool is_v, int32_t t, int d) {
+        const int64_t head = (1 * Hkv + kvh) * bs + t;
+        const uint8_t code = (is_v ? vc : kc)[size_t(head * D + d)];
+        const double scale = dtype == DType::I8 ? (is_v ? vs : ks)[size_t(head)] : (is_v ? layer_v : layer_k);
+        return (dtype == DType::I8 ? double(int8_t(code)) : double(fp8_e4m3_to_f32(code))) * scale;
+      };
+      for (int32_t t = 0; t < 3; ++t) {
+        double dot = 0;
+        for (int d = 0; d < D; ++d) dot += double(q[size_t((2 * Hq + h) * D + d)]) * value(false, t, d);
+        scores[size_t(t)] = dot * 0.25;
+        mx = std::max(mx, scores[size_t(t)]);
+      }
+      for (double& sc : scores) sum += (sc = std::exp(sc - mx));
+      for (int d = 0; d < D; ++d) {
+        double o = 0;
+        for (int32_t t = 0; t < 3; ++t) o += scores[size_t(t)] / sum * value(true, t, d);
+        EXPECT_NEAR(out[size_t((2 * Hq + h) * D + d)], o, 1e-5 * (1 + std::fabs(o))) << dtype_name(dtype) << h << d;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace llmq
+
+namespace llmq {
+namespace {
+
+// A fixed KV budget holds twice the tokens with an 8-bit cache: exactly with FP8 (per-layer
+// scales), and within the per-token scales' share with INT8 (4 bytes per 128-dim head row).
+TEST(QuantKv, CapacityDoublesAgainst16Bit) {
+  test::TempDir dir;
+  SynthSpec spec;
+  spec.hidden_size = 256;
+  spec.num_heads = 2;  // head_dim 128, as Llama
+  spec.num_kv_heads = 2;
+  spec.intermediate_size = 64;
+  spec.num_layers = 2;
+  spec.vocab_size = 64;
+  spec.threads = 1;
+  write_synthetic_model(dir.path(), spec);
+  auto model = Model::load(dir.path());
+  auto capacity = [&](llmq_kv_dtype kv) {
+    EngineOptions o;
+    o.n_threads = 1;
+    o.kv_dtype = kv;
+    o.kv_cache_bytes = uint64_t(64) << 20;
+    Engine engine(model, o);
+    return int64_t(engine.allocator().num_blocks()) * engine.block_size();
+  };
+  const int64_t bf16 = capacity(LLMQ_KV_DTYPE_BF16), int8 = capacity(LLMQ_KV_DTYPE_INT8),
+                fp8 = capacity(LLMQ_KV_DTYPE_FP8);
+  EXPECT_EQ(bf16, (int64_t(64) << 20) / (2 * 2 * 2 * 128 * 2) / 16 * 16);
+  EXPECT_EQ(fp8, 2 * bf16);
+  EXPECT_GE(double(int8), 1.9 * double(bf16));
+  EXPECT_EQ(kv_bytes_per_token(model->config(), DType::I8), uint64_t(2 * 2 * 2 * (128 + 4)));
 }
 
 }  // namespace

@@ -40,7 +40,8 @@ const char* kUsage =
     "usage: llmq-eval --model DIR --data FILE [--quant MODE] [--kv-dtype DTYPE] [--max-docs N]\n"
     "                 [--threads T] [--batch-tokens B]\n"
     "  --quant MODE      weight quantization of the candidate: none, int8wo, fp8 (engine/quant.h)\n"
-    "  --kv-dtype DTYPE  KV cache dtype of the candidate: auto (the weights' dtype), f32, f16, bf16\n"
+    "  --kv-dtype DTYPE  KV cache dtype of the candidate: auto (the weights' dtype), f32, f16, bf16,\n"
+    "                    int8 (per-token scales), fp8 (per-layer scales)\n"
     "  --max-docs N      score only the first N documents (default all)\n"
     "  --threads T       CPU threads per engine (default one per core)\n"
     "  --batch-tokens B  tokens per forward step (default 2048)\n";
@@ -104,11 +105,10 @@ Options parse_options(int argc, char** argv) {
   if (o.data_path.empty()) usage_error("--data FILE is required");
   if (o.mode.quant != "none" && o.mode.quant != "int8wo" && o.mode.quant != "fp8")
     usage_error(fmt::format("--quant: unknown mode '{}' (none, int8wo, fp8)", o.mode.quant));
-  const char* const kv_dtypes[] = {"auto", "f32", "f16", "bf16"};  // in llmq_kv_dtype order
+  const char* const kv_dtypes[] = {"auto", "f32", "f16", "bf16", "int8", "fp8"};  // in llmq_kv_dtype order
   const auto* kv = std::find(std::begin(kv_dtypes), std::end(kv_dtypes), o.mode.kv_dtype_name);
   if (kv == std::end(kv_dtypes))
-    usage_error(fmt::format("--kv-dtype: '{}' is not implemented yet (available: auto, f32, f16, bf16)",
-                            o.mode.kv_dtype_name));
+    usage_error(fmt::format("--kv-dtype: unknown dtype '{}' (auto, f32, f16, bf16, int8, fp8)", o.mode.kv_dtype_name));
   o.mode.kv_dtype = llmq_kv_dtype(kv - std::begin(kv_dtypes));
   return o;
 }
@@ -332,9 +332,7 @@ QuantMode quant_mode(const Mode& mode) {
 
 // KV cache bytes per token: K and V of every layer.
 uint64_t kv_bytes_per_token(const Model& model, llmq_kv_dtype kv_dtype) {
-  const ModelConfig& c = model.config();
-  return uint64_t(c.num_layers) * 2 * uint64_t(c.num_kv_heads) * uint64_t(c.head_dim) *
-         dtype_size(resolve_kv_dtype(model, kv_dtype));
+  return llmq::kv_bytes_per_token(model.config(), resolve_kv_dtype(model, kv_dtype));
 }
 
 // True when the mode's engine would compute exactly what the reference does.

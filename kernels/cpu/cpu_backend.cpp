@@ -7,9 +7,11 @@
 #include <cstring>
 #include <new>
 #include <thread>
+#include <type_traits>
 
 #include "engine/backend.h"
 #include "engine/error.h"
+#include "engine/fp8.h"
 #include "engine/quant.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/thread_pool.h"
@@ -64,6 +66,16 @@ struct F16Kv {
   static Elem store(float f) { return f32_to_f16(f); }
 };
 
+// 8-bit caches: codes, scaled by KvLayer's k_scale / v_scale (stored by write_kv_head below).
+struct I8Kv {
+  using Elem = int8_t;
+  static float load(Elem e) { return float(e); }
+};
+struct Fp8Kv {
+  using Elem = uint8_t;
+  static float load(Elem e) { return fp8_e4m3_to_f32(e); }
+};
+
 // Calls fn(KvType{}) for the cache's dtype.
 template <typename Fn>
 void with_kv_type(DType dtype, Fn&& fn) {
@@ -74,6 +86,10 @@ void with_kv_type(DType dtype, Fn&& fn) {
       return fn(Bf16Kv{});
     case DType::F16:
       return fn(F16Kv{});
+    case DType::I8:
+      return fn(I8Kv{});
+    case DType::F8_E4M3:
+      return fn(Fp8Kv{});
     default:
       fail(LLMQ_ERR_UNSUPPORTED, "cpu backend: KV cache dtype {} is not supported", dtype_name(dtype));
   }
@@ -84,6 +100,33 @@ void rmsnorm_row(const float* x, const Tensor& weight, float eps, int64_t dim, f
   for (int64_t i = 0; i < dim; ++i) sum_squares += double(x[i]) * double(x[i]);
   float inv = float(1.0 / std::sqrt(sum_squares / double(dim) + double(eps)));
   for (int64_t i = 0; i < dim; ++i) out[i] = (x[i] * inv) * load_element(weight.data, weight.dtype, i);
+}
+
+// Stores one head's K or V row (head_dim values) at scale index `head` of a cache layer.
+void write_kv_head(const float* src, int64_t head_dim, const Tensor& cache, const Tensor& scale, int64_t head) {
+  const int64_t dst = head * head_dim;
+  switch (cache.dtype) {
+    case DType::I8: {
+      float amax = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(src[d]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      scale.as<float>()[head] = amax / 127.0f;
+      for (int64_t d = 0; d < head_dim; ++d)
+        cache.as<int8_t>()[dst + d] = int8_t(std::clamp(std::nearbyint(src[d] * inv), -127.0f, 127.0f));
+      return;
+    }
+    case DType::F8_E4M3: {
+      const float inv = 1.0f / scale.as<float>()[0];
+      for (int64_t d = 0; d < head_dim; ++d) cache.as<uint8_t>()[dst + d] = f32_to_fp8_e4m3(src[d] * inv);
+      return;
+    }
+    default:
+      with_kv_type(cache.dtype, [&](auto kv) {
+        using Kv = decltype(kv);
+        if constexpr (std::is_same<Kv, F32Kv>::value || std::is_same<Kv, Bf16Kv>::value || std::is_same<Kv, F16Kv>::value)
+          for (int64_t d = 0; d < head_dim; ++d) cache.as<typename Kv::Elem>()[dst + d] = Kv::store(src[d]);
+      });
+  }
 }
 
 class CpuBackend final : public Backend {
@@ -197,20 +240,11 @@ class CpuBackend final : public Backend {
 
         int64_t slot = plan_->slots[size_t(t)];
         int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
-        with_kv_type(cache.k.dtype, [&](auto kv) {
-          using Kv = decltype(kv);
-          for (int64_t h = 0; h < n_kv_heads; ++h) {
-            int64_t dst = ((block * n_kv_heads + h) * cache.block_size + offset) * head_dim;
-            const float* k_src = k.as<float>() + t * k.cols + h * head_dim;
-            const float* v_src = v.as<float>() + t * v.cols + h * head_dim;
-            auto* k_dst = cache.k.as<typename Kv::Elem>() + dst;
-            auto* v_dst = cache.v.as<typename Kv::Elem>() + dst;
-            for (int64_t d = 0; d < head_dim; ++d) {
-              k_dst[d] = Kv::store(k_src[d]);
-              v_dst[d] = Kv::store(v_src[d]);
-            }
-          }
-        });
+        for (int64_t h = 0; h < n_kv_heads; ++h) {
+          const int64_t head = (block * n_kv_heads + h) * cache.block_size + offset;  // scale index
+          write_kv_head(k.as<float>() + t * k.cols + h * head_dim, head_dim, cache.k, cache.k_scale, head);
+          write_kv_head(v.as<float>() + t * v.cols + h * head_dim, head_dim, cache.v, cache.v_scale, head);
+        }
       }
     });
   }
@@ -257,16 +291,20 @@ class CpuBackend final : public Backend {
         int64_t first = params.sliding_window > 0 ? std::max<int64_t>(0, position - params.sliding_window + 1) : 0;
         const int32_t* blocks = plan_->block_ids.data() + plan_->block_offsets[size_t(seq)];
         const float* qh = q.as<float>() + t * q.cols + h * head_dim;
-        auto kv_row = [&](const Tensor& store, int64_t j) {
-          int64_t block = blocks[j / bs];
-          return store.as<Elem>() + ((block * cache.num_kv_heads + kv_head) * bs + j % bs) * head_dim;
+        auto head_index = [&](int64_t j) { return (int64_t(blocks[j / bs]) * cache.num_kv_heads + kv_head) * bs + j % bs; };
+        auto kv_row = [&](const Tensor& store, int64_t j) { return store.as<Elem>() + head_index(j) * head_dim; };
+        // 8-bit caches: code * scale, dequantized before the products (1.0 and exact otherwise).
+        const bool per_token = cache.k.dtype == DType::I8;
+        auto row_scale = [&](const Tensor& scale, int64_t j) {
+          return scale.empty() ? 1.0f : scale.as<float>()[per_token ? head_index(j) : 0];
         };
         scores.resize(size_t(position - first + 1));
         float max_score = -INFINITY;
         for (int64_t j = first; j <= position; ++j) {
           const Elem* kj = kv_row(cache.k, j);
+          const float ks = row_scale(cache.k_scale, j);
           float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * Kv::load(kj[d]);
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * (Kv::load(kj[d]) * ks);
           float s = dot * params.scale;
           scores[size_t(j - first)] = s;
           max_score = std::max(max_score, s);
@@ -280,8 +318,9 @@ class CpuBackend final : public Backend {
         std::fill(oh, oh + head_dim, 0.0f);
         for (int64_t j = first; j <= position; ++j) {
           const Elem* vj = kv_row(cache.v, j);
+          const float vs = row_scale(cache.v_scale, j);
           float p = scores[size_t(j - first)];
-          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * Kv::load(vj[d]);
+          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * (Kv::load(vj[d]) * vs);
         }
         float inv = 1.0f / denominator;
         for (int64_t d = 0; d < head_dim; ++d) oh[d] *= inv;

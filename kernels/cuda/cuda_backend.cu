@@ -492,7 +492,8 @@ class CudaBackend final : public Backend {
     Profiler::Scope timer(profiler_, "rope_kv_write", stream_);
     cuda::rope_kv_write(q.as<float>(), q.cols, k.as<float>(), v.as<float>(), k.cols, inv_freq.as<float>(),
                         cache.head_dim, cache.num_kv_heads, cache.block_size, cache.k.data, cache.v.data,
-                        cache.k.dtype, device_plan_, q.rows, stream_);
+                        cache.k_scale.as<float>(), cache.v_scale.as<float>(), cache.k.dtype, device_plan_, q.rows,
+                        stream_);
     check(cudaGetLastError(), "rope_kv_write kernel");
   }
 
@@ -504,6 +505,9 @@ class CudaBackend final : public Backend {
     args.block_size = cache.block_size;
     args.sliding_window = params.sliding_window;
     args.scale = params.scale;
+    args.k_scale = cache.k_scale.as<float>();
+    args.v_scale = cache.v_scale.as<float>();
+    args.scale_per_token = cache.k.dtype == DType::I8;
     // Prefill (a run of more than 16 tokens of one sequence) goes to the tensor cores when the cache
     // is 16-bit. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
     args.tensor_cores = longest_run_ > cuda::kAttentionTileQ &&

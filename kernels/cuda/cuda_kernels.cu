@@ -62,6 +62,19 @@ void with_float_type(DType dtype, const char* what, Fn&& fn) {
   }
 }
 
+// Calls fn(Tag<T>{}) for a KV cache dtype: the float types, INT8 codes or FP8 codes.
+template <typename Fn>
+void with_kv_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::I8:
+      return fn(Tag<int8_t>{});
+    case DType::F8_E4M3:
+      return fn(Tag<fp8>{});
+    default:
+      return with_float_type(dtype, "KV cache", fn);
+  }
+}
+
 int blocks_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 65536)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -307,36 +320,58 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
 // ---- RoPE + KV write ------------------------------------------------------------------------
 
+// One head's K or V row into the cache: converted (float types), or quantized (engine/backend.h's
+// KvLayer): INT8 with this token's scale amax / 127 (one warp per row), FP8 with the layer's scale.
+template <typename KvT>
+__device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* scale, int64_t head, int lane) {
+  if constexpr (std::is_same<KvT, int8_t>::value) {
+    float amax = 0.0f;
+    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src[d]));
+    amax = warp_max(amax);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    if (lane == 0) scale[head] = amax / 127.0f;
+    for (int d = lane; d < head_dim; d += 32)
+      dst[d] = int8_t(fminf(fmaxf(rintf(__fmul_rn(src[d], inv)), -127.0f), 127.0f));
+  } else if constexpr (std::is_same<KvT, fp8>::value) {
+    const float inv = 1.0f / scale[0];
+    for (int d = lane; d < head_dim; d += 32)
+      dst[d].bits = __nv_cvt_float_to_fp8(__fmul_rn(src[d], inv), __NV_SATFINITE, __NV_E4M3);
+  } else {
+    for (int d = lane; d < head_dim; d += 32) dst[d] = from_f32<KvT>(src[d]);
+  }
+}
+
 template <typename KvT>
 __global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols,
                                const float* inv_freq, int head_dim, int num_kv_heads, int block_size, KvT* k_cache,
-                               KvT* v_cache, const int32_t* positions, const int32_t* slots) {
+                               KvT* v_cache, float* k_scale, float* v_scale, const int32_t* positions,
+                               const int32_t* slots) {
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const int num_q_heads = int(q_cols / head_dim);
   const float position = float(positions[t]);
-  const int64_t slot = slots[t];
-  const int64_t block = slot / block_size, offset = slot % block_size;
-  auto cache_index = [&](int h, int d) { return ((block * num_kv_heads + h) * block_size + offset) * head_dim + d; };
   // As the CPU backend (and Hugging Face): angle = position * inv_freq in fp32, then cos and sin.
   for (int i = threadIdx.x; i < (num_q_heads + num_kv_heads) * half; i += blockDim.x) {
     const int h = i / half, j = i % half;
-    const bool is_q = h < num_q_heads;
-    float* head = is_q ? q + t * q_cols + int64_t(h) * head_dim : k + t * kv_cols + int64_t(h - num_q_heads) * head_dim;
+    float* head = h < num_q_heads ? q + t * q_cols + int64_t(h) * head_dim
+                                  : k + t * kv_cols + int64_t(h - num_q_heads) * head_dim;
     const float angle = __fmul_rn(position, inv_freq[j]);
     const float c = cosf(angle), s = sinf(angle);
     const float x0 = head[j], x1 = head[j + half];
-    const float y0 = __fmul_rn(x0, c) - __fmul_rn(x1, s);
-    const float y1 = __fmul_rn(x1, c) + __fmul_rn(x0, s);
-    head[j] = y0;
-    head[j + half] = y1;
-    if (!is_q) {
-      k_cache[cache_index(h - num_q_heads, j)] = from_f32<KvT>(y0);
-      k_cache[cache_index(h - num_q_heads, j + half)] = from_f32<KvT>(y1);
-    }
+    head[j] = __fmul_rn(x0, c) - __fmul_rn(x1, s);
+    head[j + half] = __fmul_rn(x1, c) + __fmul_rn(x0, s);
   }
-  for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x)
-    v_cache[cache_index(i / head_dim, i % head_dim)] = from_f32<KvT>(v[t * kv_cols + i]);
+  __syncthreads();  // the rotated k rows are read by other threads below
+  const int64_t slot = slots[t];
+  const int64_t block = slot / block_size, offset = slot % block_size;
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int item = threadIdx.x / 32; item < 2 * num_kv_heads; item += warps) {
+    const bool is_v = item >= num_kv_heads;
+    const int h = item % num_kv_heads;
+    const int64_t head = (block * num_kv_heads + h) * block_size + offset;  // the scale's index
+    const float* src = (is_v ? v : k) + t * kv_cols + int64_t(h) * head_dim;
+    write_kv_row(src, head_dim, (is_v ? v_cache : k_cache) + head * head_dim, is_v ? v_scale : k_scale, head, lane);
+  }
 }
 
 // ---- Paged attention --------------------------------------------------------------------------
@@ -387,6 +422,14 @@ __device__ __forceinline__ int unpack_kv(uint4 v, f16, float* out) {
   unpack8(v, f16{}, out);
   return 8;
 }
+__device__ __forceinline__ int unpack_kv(uint4 v, int8_t, float* out) {
+  unpack16(v, int8_t{}, out);
+  return 16;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, fp8, float* out) {
+  unpack16(v, fp8{}, out);
+  return 16;
+}
 
 template <typename KvT>
 __global__ void __launch_bounds__(kAttentionThreads)
@@ -430,27 +473,35 @@ __global__ void __launch_bounds__(kAttentionThreads)
     l_s[tid] = 0.0f;
     pos_s[tid] = tid < count ? plan.positions[t0 + tid] : -1;
   }
-  // One key tile of K or V into kv_s as fp32: 16-byte loads when rows allow, all in flight at once.
+  // One key tile of K or V into kv_s as fp32 (8-bit codes times their scale): 16-byte loads when
+  // rows allow, all in flight at once.
   const bool vector = (D * int(sizeof(KvT))) % 16 == 0;
   const int per_vector = 16 / int(sizeof(KvT));
-  auto load_tile = [&](const KvT* cache) {
+  auto scale_of = [&](const float* scale, int64_t offset) {
+    return scale ? scale[a.scale_per_token ? offset / D : 0] : 1.0f;
+  };
+  auto load_tile = [&](const KvT* cache, const float* scale) {
     if (vector) {
       const int vectors = D / per_vector;
 #pragma unroll 4
       for (int i = tid; i < kTileK * vectors; i += kAttentionThreads) {
         const int j = i / vectors, c = i % vectors;
         const int64_t offset = offset_s[j];
-        float values[8];
+        float values[16];
         uint4 raw = make_uint4(0, 0, 0, 0);
-        if (offset >= 0) raw = __ldg(reinterpret_cast<const uint4*>(cache + offset + c * per_vector));
+        float s = 0.0f;
+        if (offset >= 0) {
+          raw = __ldg(reinterpret_cast<const uint4*>(cache + offset + c * per_vector));
+          s = scale_of(scale, offset);
+        }
         const int n = unpack_kv(raw, KvT{}, values);
-        for (int e = 0; e < n; ++e) kv_s[j * Dp + c * per_vector + e] = values[e];
+        for (int e = 0; e < n; ++e) kv_s[j * Dp + c * per_vector + e] = values[e] * s;
       }
     } else {
       for (int i = tid; i < kTileK * D; i += kAttentionThreads) {
         const int j = i / D, d = i % D;
         const int64_t offset = offset_s[j];
-        kv_s[j * Dp + d] = offset >= 0 ? to_f32(cache[offset + d]) : 0.0f;
+        kv_s[j * Dp + d] = offset >= 0 ? to_f32(cache[offset + d]) * scale_of(scale, offset) : 0.0f;
       }
     }
   };
@@ -459,7 +510,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     __syncthreads();  // the previous tile's V and offsets are no longer read
     key_offsets(blocks, key0, key_end, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
     __syncthreads();
-    load_tile(k_cache);
+    load_tile(k_cache, a.k_scale);
     __syncthreads();
     for (int i = tid; i < count * kTileK; i += kAttentionThreads) {
       const int r = i / kTileK, j = i % kTileK, key = key0 + j, p = pos_s[r];
@@ -488,7 +539,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
         c_s[r] = correction;
       }
     }
-    load_tile(v_cache);  // K is no longer read after the barrier above
+    load_tile(v_cache, a.v_scale);  // K is no longer read after the barrier above
     __syncthreads();
     for (int i = tid; i < count * D; i += kAttentionThreads) {
       const int r = i / D, d = i % D;
@@ -809,12 +860,13 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
 
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
-                   DType kv_dtype, const DevicePlan& plan, int64_t n_tokens, cudaStream_t stream) {
-  with_float_type(kv_dtype, "KV cache", [&](auto tag) {
+                   float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
+                   cudaStream_t stream) {
+  with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    rope_kv_kernel<T><<<unsigned(n_tokens), 128, 0, stream>>>(q, q_cols, k, v, kv_cols, inv_freq, head_dim,
-                                                              num_kv_heads, block_size, static_cast<T*>(k_cache),
-                                                              static_cast<T*>(v_cache), plan.positions, plan.slots);
+    rope_kv_kernel<T><<<unsigned(n_tokens), 128, 0, stream>>>(
+        q, q_cols, k, v, kv_cols, inv_freq, head_dim, num_kv_heads, block_size, static_cast<T*>(k_cache),
+        static_cast<T*>(v_cache), k_scale, v_scale, plan.positions, plan.slots);
   });
 }
 
@@ -846,7 +898,7 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
     return;
   }
   const size_t smem = attention_smem_bytes(args.head_dim);
-  with_float_type(kv_dtype, "KV cache", [&](auto tag) {
+  with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = attention_kernel<T>;
     static size_t configured = 48 * 1024;  // per instantiation: the dynamic shared memory allowed so far

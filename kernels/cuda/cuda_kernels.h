@@ -63,16 +63,22 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
                     const float* row_scale, const float* w_scale, bool per_channel, const void* bias,
                     DType bias_dtype, float* out, cudaStream_t stream);
 
-// RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache.
+// RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
+// caches: codes and scales as engine/backend.h's KvLayer defines).
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
-                   DType kv_dtype, const DevicePlan& plan, int64_t n_tokens, cudaStream_t stream);
+                   float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
+                   cudaStream_t stream);
 
 struct AttentionArgs {
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0, sliding_window = 0;
   float scale = 1.0f;
   int32_t n_splits = 1;  // key-range splits per (tile, head); > 1 needs the partial buffers
   bool tensor_cores = false;  // the tensor-core kernel over plan.large (no splits)
+  // 8-bit caches: value = code * scale, the scale per token and head (INT8) or per layer (FP8).
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  bool scale_per_token = false;
 };
 // Whether the tensor-core (mma) kernel handles this cache: 16-bit KV, head_dim 64 or 128.
 bool attention_has_tensor_core_kernel(DType kv_dtype, int32_t head_dim);

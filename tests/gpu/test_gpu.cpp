@@ -281,8 +281,25 @@ class GpuAttention : public BackendPair {
     const size_t kv_bytes = size_t(total_blocks * per_block) * dtype_size(c.kv_dtype);
     Both k_cache = tensor(std::vector<uint8_t>(kv_bytes), c.kv_dtype, total_blocks, per_block);
     Both v_cache = tensor(std::vector<uint8_t>(kv_bytes), c.kv_dtype, total_blocks, per_block);
-    KvLayer cpu_layer{k_cache.cpu, v_cache.cpu, block_size, c.kv_heads, c.head_dim};
-    KvLayer gpu_layer{k_cache.gpu, v_cache.gpu, block_size, c.kv_heads, c.head_dim};
+    KvLayer cpu_layer, gpu_layer;
+    cpu_layer.k = k_cache.cpu;
+    cpu_layer.v = v_cache.cpu;
+    gpu_layer.k = k_cache.gpu;
+    gpu_layer.v = v_cache.gpu;
+    if (c.kv_dtype == DType::I8) {  // a scale per token and head, written with the codes
+      const int64_t heads = int64_t(c.kv_heads) * block_size;
+      Both ks = floats(std::vector<float>(size_t(total_blocks * heads)), total_blocks, heads);
+      Both vs = floats(std::vector<float>(size_t(total_blocks * heads)), total_blocks, heads);
+      cpu_layer.k_scale = ks.cpu, cpu_layer.v_scale = vs.cpu, gpu_layer.k_scale = ks.gpu, gpu_layer.v_scale = vs.gpu;
+    } else if (c.kv_dtype == DType::F8_E4M3) {  // static per-layer scales
+      Both ks = floats({1.0f / 64}, 1, 1), vs = floats({1.0f / 128}, 1, 1);
+      cpu_layer.k_scale = ks.cpu, cpu_layer.v_scale = vs.cpu, gpu_layer.k_scale = ks.gpu, gpu_layer.v_scale = vs.gpu;
+    }
+    for (KvLayer* layer : {&cpu_layer, &gpu_layer}) {
+      layer->block_size = block_size;
+      layer->num_kv_heads = c.kv_heads;
+      layer->head_dim = c.head_dim;
+    }
     std::vector<float> inv_freq(static_cast<size_t>(c.head_dim / 2));
     for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = float(std::pow(10000.0, -2.0 * double(i) / c.head_dim));
     Both freq = floats(inv_freq, 1, int64_t(inv_freq.size()));
@@ -331,6 +348,10 @@ const AttentionCase kAttentionCases[] = {
     {8, 2, 64, 0, DType::F32, {1e-5, 1e-4}},    {8, 8, 8, 0, DType::BF16, {8e-3, 0.05}},
     {4, 1, 128, 0, DType::F16, {2e-3, 0.01}},   {8, 2, 64, 16, DType::F32, {1e-5, 1e-4}},
     {32, 32, 128, 0, DType::BF16, {8e-3, 0.05}}, {8, 2, 64, 16, DType::BF16, {8e-3, 0.05}},
+    // 8-bit caches: the same codes on both backends unless a rotated value sits on a rounding
+    // boundary (then one code differs by one step).
+    {8, 2, 64, 0, DType::I8, {3e-3, 0.05}},      {4, 1, 128, 16, DType::I8, {3e-3, 0.05}},
+    {8, 2, 64, 0, DType::F8_E4M3, {3e-3, 0.05}}, {8, 8, 8, 0, DType::F8_E4M3, {3e-3, 0.05}},
 };
 
 TEST_F(GpuAttention, MixedPrefillAndDecodeMatchCpu) {
