@@ -109,6 +109,50 @@ void parse_rope_scaling(const json& value, const std::string& source, RopeConfig
        type);
 }
 
+// "quantization_config": vLLM's {"quant_method": "fp8", "activation_scheme": ...}, or
+// compressed-tensors with 8-bit symmetric int weights per channel and no activation quantization.
+void parse_quantization_config(const json& q, const std::string& source, ModelConfig* config) {
+  if (q.is_null()) return;
+  if (!q.is_object()) fail(LLMQ_ERR_MODEL_FORMAT, "{}: field 'quantization_config' must be an object", source);
+  Fields fields(q, source);
+  const std::string method = fields.string_or("quant_method", "");
+  if (method == "fp8") {
+    const std::string scheme = fields.string_or("activation_scheme", "dynamic");
+    if (scheme != "dynamic" && scheme != "static")
+      fail(LLMQ_ERR_UNSUPPORTED, "{}: quantization_config.activation_scheme '{}' is not supported (dynamic, static)",
+           source, scheme);
+    config->checkpoint_quant = QuantMode::Fp8;
+    config->static_activations = scheme == "static";
+    return;
+  }
+  if (method == "compressed-tensors") {
+    auto groups = q.find("config_groups");
+    if (groups == q.end() || !groups->is_object() || groups->empty())
+      fail(LLMQ_ERR_MODEL_FORMAT, "{}: quantization_config.config_groups must be a non-empty object", source);
+    for (const auto& [name, group] : groups->items()) {
+      const std::string where = "quantization_config.config_groups." + name;
+      const json* weights = group.is_object() && group.contains("weights") ? &group["weights"] : nullptr;
+      // Compared as JSON values, so a field of another type is a mismatch, not an exception.
+      auto is = [&](const char* key, const json& expected) {
+        auto it = weights->find(key);
+        return it != weights->end() && *it == expected;
+      };
+      const bool int8_channel = weights && weights->is_object() && is("num_bits", 8) && is("type", "int") &&
+                                is("symmetric", true) && is("strategy", "channel");
+      if (!int8_channel)
+        fail(LLMQ_ERR_UNSUPPORTED, "{}: {}.weights: only 8-bit symmetric int weights with per-channel scales are "
+             "supported (int8wo)", source, where);
+      if (group.contains("input_activations") && !group["input_activations"].is_null())
+        fail(LLMQ_ERR_UNSUPPORTED, "{}: {}.input_activations: quantized activations are not supported with int8 weights",
+             source, where);
+    }
+    config->checkpoint_quant = QuantMode::Int8WeightOnly;
+    return;
+  }
+  fail(LLMQ_ERR_UNSUPPORTED, "{}: quantization_config.quant_method '{}' is not supported (fp8, compressed-tensors)",
+       source, method);
+}
+
 }  // namespace
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
@@ -154,6 +198,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   config.rope.theta = fields.number_or("rope_theta", 10000.0, 1.0, 1e12);
   if (fields.has("rope_scaling")) parse_rope_scaling(root["rope_scaling"], source, &config.rope);
   config.tie_word_embeddings = fields.boolean_or("tie_word_embeddings", false);
+  if (fields.has("quantization_config")) parse_quantization_config(root["quantization_config"], source, &config);
 
   std::string act = fields.string_or("hidden_act", "silu");
   if (act != "silu") fail(LLMQ_ERR_UNSUPPORTED, "{}: hidden_act '{}' is not supported (only silu)", source, act);

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/quant.h"
+
 namespace llmq {
 
 enum class Architecture { Llama, Mistral, Qwen2 };
@@ -38,6 +40,11 @@ struct ModelConfig {
   int64_t sliding_window = 0;  // 0 = full attention (Mistral v0.1 uses 4096)
   int32_t bos_id = -1;
   std::vector<int32_t> eos_ids;  // generation_config.json's list wins over config.json's
+  // A pre-quantized checkpoint ("quantization_config"): vLLM's fp8, or compressed-tensors INT8
+  // weights with per-channel scales (int8wo). static_activations: fp8 with "activation_scheme":
+  // "static" (an input_scale per linear).
+  QuantMode checkpoint_quant = QuantMode::None;
+  bool static_activations = false;
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }

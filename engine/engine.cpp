@@ -55,8 +55,8 @@ uint64_t kv_bytes_per_token(const ModelConfig& config, DType kv_dtype) {
 
 DType resolve_kv_dtype(const Model& model, llmq_kv_dtype requested) {
   switch (int(requested)) {
-    case LLMQ_KV_DTYPE_AUTO:
-      return model.weights().layers.front().wk.dtype;
+    case LLMQ_KV_DTYPE_AUTO:  // the model's 16/32-bit dtype (embeddings stay unquantized)
+      return model.weights().embed.dtype;
     case LLMQ_KV_DTYPE_F32:
       return DType::F32;
     case LLMQ_KV_DTYPE_F16:
@@ -114,7 +114,12 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
   } else {
     fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: unknown backend {}", int(options.backend));
   }
-  if (options.quant == QuantMode::Fp8) {
+  const QuantMode stored = model_->config().checkpoint_quant;
+  if (stored != QuantMode::None && options.quant != QuantMode::None && options.quant != stored)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine params: quant {} was asked for, but {} is already quantized as {}",
+         quant_mode_name(options.quant), model_->dir(), quant_mode_name(stored));
+  quant_ = stored != QuantMode::None ? stored : options.quant;
+  if (quant_ == QuantMode::Fp8) {
     std::string why;
     if (!backend_->supports_fp8(&why)) fail(LLMQ_ERR_UNSUPPORTED, "engine: quant fp8 on {}: {}", backend_->name(), why);
   }
@@ -136,8 +141,11 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
       layer.v_scale = tensor(allocator_.num_blocks(), c.num_kv_heads * options.kv_block_size);
     } else if (kv_dtype_ == DType::F8_E4M3) {
       // Static per-layer scales; 1.0 (as vLLM without calibrated k_scale / v_scale).
-      layer.k_scale = backend_->upload(Tensor{const_cast<float*>(&kUnitScale), DType::F32, 1, 1});
-      layer.v_scale = layer.k_scale;
+      // The checkpoint's calibrated per-layer scales when it has them, else 1.0 (as vLLM).
+      const LayerWeights& lw = model_->weights().layers[size_t(l)];
+      const Tensor unit{const_cast<float*>(&kUnitScale), DType::F32, 1, 1};
+      layer.k_scale = backend_->upload(lw.k_scale.empty() ? unit : lw.k_scale);
+      layer.v_scale = backend_->upload(lw.v_scale.empty() ? unit : lw.v_scale);
     }
     layer.block_size = options.kv_block_size;
     layer.num_kv_heads = int32_t(c.num_kv_heads);
@@ -168,16 +176,24 @@ void Engine::upload_weights() {
     return t.empty() ? t : backend_->upload(t);
   };
   // int8wo keeps activations 16-bit: the checkpoint's 16-bit type, BF16 for an F32 checkpoint.
-  const DType model_dtype = w.layers.front().wq.dtype;
+  const DType model_dtype = w.embed.dtype;
   const DType act_dtype = model_dtype == DType::F16 || model_dtype == DType::BF16 ? model_dtype : DType::BF16;
   const int threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  auto linear = [&](const Tensor& t) {
+  const QuantMode stored = model_->config().checkpoint_quant;
+  auto linear = [&](const LayerWeights& l, LinearIndex index, const Tensor& t) {
     LinearWeight lw;
-    if (options_.quant == QuantMode::None) {
+    lw.act_dtype = act_dtype;
+    if (stored != QuantMode::None) {  // a pre-quantized checkpoint: its codes and scales as stored
+      lw.w = upload(t);
+      lw.scale = upload(l.weight_scale[index]);
+      lw.input_scale = upload(l.input_scale[index]);
+      return lw;
+    }
+    if (quant_ == QuantMode::None) {
       lw.w = upload(t);
       return lw;
     }
-    QuantizedWeight q = quantize_weight(t, options_.quant, threads);
+    QuantizedWeight q = quantize_weight(t, quant_, threads);
     lw = q.view(act_dtype);
     weight_bytes_ += lw.w.nbytes() + lw.scale.nbytes();
     weight_bytes_per_step_ += lw.w.nbytes() + lw.scale.nbytes();
@@ -197,9 +213,10 @@ void Engine::upload_weights() {
     lm_head_.w = upload(w.lm_head);
   }
   for (const LayerWeights& l : w.layers)
-    layers_.push_back(Layer{upload(l.attn_norm), upload(l.mlp_norm), linear(l.wq), linear(l.wk), linear(l.wv),
-                            linear(l.wo), linear(l.w_gate), linear(l.w_up), linear(l.w_down), upload(l.bq),
-                            upload(l.bk), upload(l.bv), upload(l.bo)});
+    layers_.push_back(Layer{upload(l.attn_norm), upload(l.mlp_norm), linear(l, kQ, l.wq), linear(l, kK, l.wk),
+                            linear(l, kV, l.wv), linear(l, kO, l.wo), linear(l, kGate, l.w_gate),
+                            linear(l, kUp, l.w_up), linear(l, kDown, l.w_down), upload(l.bq), upload(l.bk),
+                            upload(l.bv), upload(l.bo)});
 }
 
 uint64_t Engine::kv_bytes_per_token() const {
@@ -258,6 +275,12 @@ void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* lo
   if (rows > 0) backend_->to_host(Tensor{logits_buffer_->data(), DType::F32, int64_t(rows), c.vocab_size}, logits->data());
 }
 
+void Engine::set_observer(Observer observer) {
+  if (observer && options_.backend != LLMQ_BACKEND_CPU)
+    fail(LLMQ_ERR_UNSUPPORTED, "engine: calibration observes activations on the CPU backend only");
+  observer_ = std::move(observer);
+}
+
 void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
   const ModelConfig& c = model_->config();
   const float eps = float(c.rms_norm_eps);
@@ -277,6 +300,9 @@ void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
                             float(1.0 / std::sqrt(double(c.head_dim))), int32_t(c.sliding_window)};
   auto bias = [](const Tensor& b) { return b.empty() ? nullptr : &b; };
 
+  auto observe = [&](size_t layer, const char* site, const Tensor& t) {
+    if (observer_) observer_(int32_t(layer), site, t);
+  };
   backend_->embed(embed_, x);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
@@ -285,16 +311,22 @@ void Engine::forward(int32_t n_tokens, int32_t n_logit_rows) {
       backend_->rmsnorm(x, w.attn_norm, eps, h);
     else
       backend_->add_rmsnorm(x, proj, w.attn_norm, eps, h);
+    observe(l, "attn_in", h);
     backend_->linear(h, w.wq, bias(w.bq), q);
     backend_->linear(h, w.wk, bias(w.bk), k);
     backend_->linear(h, w.wv, bias(w.bv), v);
     backend_->rope_kv_write(q, k, v, inv_freq_, kv_layers_[l]);
+    observe(l, "k", k);
+    observe(l, "v", v);
     backend_->attention(q, kv_layers_[l], attention, attn);
+    observe(l, "o_in", attn);
     backend_->linear(attn, w.wo, bias(w.bo), proj);
     backend_->add_rmsnorm(x, proj, w.mlp_norm, eps, h);
+    observe(l, "mlp_in", h);
     backend_->linear(h, w.w_gate, nullptr, gate);
     backend_->linear(h, w.w_up, nullptr, up);
     backend_->silu_mul(gate, up, gate);
+    observe(l, "down_in", gate);
     backend_->linear(gate, w.w_down, nullptr, proj);
   }
   if (n_logit_rows > 0) {

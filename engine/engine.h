@@ -68,6 +68,8 @@ class Engine {
   int32_t block_size() const { return options_.kv_block_size; }
   BlockAllocator& allocator() { return allocator_; }
   DType kv_dtype() const { return kv_dtype_; }
+  // The weight quantization in use: the one asked for, or a pre-quantized checkpoint's.
+  QuantMode quant() const { return quant_; }
   // Weight bytes one decode step reads on the backend (quantized where quantized; the embedding
   // table is gathered by rows and not counted unless it is also the lm_head).
   uint64_t weight_bytes_per_step() const { return weight_bytes_per_step_; }
@@ -88,6 +90,12 @@ class Engine {
 
   // Logits of every position of `ids` (one sequence from position 0): n_ids * vocab floats.
   void score(const std::vector<int32_t>& ids, float* logits);
+
+  // Calibration: during each forward step, called with the input of each layer's linear layers
+  // ("attn_in" for q/k/v, "o_in", "mlp_in" for gate/up, "down_in") and the K and V rows written to
+  // the cache ("k" after RoPE, "v"). CPU backend only: the tensors are in host memory.
+  using Observer = std::function<void(int32_t layer, const char* site, const Tensor& values)>;
+  void set_observer(Observer observer);
 
   // Checks that every id is in the vocabulary; `what` names the argument in the message.
   void check_token_ids(const int32_t* ids, size_t n, const char* what) const;
@@ -112,6 +120,7 @@ class Engine {
   std::vector<Layer> layers_;
   uint64_t weight_bytes_per_step_ = 0, weight_bytes_ = 0;
   DType kv_dtype_;
+  QuantMode quant_ = QuantMode::None;
   std::vector<float> inv_freq_host_;
   Tensor inv_freq_;
   BlockAllocator allocator_;
@@ -120,6 +129,7 @@ class Engine {
   Tensor x_, h_, q_, k_, v_, attn_, proj_, gate_, up_, last_hidden_;
   std::unique_ptr<Buffer> logits_buffer_;
   BatchPlan plan_;
+  Observer observer_;
 };
 
 // Bytes of KV cache one token takes over all layers, for a cache of `kv_dtype` (with the

@@ -1,6 +1,8 @@
 #include "engine/model.h"
 
 #include <cstdint>
+#include <cmath>
+#include <cstring>
 #include <set>
 #include <unordered_map>
 
@@ -92,12 +94,16 @@ void Model::bind_weights() {
 
   // Finds a tensor, checks its dtype and shape ({rows, cols}, or {cols} for 1-D), and returns a
   // view of it in place (or of an aligned copy when the mapping is misaligned for its dtype).
-  auto bind = [&](const std::string& name, int64_t rows, int64_t cols, bool one_d) -> Tensor {
+  auto bind = [&](const std::string& name, int64_t rows, int64_t cols, bool one_d,
+                  DType quantized = DType::F32) -> Tensor {
     auto it = by_name.find(name);
     if (it == by_name.end()) fail(LLMQ_ERR_MODEL_FORMAT, "{}: missing tensor '{}'", dir_, name);
     const TensorInfo& info = *it->second;
     const std::string& path = file_of[name]->path();
-    if (!is_float_dtype(info.dtype))
+    if (quantized != DType::F32 && info.dtype != quantized)
+      fail(LLMQ_ERR_MODEL_FORMAT, "{}: tensor '{}' has dtype {}; this {} checkpoint needs {}", path, name,
+           dtype_name(info.dtype), quant_mode_name(c.checkpoint_quant), dtype_name(quantized));
+    if (quantized == DType::F32 && !is_float_dtype(info.dtype))
       fail(LLMQ_ERR_MODEL_FORMAT, "{}: tensor '{}' has dtype {}; expected F32, F16 or BF16", path, name,
            dtype_name(info.dtype));
     std::vector<int64_t> expected = one_d ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
@@ -113,16 +119,67 @@ void Model::bind_weights() {
     return Tensor{const_cast<void*>(data), info.dtype, rows, cols};
   };
 
+  // A scale tensor of `count` values (shape [], [count] or [count, 1]), as F32, finite and >= 0.
+  auto bind_scale = [&](const std::string& name, int64_t count, bool required) -> Tensor {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) {
+      if (required) fail(LLMQ_ERR_MODEL_FORMAT, "{}: missing tensor '{}'", dir_, name);
+      return Tensor{};
+    }
+    const TensorInfo& info = *it->second;
+    const std::string& path = file_of[name]->path();
+    const bool shape_ok = (count == 1 && (info.shape.empty() || info.shape == std::vector<int64_t>{1})) ||
+                          info.shape == std::vector<int64_t>{count} || info.shape == std::vector<int64_t>{count, 1};
+    if (!shape_ok || !is_float_dtype(info.dtype))
+      fail(LLMQ_ERR_MODEL_FORMAT, "{}: scale '{}' has dtype {} and shape [{}]; expected F32, F16 or BF16 with {} value(s)",
+           path, name, dtype_name(info.dtype), fmt::join(info.shape, ", "), count);
+    std::vector<float> values(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) {
+      const char* p = static_cast<const char*>(info.data) + uint64_t(i) * dtype_size(info.dtype);
+      uint32_t bits32 = 0;
+      uint16_t bits16 = 0;
+      if (info.dtype == DType::F32) std::memcpy(&bits32, p, 4);
+      else std::memcpy(&bits16, p, 2);
+      values[size_t(i)] = info.dtype == DType::F32 ? f32_from_bits(bits32)
+                          : info.dtype == DType::BF16 ? bf16_to_f32(bits16) : f16_to_f32(bits16);
+      if (!std::isfinite(values[size_t(i)]) || values[size_t(i)] < 0.0f)
+        fail(LLMQ_ERR_MODEL_FORMAT, "{}: scale '{}' has a non-finite or negative value {} at index {}", path, name,
+             values[size_t(i)], i);
+    }
+    used.insert(name);
+    scales_.push_back(std::move(values));
+    return Tensor{scales_.back().data(), DType::F32, 1, count};
+  };
+  // A linear layer's weight: 16/32-bit, or the checkpoint's codes with their scales.
+  auto bind_linear = [&](LayerWeights& l, LinearIndex index, const std::string& name, int64_t rows,
+                         int64_t cols) -> Tensor {
+    if (c.checkpoint_quant == QuantMode::None) return bind(name, rows, cols, false);
+    const std::string base = name.substr(0, name.size() - std::string("weight").size());
+    if (c.checkpoint_quant == QuantMode::Int8WeightOnly) {
+      l.weight_scale[index] = bind_scale(base + "weight_scale", rows, true);
+      return bind(name, rows, cols, false, DType::I8);
+    }
+    l.weight_scale[index] = bind_scale(base + "weight_scale", 1, true);
+    l.input_scale[index] = bind_scale(base + "input_scale", 1, c.static_activations);
+    if (!c.static_activations) l.input_scale[index] = Tensor{};  // dynamic: a stored input_scale is ignored
+    else if (l.input_scale[index].as<float>()[0] == 0.0f)
+      fail(LLMQ_ERR_MODEL_FORMAT, "{}: scale '{}input_scale' is zero", dir_, base);
+    return bind(name, rows, cols, false, DType::F8_E4M3);
+  };
+
   const int64_t D = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
   weights_.embed = bind("model.embed_tokens.weight", c.vocab_size, D, false);
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = fmt::format("model.layers.{}.", i);
     LayerWeights l;
     l.attn_norm = bind(p + "input_layernorm.weight", 1, D, true);
-    l.wq = bind(p + "self_attn.q_proj.weight", Q, D, false);
-    l.wk = bind(p + "self_attn.k_proj.weight", KV, D, false);
-    l.wv = bind(p + "self_attn.v_proj.weight", KV, D, false);
-    l.wo = bind(p + "self_attn.o_proj.weight", D, Q, false);
+    l.wq = bind_linear(l, kQ, p + "self_attn.q_proj.weight", Q, D);
+    l.wk = bind_linear(l, kK, p + "self_attn.k_proj.weight", KV, D);
+    l.wv = bind_linear(l, kV, p + "self_attn.v_proj.weight", KV, D);
+    l.wo = bind_linear(l, kO, p + "self_attn.o_proj.weight", D, Q);
+    // FP8 KV cache scales (vLLM's names), optional.
+    l.k_scale = bind_scale(p + "self_attn.k_scale", 1, false);
+    l.v_scale = bind_scale(p + "self_attn.v_scale", 1, false);
     if (c.qkv_bias) {
       l.bq = bind(p + "self_attn.q_proj.bias", 1, Q, true);
       l.bk = bind(p + "self_attn.k_proj.bias", 1, KV, true);
@@ -130,9 +187,9 @@ void Model::bind_weights() {
     }
     if (c.o_bias) l.bo = bind(p + "self_attn.o_proj.bias", 1, D, true);
     l.mlp_norm = bind(p + "post_attention_layernorm.weight", 1, D, true);
-    l.w_gate = bind(p + "mlp.gate_proj.weight", I, D, false);
-    l.w_up = bind(p + "mlp.up_proj.weight", I, D, false);
-    l.w_down = bind(p + "mlp.down_proj.weight", D, I, false);
+    l.w_gate = bind_linear(l, kGate, p + "mlp.gate_proj.weight", I, D);
+    l.w_up = bind_linear(l, kUp, p + "mlp.up_proj.weight", I, D);
+    l.w_down = bind_linear(l, kDown, p + "mlp.down_proj.weight", D, I);
     weights_.layers.push_back(l);
   }
   weights_.final_norm = bind("model.norm.weight", 1, D, true);
@@ -153,6 +210,8 @@ void Model::bind_weights() {
          name, c.architecture_name);
   }
   for (const auto& name : used) weight_bytes_ += by_name[name]->nbytes;
+  if (c.checkpoint_quant != QuantMode::None && weights_.layers.empty())
+    fail(LLMQ_ERR_MODEL_FORMAT, "{}: a quantized checkpoint with no layers", dir_);
 }
 
 }  // namespace llmq

@@ -13,12 +13,20 @@
 
 namespace llmq {
 
+// The linear layers of a block, in the order of LayerWeights::scales.
+enum LinearIndex { kQ, kK, kV, kO, kGate, kUp, kDown, kNumLinears };
+
 struct LayerWeights {
   Tensor attn_norm;
   Tensor wq, wk, wv, wo;
   Tensor bq, bk, bv, bo;  // empty unless the architecture has them
   Tensor mlp_norm;
   Tensor w_gate, w_up, w_down;
+  // Pre-quantized checkpoints only (config.checkpoint_quant): the weights above are I8 or F8_E4M3
+  // codes; weight_scale F32 [1, N] (per channel) or [1, 1] (per tensor); input_scale F32 [1, 1]
+  // (static FP8 activations); k_scale / v_scale F32 [1, 1] for an FP8 KV cache, when given.
+  Tensor weight_scale[kNumLinears], input_scale[kNumLinears];
+  Tensor k_scale, v_scale;
 };
 
 struct ModelWeights {
@@ -50,6 +58,7 @@ class Model {
   ModelConfig config_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::vector<std::vector<char>> realigned_;  // copies of tensors whose mapped data is misaligned
+  std::vector<std::vector<float>> scales_;    // quantization scales, converted to F32
   ModelWeights weights_;
   std::unique_ptr<Tokenizer> tokenizer_;
   uint64_t weight_bytes_ = 0;

@@ -121,3 +121,18 @@ float quantize_row_fp8(const float* x, int64_t n, float* out) {
 }
 
 }  // namespace llmq
+
+namespace llmq {
+
+int64_t quantize_row_fp8_static(const float* x, int64_t n, float scale, float* out) {
+  const float inv = 1.0f / scale;
+  int64_t clipped = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * inv;
+    clipped += std::fabs(v) > kFp8E4M3Max;
+    out[i] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(v));
+  }
+  return clipped;
+}
+
+}  // namespace llmq

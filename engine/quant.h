@@ -30,6 +30,7 @@ struct LinearWeight {
   Tensor w;                     // [N, K]: F32/F16/BF16 as loaded, or I8 / F8_E4M3
   Tensor scale;                 // F32 [1, N] (per channel) or [1, 1] (per tensor); empty unless quantized
   DType act_dtype = DType::F32; // I8 weights: the 16-bit type activations are rounded to
+  Tensor input_scale;           // F8_E4M3 weights: F32 [1, 1] static activation scale; empty = dynamic per token
   bool quantized() const { return w.dtype == DType::I8 || w.dtype == DType::F8_E4M3; }
 };
 
@@ -51,5 +52,8 @@ float round_activation(float x, DType act_dtype);
 // Per-token FP8 activation quantization of one row: returns the row's scale and writes the
 // dequantized-exact code values (fp8 decoded to fp32, before scaling) to out.
 float quantize_row_fp8(const float* x, int64_t n, float* out);
+// The same with a static scale: codes fp8(x * (1 / scale)); returns how many values were clipped
+// (|x / scale| beyond 448).
+int64_t quantize_row_fp8_static(const float* x, int64_t n, float scale, float* out);
 
 }  // namespace llmq

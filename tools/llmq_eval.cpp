@@ -30,6 +30,7 @@
 
 #include "engine/dtype.h"
 #include "engine/engine.h"
+#include "engine/text_data.h"
 #include "engine/error.h"
 #include "engine/model.h"
 
@@ -40,6 +41,7 @@ const char* kUsage =
     "usage: llmq-eval --model DIR --data FILE [--quant MODE] [--kv-dtype DTYPE] [--max-docs N]\n"
     "                 [--threads T] [--batch-tokens B]\n"
     "  --quant MODE      weight quantization of the candidate: none, int8wo, fp8 (engine/quant.h)\n"
+    "  --candidate-model DIR  a pre-quantized checkpoint of the same model (llmq-quantize) as the candidate\n"
     "  --kv-dtype DTYPE  KV cache dtype of the candidate: auto (the weights' dtype), f32, f16, bf16,\n"
     "                    int8 (per-token scales), fp8 (per-layer scales)\n"
     "  --max-docs N      score only the first N documents (default all)\n"
@@ -68,6 +70,7 @@ struct Mode {
 struct Options {
   std::string model_dir;
   std::string data_path;
+  std::string candidate_dir;  // a pre-quantized checkpoint of the same model, as the candidate
   Mode mode;
   int64_t max_docs = -1;  // -1: all
   int32_t threads = 0;
@@ -94,6 +97,7 @@ Options parse_options(int argc, char** argv) {
     const std::string value = argv[++i];
     if (flag == "--model") o.model_dir = value;
     else if (flag == "--data") o.data_path = value;
+    else if (flag == "--candidate-model") o.candidate_dir = value;
     else if (flag == "--quant") o.mode.quant = value;
     else if (flag == "--kv-dtype") o.mode.kv_dtype_name = value;
     else if (flag == "--max-docs") o.max_docs = parse_int(flag, value, 1, INT64_MAX);
@@ -114,63 +118,6 @@ Options parse_options(int argc, char** argv) {
 }
 
 // ---- Data --------------------------------------------------------------------------------------
-
-// Offset of the first byte that does not begin a well-formed UTF-8 character (no overlong forms,
-// surrogates or code points above U+10FFFF), or npos when the text is valid.
-size_t invalid_utf8_offset(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto lead = static_cast<unsigned char>(s[i]);
-    size_t len;
-    uint32_t cp, min;
-    if (lead < 0x80) {
-      ++i;
-      continue;
-    } else if ((lead & 0xE0) == 0xC0) {
-      len = 2, cp = lead & 0x1Fu, min = 0x80;
-    } else if ((lead & 0xF0) == 0xE0) {
-      len = 3, cp = lead & 0x0Fu, min = 0x800;
-    } else if ((lead & 0xF8) == 0xF0) {
-      len = 4, cp = lead & 0x07u, min = 0x10000;
-    } else {
-      return i;
-    }
-    if (len > s.size() - i) return i;
-    for (size_t k = 1; k < len; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      if ((b & 0xC0) != 0x80) return i;
-      cp = cp << 6 | (b & 0x3Fu);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-    i += len;
-  }
-  return std::string_view::npos;
-}
-
-std::string read_data(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(LLMQ_ERR_IO, "cannot open data file '{}': {}", path, std::strerror(errno));
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) fail(LLMQ_ERR_IO, "cannot read data file '{}'", path);
-  if (text.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "data file '{}' is empty", path);
-  const size_t bad = invalid_utf8_offset(text);
-  if (bad != std::string_view::npos)
-    fail(LLMQ_ERR_INVALID_ARGUMENT, "data file '{}' is not valid UTF-8: bad byte 0x{:02X} at byte offset {}", path,
-         static_cast<unsigned char>(text[bad]), bad);
-  return text;
-}
-
-// The paragraphs: text.split("\n\n") without the empty strings.
-std::vector<std::string_view> split_documents(std::string_view text) {
-  std::vector<std::string_view> docs;
-  for (size_t start = 0; start <= text.size();) {
-    size_t end = text.find("\n\n", start);
-    if (end == std::string_view::npos) end = text.size();
-    if (end > start) docs.push_back(text.substr(start, end - start));
-    start = end + 2;
-  }
-  return docs;
-}
 
 // ---- Scoring -----------------------------------------------------------------------------------
 
@@ -360,7 +307,7 @@ std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, const Op
 
 int run(int argc, char** argv) {
   const Options o = parse_options(argc, argv);
-  const std::string text = read_data(o.data_path);
+  const std::string text = read_corpus(o.data_path, "data file");
   std::vector<std::string_view> paragraphs = split_documents(text);
   if (paragraphs.empty())
     fail(LLMQ_ERR_INVALID_ARGUMENT, "data file '{}' has no documents (only blank lines)", o.data_path);
@@ -398,13 +345,23 @@ int run(int argc, char** argv) {
   std::unique_ptr<Engine> reference = make_engine(model, o, reference_mode, longest_inputs);
   // The candidate: none when the mode is the reference itself (its logits are the reference's).
   std::unique_ptr<Engine> candidate;
-  if (!is_reference(*model, mode)) candidate = make_engine(model, o, mode, longest_inputs);
+  if (!o.candidate_dir.empty()) {
+    std::shared_ptr<const Model> other = Model::load(o.candidate_dir);
+    const ModelConfig& oc = other->config();
+    if (oc.vocab_size != config.vocab_size || oc.num_layers != config.num_layers || oc.hidden_size != config.hidden_size)
+      fail(LLMQ_ERR_INVALID_ARGUMENT, "--candidate-model {} is not a checkpoint of {} (vocab, layers or hidden size differ)",
+           o.candidate_dir, o.model_dir);
+    candidate = make_engine(other, o, mode, longest_inputs);
+  } else if (!is_reference(*model, mode)) {
+    candidate = make_engine(model, o, mode, longest_inputs);
+  }
   const Engine& engine = candidate ? *candidate : *reference;
   fmt::print("reference: quant=none kv-dtype=auto ({}): model_bytes={} kv_bytes_per_token={}\n",
              dtype_name(reference->kv_dtype()), reference->weight_bytes(), reference->kv_bytes_per_token());
-  fmt::print("mode: quant={} kv-dtype={} ({}): model_bytes={} kv_bytes_per_token={}{}\n", mode.quant,
+  fmt::print("mode: {}quant={} kv-dtype={} ({}): model_bytes={} kv_bytes_per_token={}{}\n",
+             o.candidate_dir.empty() ? "" : "candidate-model=" + o.candidate_dir + " ", quant_mode_name(engine.quant()),
              mode.kv_dtype_name, dtype_name(engine.kv_dtype()), engine.weight_bytes(), engine.kv_bytes_per_token(),
-             is_reference(*model, mode) ? " (the reference itself)" : "");
+             candidate ? "" : " (the reference itself)");
   fmt::print("data: {}: {} documents, {} ids, {} scored tokens\n", o.data_path, paragraphs.size(), n_ids, scored);
   std::fflush(stdout);
   Evaluator evaluator(*reference, candidate.get(), o.batch_tokens);

@@ -183,9 +183,13 @@ class CpuBackend final : public Backend {
         for (int64_t m = begin; m < end; ++m) {
           const float* src = input + m * K;
           float* dst = activations_.data() + m * K;
-          if (w_dtype == DType::F8_E4M3)
+          if (w_dtype == DType::F8_E4M3 && !weight.input_scale.empty()) {
+            row_scales_[size_t(m)] = weight.input_scale.as<float>()[0];
+            quantize_row_fp8_static(src, K, row_scales_[size_t(m)], dst);
+          } else if (w_dtype == DType::F8_E4M3) {
             row_scales_[size_t(m)] = quantize_row_fp8(src, K, dst);
-          else
+          }
+          if (w_dtype == DType::I8)
             for (int64_t k = 0; k < K; ++k) dst[k] = round_activation(src[k], weight.act_dtype);
         }
       });

@@ -464,7 +464,8 @@ class CudaBackend final : public Backend {
         ensure(codes_, uint64_t(M) * uint64_t(K));
         ensure(row_scales_, uint64_t(M) * sizeof(float));
         float* row_scales = static_cast<float*>(row_scales_->data());
-        cuda::quantize_fp8_rows(x.as<float>(), M, K, static_cast<uint8_t*>(codes_->data()), row_scales, stream_);
+        cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(), static_cast<uint8_t*>(codes_->data()),
+                                row_scales, stream_);
         check(cudaGetLastError(), "quantize_fp8_rows kernel");
         if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
             gemm(weight.w.data, DType::F8_E4M3, codes_->data(), DType::F8_E4M3, M, N, K, y, /*required=*/false)) {

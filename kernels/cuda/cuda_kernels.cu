@@ -173,16 +173,24 @@ __global__ void convert_kernel(const float* x, int64_t n, T* out) {
     out[i] = from_f32<T>(x[i]);
 }
 
-__global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, uint8_t* codes, float* row_scales) {
+__global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const float* static_scale, uint8_t* codes,
+                                         float* row_scales) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * cols;
-  float amax = 0.0f;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
-  amax = block_reduce<true>(amax);
-  const float inv = amax > 0.0f ? 448.0f / amax : 0.0f;
+  float inv, scale;
+  if (static_scale) {
+    scale = static_scale[0];
+    inv = 1.0f / scale;
+  } else {
+    float amax = 0.0f;
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
+    amax = block_reduce<true>(amax);
+    inv = amax > 0.0f ? 448.0f / amax : 0.0f;
+    scale = amax / 448.0f;
+  }
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x)
     codes[row * cols + i] = __nv_cvt_float_to_fp8(__fmul_rn(xr[i], inv), __NV_SATFINITE, __NV_E4M3);
-  if (threadIdx.x == 0) row_scales[row] = amax / 448.0f;
+  if (threadIdx.x == 0) row_scales[row] = scale;
 }
 
 // 16 codes per thread per step: one 16-byte load, two 16-byte stores (n is a multiple of 16).
@@ -802,9 +810,9 @@ void convert_activations(const float* x, int64_t n, DType dtype, void* out, cuda
   });
 }
 
-void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* row_scales,
-                       cudaStream_t stream) {
-  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, codes, row_scales);
+void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, uint8_t* codes,
+                       float* row_scales, cudaStream_t stream) {
+  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, static_scale, codes, row_scales);
 }
 
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream) {

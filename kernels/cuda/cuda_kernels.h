@@ -44,9 +44,10 @@ void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t r
 
 // Rounds x to `dtype` (F16 / BF16 / F32 copy) into out.
 void convert_activations(const float* x, int64_t n, DType dtype, void* out, cudaStream_t stream);
-// Per-row dynamic FP8 E4M3 quantization (engine/quant.h): codes [rows, cols] and row scales.
-void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* row_scales,
-                       cudaStream_t stream);
+// FP8 E4M3 quantization of activations (engine/quant.h): codes [rows, cols] and row scales,
+// dynamic per row, or with static_scale (a device F32) when given.
+void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, uint8_t* codes,
+                       float* row_scales, cudaStream_t stream);
 // INT8 codes to BF16 or F16 (exact), n elements.
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream);
 
