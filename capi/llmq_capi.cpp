@@ -263,6 +263,24 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
 
 LLMQ_API void llmq_engine_destroy(llmq_engine* engine) { delete engine; }
 
+LLMQ_API llmq_status llmq_engine_saturation(llmq_engine* engine, uint64_t* counts, size_t capacity, size_t* n_counts,
+                                            int reset) {
+  static_assert(LLMQ_SATURATION_COUNTERS == llmq::kSaturationCounters, "llmq.h and engine/quant.h agree");
+  return guarded([&] {
+    require(engine, "llmq_engine_saturation: engine");
+    require(n_counts, "llmq_engine_saturation: n_counts");
+    std::lock_guard<std::mutex> lock(engine->mutex);
+    const size_t needed = size_t(engine->engine->model().config().num_layers) * llmq::kSaturationCounters;
+    *n_counts = needed;
+    if (capacity < needed)
+      llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_engine_saturation: {} counters do not fit in capacity {}", needed,
+                 capacity);
+    require(counts, "llmq_engine_saturation: counts");
+    const std::vector<uint64_t> values = engine->engine->saturation(reset != 0);
+    std::copy(values.begin(), values.end(), counts);
+  });
+}
+
 LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);

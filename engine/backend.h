@@ -58,6 +58,7 @@ struct KvLayer {
   int32_t block_size = 16;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+  int32_t layer = -1;  // for the saturation counters
 };
 
 struct AttentionParams {
@@ -112,6 +113,9 @@ class Backend {
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // Copies an F32 tensor to host memory.
   virtual void to_host(const Tensor& x, float* host) = 0;
+  // The saturation counters (engine/quant.h) of layers [0, layers), kSaturationCounters per layer,
+  // accumulated since creation or the last reset.
+  virtual std::vector<uint64_t> saturation(int32_t layers, bool reset) = 0;
 };
 
 struct CpuBackendOptions {

@@ -148,6 +148,7 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
       layer.v_scale = backend_->upload(lw.v_scale.empty() ? unit : lw.v_scale);
     }
     layer.block_size = options.kv_block_size;
+    layer.layer = int32_t(l);
     layer.num_kv_heads = int32_t(c.num_kv_heads);
     layer.head_dim = int32_t(c.head_dim);
     kv_layers_.push_back(layer);
@@ -212,11 +213,15 @@ void Engine::upload_weights() {
   } else {
     lm_head_.w = upload(w.lm_head);
   }
-  for (const LayerWeights& l : w.layers)
+  for (const LayerWeights& l : w.layers) {
     layers_.push_back(Layer{upload(l.attn_norm), upload(l.mlp_norm), linear(l, kQ, l.wq), linear(l, kK, l.wk),
                             linear(l, kV, l.wv), linear(l, kO, l.wo), linear(l, kGate, l.w_gate),
                             linear(l, kUp, l.w_up), linear(l, kDown, l.w_down), upload(l.bq), upload(l.bk),
                             upload(l.bv), upload(l.bo)});
+    Layer& layer = layers_.back();
+    for (LinearWeight* lw : {&layer.wq, &layer.wk, &layer.wv, &layer.wo, &layer.w_gate, &layer.w_up, &layer.w_down})
+      lw->layer = int32_t(layers_.size() - 1);
+  }
 }
 
 uint64_t Engine::kv_bytes_per_token() const {
@@ -274,6 +279,8 @@ void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* lo
   logits->resize(rows * size_t(c.vocab_size));
   if (rows > 0) backend_->to_host(Tensor{logits_buffer_->data(), DType::F32, int64_t(rows), c.vocab_size}, logits->data());
 }
+
+std::vector<uint64_t> Engine::saturation(bool reset) { return backend_->saturation(int32_t(layers_.size()), reset); }
 
 void Engine::set_observer(Observer observer) {
   if (observer && options_.backend != LLMQ_BACKEND_CPU)

@@ -91,6 +91,10 @@ class Engine {
   // Logits of every position of `ids` (one sequence from position 0): n_ids * vocab floats.
   void score(const std::vector<int32_t>& ids, float* logits);
 
+  // Saturation counters per layer (kSaturationCounters values each, engine/quant.h), accumulated
+  // since creation or the last reset.
+  std::vector<uint64_t> saturation(bool reset);
+
   // Calibration: during each forward step, called with the input of each layer's linear layers
   // ("attn_in" for q/k/v, "o_in", "mlp_in" for gate/up, "down_in") and the K and V rows written to
   // the cache ("k" after RoPE, "v"). CPU backend only: the tensors are in host memory.

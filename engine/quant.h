@@ -31,7 +31,19 @@ struct LinearWeight {
   Tensor scale;                 // F32 [1, N] (per channel) or [1, 1] (per tensor); empty unless quantized
   DType act_dtype = DType::F32; // I8 weights: the 16-bit type activations are rounded to
   Tensor input_scale;           // F8_E4M3 weights: F32 [1, 1] static activation scale; empty = dynamic per token
+  int32_t layer = -1;           // the transformer layer, for the saturation counters
   bool quantized() const { return w.dtype == DType::I8 || w.dtype == DType::F8_E4M3; }
+};
+
+// Saturation counters, per layer: values clipped to +-448 by a static FP8 scale. Dynamic scales
+// (INT8 KV, per-token FP8 activations) cannot clip and count nothing.
+enum SaturationCounter {
+  kActivationsClipped,  // FP8 activation values beyond +-448 after their static input scale
+  kActivationsStatic,   // activation values quantized with a static scale
+  kKClipped,            // K values beyond +-448 after the layer's FP8 KV scale
+  kVClipped,
+  kKvStatic,            // K (and as many V) values written to an FP8 cache
+  kSaturationCounters
 };
 
 // Host storage of one quantized weight.

@@ -20,6 +20,25 @@ static void usage(FILE* out) {
           "  or at the model's EOS ids. Text goes to stdout; timings to stderr.\n");
 }
 
+/* Values clipped by static quantization scales, when the engine has any (see llmq.h). */
+static void report_saturation(llmq_engine* engine) {
+  uint64_t* counts = NULL;
+  uint64_t total[LLMQ_SATURATION_COUNTERS] = {0, 0, 0, 0, 0};
+  size_t n = 0, i;
+  if (llmq_engine_saturation(engine, NULL, 0, &n, 0) != LLMQ_ERR_BUFFER_TOO_SMALL || n == 0) return;
+  counts = malloc(n * sizeof *counts);
+  if (!counts || llmq_engine_saturation(engine, counts, n, &n, 0) != LLMQ_OK) {
+    free(counts);
+    return;
+  }
+  for (i = 0; i < n; ++i) total[i % LLMQ_SATURATION_COUNTERS] += counts[i];
+  if (total[1] || total[4])
+    fprintf(stderr, "saturation: activations clipped %llu of %llu, K clipped %llu and V clipped %llu of %llu each\n",
+            (unsigned long long)total[0], (unsigned long long)total[1], (unsigned long long)total[2],
+            (unsigned long long)total[3], (unsigned long long)total[4]);
+  free(counts);
+}
+
 static int fail_status(llmq_status status, const char* what) {
   fprintf(stderr, "llmq-generate: %s: %s: %s\n", what, llmq_status_string(status), llmq_last_error());
   return 1;
@@ -254,6 +273,7 @@ int main(int argc, char** argv) {
   fprintf(stderr, "prompt tokens: %d, generated: %d, time to first token: %.2f ms, %.2f tokens/s\n",
           result.n_prompt_tokens, result.n_generated, result.time_to_first_token_s * 1e3,
           result.n_generated > 1 && result.decode_time_s > 0 ? (result.n_generated - 1) / result.decode_time_s : 0.0);
+  report_saturation(engine);
   exit_code = 0;
 
 done:

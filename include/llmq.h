@@ -185,6 +185,20 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
 /* Frees the engine; it must not be in use on another thread. NULL is a no-op. */
 LLMQ_API void llmq_engine_destroy(llmq_engine* engine);
 
+/* Saturation counters: values clipped by a static quantization scale, per layer, since the engine
+ * was created or last reset. For layer i, counts[5 * i + j] holds:
+ *   j = 0  FP8 activation values beyond +-448 after their static input scale (clipped)
+ *   j = 1  activation values quantized with a static scale
+ *   j = 2  K values clipped by the layer's FP8 KV scale
+ *   j = 3  V values clipped likewise
+ *   j = 4  K values (as many V) written to an FP8 KV cache
+ * Dynamic scales (per-token FP8 activations, the INT8 KV cache) cannot clip and count nothing.
+ * *n_counts: out, 5 * layers; LLMQ_ERR_BUFFER_TOO_SMALL (with *n_counts set) when capacity is
+ * less. reset != 0 zeroes the counters after reading them. */
+#define LLMQ_SATURATION_COUNTERS 5
+LLMQ_API llmq_status llmq_engine_saturation(llmq_engine* engine, uint64_t* counts, size_t capacity, size_t* n_counts,
+                                            int reset);
+
 typedef struct llmq_sampling_params {
   size_t struct_size;       /* in: sizeof(llmq_sampling_params) */
   float temperature;        /* 0 = greedy (argmax; the lowest id wins ties). Default 1 */

@@ -180,6 +180,21 @@ TEST_F(Capi, OlderSmallerEngineParamsUseDefaults) {
   EXPECT_EQ(engine, nullptr);
 }
 
+TEST_F(Capi, SaturationCounters) {
+  size_t n = 0;
+  uint64_t counts[32];
+  EXPECT_TRUE(fails_with(outcome(llmq_engine_saturation(engine_, counts, 3, &n, 0)), LLMQ_ERR_BUFFER_TOO_SMALL,
+                         {"25 counters", "capacity 3"}));
+  EXPECT_EQ(n, 25u);  // 5 layers x LLMQ_SATURATION_COUNTERS
+  std::fill(std::begin(counts), std::end(counts), 7u);
+  ASSERT_LLMQ_OK(llmq_engine_saturation(engine_, counts, 32, &n, 1));
+  EXPECT_EQ(n, 25u);
+  for (size_t i = 0; i < n; ++i) EXPECT_EQ(counts[i], 0u);  // no static scales in this engine
+  EXPECT_EQ(counts[25], 7u);                               // past n: untouched
+  EXPECT_TRUE(fails_with(outcome(llmq_engine_saturation(nullptr, counts, 32, &n, 0)), LLMQ_ERR_INVALID_ARGUMENT,
+                         {"engine"}));
+}
+
 TEST_F(Capi, QuantModeIsCheckedAndUsed) {
   llmq_engine_params params;
   llmq_engine_params_default(&params);

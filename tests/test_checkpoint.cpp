@@ -68,6 +68,7 @@ TEST(Checkpoint, SavedByLlmqQuantizeLoadsBitIdentical) {
 // A vLLM-style FP8 checkpoint written by hand: static activation scales, per-layer KV scales.
 struct Fp8Fixture {
   bool static_activations = true;
+  float input_scale = 16.0f / 448.0f;
   std::string drop;         // a tensor to leave out
   std::string poison;       // a scale to make NaN
   bool bf16_weights = false;
@@ -113,7 +114,7 @@ void write_vllm_fp8(const std::string& dir, const Fp8Fixture& f) {
       tensors.push_back({base + "weight", f.bf16_weights ? DType::BF16 : DType::F8_E4M3, {q.rows, q.cols / (f.bf16_weights ? 2 : 1)},
                          q.data.data()});
       scalar(base + "weight_scale", q.scale[0], {1});  // vLLM writes [1] or []: both load
-      if (f.static_activations) scalar(base + "input_scale", 16.0f / 448.0f, {});
+      if (f.static_activations) scalar(base + "input_scale", f.input_scale, {});
     }
     scalar(p + "self_attn.k_scale", 32.0f / 448.0f, {});
     scalar(p + "self_attn.v_scale", 4.0f / 448.0f, {});
@@ -155,6 +156,39 @@ TEST(Checkpoint, HandMadeVllmFp8Loads) {
     EXPECT_GE(agree, kIds.size() * 3 / 4) << "kv " << int(kv);
     std::printf("static fp8 fixture, kv %d: next token as the unquantized model at %zu of %zu positions\n", int(kv), agree, kIds.size());
   }
+}
+
+// Static scales that clip are counted per layer, never silent.
+TEST(Checkpoint, StaticScalesThatClipAreCounted) {
+  test::TempDir dir;
+  Fp8Fixture f = fixture(true);
+  f.input_scale = 0.25f / 448.0f;  // anything beyond 0.25 clips
+  write_vllm_fp8(dir / "tight", f);
+  auto model = Model::load(dir / "tight");
+  EngineOptions o;
+  o.n_threads = 2;
+  o.kv_dtype = LLMQ_KV_DTYPE_FP8;
+  Engine engine(model, o);
+  std::vector<float> logits(kIds.size() * size_t(engine.vocab_size()));
+  engine.score(kIds, logits.data());
+  const std::vector<uint64_t> counts = engine.saturation(/*reset=*/true);
+  ASSERT_EQ(counts.size(), size_t(model->config().num_layers) * kSaturationCounters);
+  for (size_t l = 0; l < size_t(model->config().num_layers); ++l) {
+    const uint64_t* c = &counts[l * kSaturationCounters];
+    // q, k, v share one input and gate, up another; each linear quantizes its input itself.
+    EXPECT_EQ(c[kActivationsStatic], kIds.size() * uint64_t(3 * 64 + 64 + 2 * 64 + 172)) << l;
+    EXPECT_GT(c[kActivationsClipped], 0u) << l;
+    EXPECT_LE(c[kActivationsClipped], c[kActivationsStatic]) << l;
+    EXPECT_EQ(c[kKvStatic], kIds.size() * uint64_t(model->config().kv_size())) << l;
+    EXPECT_LE(c[kKClipped], c[kKvStatic]) << l;
+  }
+  for (uint64_t c : engine.saturation(false)) EXPECT_EQ(c, 0u);  // reset
+  // The quantize-on-load modes use dynamic scales: nothing to count.
+  EngineOptions d;
+  d.quant = QuantMode::Fp8;
+  Engine dynamic(stories(), d);
+  dynamic.score(kIds, logits.data());
+  for (uint64_t c : dynamic.saturation(false)) EXPECT_EQ(c, 0u);
 }
 
 void expect_load_error(const std::string& dir, llmq_status status, const std::vector<std::string>& parts) {

@@ -355,7 +355,7 @@ int run(int argc, char** argv) {
   } else if (!is_reference(*model, mode)) {
     candidate = make_engine(model, o, mode, longest_inputs);
   }
-  const Engine& engine = candidate ? *candidate : *reference;
+  Engine& engine = candidate ? *candidate : *reference;
   fmt::print("reference: quant=none kv-dtype=auto ({}): model_bytes={} kv_bytes_per_token={}\n",
              dtype_name(reference->kv_dtype()), reference->weight_bytes(), reference->kv_bytes_per_token());
   fmt::print("mode: {}quant={} kv-dtype={} ({}): model_bytes={} kv_bytes_per_token={}{}\n",
@@ -371,6 +371,20 @@ int run(int argc, char** argv) {
 
   const double n = double(t.tokens);
   const double ppl_reference = std::exp(t.nll_reference / n), ppl = std::exp(t.nll_candidate / n);
+  // Values clipped by static scales (pre-quantized checkpoints with static activations, FP8 KV).
+  const std::vector<uint64_t> sat = engine.saturation(false);
+  uint64_t totals[kSaturationCounters] = {};
+  std::string clipped_layers;
+  for (size_t l = 0; l * kSaturationCounters < sat.size(); ++l) {
+    const uint64_t* c = &sat[l * kSaturationCounters];
+    for (int j = 0; j < kSaturationCounters; ++j) totals[j] += c[j];
+    if (c[kActivationsClipped] || c[kKClipped] || c[kVClipped])
+      clipped_layers += fmt::format(" layer{}:act={},k={},v={}", l, c[kActivationsClipped], c[kKClipped], c[kVClipped]);
+  }
+  if (totals[kActivationsStatic] || totals[kKvStatic])
+    fmt::print("saturation: activations clipped {} of {}, K clipped {} and V clipped {} of {} each{}\n",
+               totals[kActivationsClipped], totals[kActivationsStatic], totals[kKClipped], totals[kVClipped],
+               totals[kKvStatic], clipped_layers.empty() ? " (no layer clips)" : ";" + clipped_layers);
   fmt::print("reference ppl={:.6f}\n", ppl_reference);
   fmt::print("time: {:.2f} s ({:.0f} tokens/s, batch {} tokens, {} threads)\n", seconds, n / seconds, o.batch_tokens,
              o.threads == 0 ? std::string("all") : std::to_string(o.threads));

@@ -2,6 +2,7 @@
 // work split over a thread pool so that each output element is computed by one task only (results
 // are bitwise independent of the thread count and of the other sequences in the batch).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -102,8 +103,9 @@ void rmsnorm_row(const float* x, const Tensor& weight, float eps, int64_t dim, f
   for (int64_t i = 0; i < dim; ++i) out[i] = (x[i] * inv) * load_element(weight.data, weight.dtype, i);
 }
 
-// Stores one head's K or V row (head_dim values) at scale index `head` of a cache layer.
-void write_kv_head(const float* src, int64_t head_dim, const Tensor& cache, const Tensor& scale, int64_t head) {
+// Stores one head's K or V row (head_dim values) at scale index `head` of a cache layer; returns
+// how many values a static FP8 scale clipped.
+int64_t write_kv_head(const float* src, int64_t head_dim, const Tensor& cache, const Tensor& scale, int64_t head) {
   const int64_t dst = head * head_dim;
   switch (cache.dtype) {
     case DType::I8: {
@@ -113,12 +115,16 @@ void write_kv_head(const float* src, int64_t head_dim, const Tensor& cache, cons
       scale.as<float>()[head] = amax / 127.0f;
       for (int64_t d = 0; d < head_dim; ++d)
         cache.as<int8_t>()[dst + d] = int8_t(std::clamp(std::nearbyint(src[d] * inv), -127.0f, 127.0f));
-      return;
+      return 0;
     }
     case DType::F8_E4M3: {
       const float inv = 1.0f / scale.as<float>()[0];
-      for (int64_t d = 0; d < head_dim; ++d) cache.as<uint8_t>()[dst + d] = f32_to_fp8_e4m3(src[d] * inv);
-      return;
+      int64_t clipped = 0;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        clipped += std::fabs(src[d] * inv) > kFp8E4M3Max;
+        cache.as<uint8_t>()[dst + d] = f32_to_fp8_e4m3(src[d] * inv);
+      }
+      return clipped;
     }
     default:
       with_kv_type(cache.dtype, [&](auto kv) {
@@ -126,6 +132,7 @@ void write_kv_head(const float* src, int64_t head_dim, const Tensor& cache, cons
         if constexpr (std::is_same<Kv, F32Kv>::value || std::is_same<Kv, Bf16Kv>::value || std::is_same<Kv, F16Kv>::value)
           for (int64_t d = 0; d < head_dim; ++d) cache.as<typename Kv::Elem>()[dst + d] = Kv::store(src[d]);
       });
+      return 0;
   }
 }
 
@@ -177,6 +184,7 @@ class CpuBackend final : public Backend {
     const DType w_dtype = weight.w.dtype;
     // Quantized weights: the activations first take the form the products use (engine/quant.h).
     if (w_dtype == DType::I8 || w_dtype == DType::F8_E4M3) {
+      reserve_counters(weight.layer);
       activations_.resize(size_t(M * K));
       if (w_dtype == DType::F8_E4M3) row_scales_.assign(size_t(M), 1.0f);
       pool_.parallel_for(M, 4, [&](int64_t begin, int64_t end) {
@@ -185,7 +193,8 @@ class CpuBackend final : public Backend {
           float* dst = activations_.data() + m * K;
           if (w_dtype == DType::F8_E4M3 && !weight.input_scale.empty()) {
             row_scales_[size_t(m)] = weight.input_scale.as<float>()[0];
-            quantize_row_fp8_static(src, K, row_scales_[size_t(m)], dst);
+            count(weight.layer, kActivationsClipped, quantize_row_fp8_static(src, K, row_scales_[size_t(m)], dst));
+            count(weight.layer, kActivationsStatic, K);
           } else if (w_dtype == DType::F8_E4M3) {
             row_scales_[size_t(m)] = quantize_row_fp8(src, K, dst);
           }
@@ -220,6 +229,7 @@ class CpuBackend final : public Backend {
   }
 
   void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) override {
+    reserve_counters(cache.layer);
     const int64_t head_dim = cache.head_dim, half = head_dim / 2;
     const int64_t n_q_heads = q.cols / head_dim, n_kv_heads = cache.num_kv_heads;
     pool_.parallel_for(q.rows, 4, [&](int64_t begin, int64_t end) {
@@ -244,10 +254,16 @@ class CpuBackend final : public Backend {
 
         int64_t slot = plan_->slots[size_t(t)];
         int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
+        int64_t k_clipped = 0, v_clipped = 0;
         for (int64_t h = 0; h < n_kv_heads; ++h) {
           const int64_t head = (block * n_kv_heads + h) * cache.block_size + offset;  // scale index
-          write_kv_head(k.as<float>() + t * k.cols + h * head_dim, head_dim, cache.k, cache.k_scale, head);
-          write_kv_head(v.as<float>() + t * v.cols + h * head_dim, head_dim, cache.v, cache.v_scale, head);
+          k_clipped += write_kv_head(k.as<float>() + t * k.cols + h * head_dim, head_dim, cache.k, cache.k_scale, head);
+          v_clipped += write_kv_head(v.as<float>() + t * v.cols + h * head_dim, head_dim, cache.v, cache.v_scale, head);
+        }
+        if (cache.k.dtype == DType::F8_E4M3) {
+          count(cache.layer, kKClipped, k_clipped);
+          count(cache.layer, kVClipped, v_clipped);
+          count(cache.layer, kKvStatic, n_kv_heads * head_dim);
         }
       }
     });
@@ -274,6 +290,13 @@ class CpuBackend final : public Backend {
   }
 
   void to_host(const Tensor& x, float* host) override { std::memcpy(host, x.data, x.nbytes()); }
+
+  std::vector<uint64_t> saturation(int32_t layers, bool reset) override {
+    std::vector<uint64_t> out(size_t(layers) * kSaturationCounters, 0);
+    for (size_t i = 0; i < out.size() && i < counters_.size(); ++i)
+      out[i] = reset ? counters_[i].exchange(0) : counters_[i].load();
+    return out;
+  }
 
  private:
   template <typename Kv>
@@ -332,8 +355,21 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // Saturation counters, kSaturationCounters per layer; sized before the parallel ops that add.
+  void reserve_counters(int32_t layer) {
+    const size_t needed = size_t(layer + 1) * kSaturationCounters;
+    if (layer < 0 || counters_.size() >= needed) return;
+    std::vector<std::atomic<uint64_t>> grown(needed);
+    for (size_t i = 0; i < counters_.size(); ++i) grown[i] = counters_[i].load();
+    counters_.swap(grown);
+  }
+  void count(int32_t layer, SaturationCounter counter, int64_t n) {
+    if (layer >= 0 && n > 0) counters_[size_t(layer) * kSaturationCounters + counter].fetch_add(uint64_t(n));
+  }
+
   ThreadPool pool_;
   const BatchPlan* plan_ = nullptr;
+  std::vector<std::atomic<uint64_t>> counters_;
   std::vector<float> activations_;  // quantized-form inputs of a linear
   std::vector<float> row_scales_;   // per-token FP8 activation scales; empty for int8wo
 };

@@ -254,6 +254,8 @@ class CudaBackend final : public Backend {
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
     workspace_ = std::make_unique<DeviceBuffer>(kWorkspaceBytes);
+    counters_ = std::make_unique<DeviceBuffer>(uint64_t(kMaxCountedLayers) * kSaturationCounters * sizeof(uint64_t));
+    check(cudaMemset(counters_->data(), 0, counters_->size()), "cudaMemset (saturation counters)");
   }
 
   ~CudaBackend() override {
@@ -465,7 +467,7 @@ class CudaBackend final : public Backend {
         ensure(row_scales_, uint64_t(M) * sizeof(float));
         float* row_scales = static_cast<float*>(row_scales_->data());
         cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(), static_cast<uint8_t*>(codes_->data()),
-                                row_scales, stream_);
+                                row_scales, layer_counters(weight.layer), stream_);
         check(cudaGetLastError(), "quantize_fp8_rows kernel");
         if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
             gemm(weight.w.data, DType::F8_E4M3, codes_->data(), DType::F8_E4M3, M, N, K, y, /*required=*/false)) {
@@ -494,7 +496,7 @@ class CudaBackend final : public Backend {
     cuda::rope_kv_write(q.as<float>(), q.cols, k.as<float>(), v.as<float>(), k.cols, inv_freq.as<float>(),
                         cache.head_dim, cache.num_kv_heads, cache.block_size, cache.k.data, cache.v.data,
                         cache.k_scale.as<float>(), cache.v_scale.as<float>(), cache.k.dtype, device_plan_, q.rows,
-                        stream_);
+                        layer_counters(cache.layer), stream_);
     check(cudaGetLastError(), "rope_kv_write kernel");
   }
 
@@ -547,6 +549,16 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "gather_rows kernel");
   }
 
+  std::vector<uint64_t> saturation(int32_t layers, bool reset) override {
+    std::vector<uint64_t> out(size_t(layers) * kSaturationCounters, 0);
+    const size_t n = std::min<size_t>(out.size(), size_t(kMaxCountedLayers) * kSaturationCounters);
+    check(cudaMemcpyAsync(out.data(), counters_->data(), n * sizeof(uint64_t), cudaMemcpyDeviceToHost, stream_),
+          "saturation (cudaMemcpyAsync)");
+    if (reset) check(cudaMemsetAsync(counters_->data(), 0, counters_->size(), stream_), "saturation (cudaMemsetAsync)");
+    check(cudaStreamSynchronize(stream_), "saturation (cudaStreamSynchronize)");
+    return out;
+  }
+
   void to_host(const Tensor& x, float* host) override {
     profiler_.step_enqueued();
     check(cudaMemcpyAsync(host, x.data, x.nbytes(), cudaMemcpyDeviceToHost, stream_), "to_host (cudaMemcpyAsync)");
@@ -578,6 +590,12 @@ class CudaBackend final : public Backend {
     if (graph) cudaGraphDestroy(graph);
     cudaGetLastError();
     if (step_key_) graphs_[*step_key_] = nullptr;
+  }
+
+  // The layer's saturation counters on the device (none past kMaxCountedLayers).
+  unsigned long long* layer_counters(int32_t layer) {
+    if (layer < 0 || layer >= kMaxCountedLayers) return nullptr;
+    return static_cast<unsigned long long*>(counters_->data()) + size_t(layer) * kSaturationCounters;
   }
 
   // x rounded to `dtype` in scratch memory (F32: x itself).
@@ -680,6 +698,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_handle_ = nullptr;
   std::unique_ptr<Buffer> workspace_;
+  static constexpr int32_t kMaxCountedLayers = 1024;
+  std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
 
   std::vector<std::unique_ptr<Buffer>> uploads_;

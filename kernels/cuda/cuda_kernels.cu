@@ -174,7 +174,7 @@ __global__ void convert_kernel(const float* x, int64_t n, T* out) {
 }
 
 __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const float* static_scale, uint8_t* codes,
-                                         float* row_scales) {
+                                         float* row_scales, unsigned long long* counters) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * cols;
   float inv, scale;
@@ -188,9 +188,20 @@ __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const flo
     inv = amax > 0.0f ? 448.0f / amax : 0.0f;
     scale = amax / 448.0f;
   }
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x)
-    codes[row * cols + i] = __nv_cvt_float_to_fp8(__fmul_rn(xr[i], inv), __NV_SATFINITE, __NV_E4M3);
+  unsigned clipped = 0;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float v = __fmul_rn(xr[i], inv);
+    clipped += fabsf(v) > 448.0f;
+    codes[row * cols + i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  }
   if (threadIdx.x == 0) row_scales[row] = scale;
+  if (static_scale && counters) {
+    const float total = block_reduce<false>(float(clipped));  // exact: far below 2^24 per row
+    if (threadIdx.x == 0) {
+      if (total > 0.0f) atomicAdd(&counters[0], (unsigned long long)total);
+      atomicAdd(&counters[1], (unsigned long long)cols);
+    }
+  }
 }
 
 // 16 codes per thread per step: one 16-byte load, two 16-byte stores (n is a multiple of 16).
@@ -331,7 +342,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 // One head's K or V row into the cache: converted (float types), or quantized (engine/backend.h's
 // KvLayer): INT8 with this token's scale amax / 127 (one warp per row), FP8 with the layer's scale.
 template <typename KvT>
-__device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* scale, int64_t head, int lane) {
+__device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* scale, int64_t head, int lane,
+                             unsigned long long* clipped_counter) {
   if constexpr (std::is_same<KvT, int8_t>::value) {
     float amax = 0.0f;
     for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src[d]));
@@ -342,8 +354,14 @@ __device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* sc
       dst[d] = int8_t(fminf(fmaxf(rintf(__fmul_rn(src[d], inv)), -127.0f), 127.0f));
   } else if constexpr (std::is_same<KvT, fp8>::value) {
     const float inv = 1.0f / scale[0];
-    for (int d = lane; d < head_dim; d += 32)
-      dst[d].bits = __nv_cvt_float_to_fp8(__fmul_rn(src[d], inv), __NV_SATFINITE, __NV_E4M3);
+    unsigned clipped = 0;
+    for (int d = lane; d < head_dim; d += 32) {
+      const float v = __fmul_rn(src[d], inv);
+      clipped += fabsf(v) > 448.0f;
+      dst[d].bits = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    }
+    for (int o = 16; o > 0; o >>= 1) clipped += __shfl_xor_sync(0xffffffffu, clipped, o);
+    if (clipped_counter && lane == 0 && clipped) atomicAdd(clipped_counter, (unsigned long long)clipped);
   } else {
     for (int d = lane; d < head_dim; d += 32) dst[d] = from_f32<KvT>(src[d]);
   }
@@ -353,7 +371,7 @@ template <typename KvT>
 __global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols,
                                const float* inv_freq, int head_dim, int num_kv_heads, int block_size, KvT* k_cache,
                                KvT* v_cache, float* k_scale, float* v_scale, const int32_t* positions,
-                               const int32_t* slots) {
+                               const int32_t* slots, unsigned long long* counters) {
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const int num_q_heads = int(q_cols / head_dim);
@@ -378,8 +396,11 @@ __global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* 
     const int h = item % num_kv_heads;
     const int64_t head = (block * num_kv_heads + h) * block_size + offset;  // the scale's index
     const float* src = (is_v ? v : k) + t * kv_cols + int64_t(h) * head_dim;
-    write_kv_row(src, head_dim, (is_v ? v_cache : k_cache) + head * head_dim, is_v ? v_scale : k_scale, head, lane);
+    write_kv_row(src, head_dim, (is_v ? v_cache : k_cache) + head * head_dim, is_v ? v_scale : k_scale, head, lane,
+                 counters ? counters + (is_v ? 3 : 2) : nullptr);  // kVClipped, kKClipped
   }
+  if (std::is_same<KvT, fp8>::value && counters && threadIdx.x == 0)
+    atomicAdd(&counters[4], (unsigned long long)(num_kv_heads * head_dim));  // kKvStatic
 }
 
 // ---- Paged attention --------------------------------------------------------------------------
@@ -811,8 +832,8 @@ void convert_activations(const float* x, int64_t n, DType dtype, void* out, cuda
 }
 
 void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, uint8_t* codes,
-                       float* row_scales, cudaStream_t stream) {
-  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, static_scale, codes, row_scales);
+                       float* row_scales, unsigned long long* counters, cudaStream_t stream) {
+  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, static_scale, codes, row_scales, counters);
 }
 
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream) {
@@ -869,12 +890,12 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
                    float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
-                   cudaStream_t stream) {
+                   unsigned long long* counters, cudaStream_t stream) {
   with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     rope_kv_kernel<T><<<unsigned(n_tokens), 128, 0, stream>>>(
         q, q_cols, k, v, kv_cols, inv_freq, head_dim, num_kv_heads, block_size, static_cast<T*>(k_cache),
-        static_cast<T*>(v_cache), k_scale, v_scale, plan.positions, plan.slots);
+        static_cast<T*>(v_cache), k_scale, v_scale, plan.positions, plan.slots, counters);
   });
 }
 

@@ -46,8 +46,10 @@ void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t r
 void convert_activations(const float* x, int64_t n, DType dtype, void* out, cudaStream_t stream);
 // FP8 E4M3 quantization of activations (engine/quant.h): codes [rows, cols] and row scales,
 // dynamic per row, or with static_scale (a device F32) when given.
+// With a static scale, `counters` (when given) gets the values clipped and the values quantized
+// added at [0] and [1] (engine/quant.h's kActivationsClipped, kActivationsStatic).
 void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, uint8_t* codes,
-                       float* row_scales, cudaStream_t stream);
+                       float* row_scales, unsigned long long* counters, cudaStream_t stream);
 // INT8 codes to BF16 or F16 (exact), n elements.
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream);
 
@@ -69,7 +71,8 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
                    float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
-                   cudaStream_t stream);
+                   unsigned long long* counters, cudaStream_t stream);
+// `counters` (FP8 caches, when given): the layer's kSaturationCounters values (engine/quant.h).
 
 struct AttentionArgs {
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0, sliding_window = 0;
