@@ -221,6 +221,7 @@ LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
   params->max_batch_tokens = defaults.max_batch_tokens;
   params->kv_dtype = defaults.kv_dtype;
   params->quant = LLMQ_QUANT_NONE;
+  params->quantize_lm_head = 0;
 }
 
 LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_params* params,
@@ -254,6 +255,7 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
     options.quant = quant == LLMQ_QUANT_INT8WO ? llmq::QuantMode::Int8WeightOnly
                     : quant == LLMQ_QUANT_FP8  ? llmq::QuantMode::Fp8
                                                : llmq::QuantMode::None;
+    options.quantize_lm_head = p.quantize_lm_head != 0;
     auto handle = std::make_unique<llmq_engine>();
     handle->model = model->model;
     handle->engine = std::make_unique<llmq::Engine>(model->model, options);

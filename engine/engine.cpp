@@ -207,7 +207,10 @@ void Engine::upload_weights() {
   embed_ = backend_->upload(w.embed);
   weight_bytes_ += w.embed.nbytes();
   final_norm_ = upload(w.final_norm);
-  if (w.lm_head.data == w.embed.data) {  // tied: one copy
+  if (options_.quantize_lm_head && quant_ != QuantMode::None && stored == QuantMode::None) {
+    LayerWeights none;  // quantized here from the 16/32-bit tensor (a tied one stays the embedding too)
+    lm_head_ = linear(none, kQ, w.lm_head);
+  } else if (w.lm_head.data == w.embed.data) {  // tied: one copy
     lm_head_.w = embed_;
     weight_bytes_per_step_ += w.embed.nbytes();
   } else {

@@ -25,6 +25,7 @@ struct EngineOptions {
   int32_t max_batch_tokens = 512;
   llmq_kv_dtype kv_dtype = LLMQ_KV_DTYPE_AUTO;
   QuantMode quant = QuantMode::None;  // quantize the layers' linear weights on load
+  bool quantize_lm_head = false;       // and lm_head (the embedding table itself always stays as loaded)
 };
 
 constexpr uint64_t kDefaultKvCacheBytes = uint64_t(2) << 30;

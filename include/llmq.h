@@ -170,6 +170,7 @@ typedef struct llmq_engine_params {
   int32_t max_batch_tokens;  /* most tokens in one forward step, i.e. the prefill chunk (default 512) */
   llmq_kv_dtype kv_dtype;    /* element type of the KV cache (default LLMQ_KV_DTYPE_AUTO) */
   llmq_quant_mode quant;     /* weight quantization (default LLMQ_QUANT_NONE) */
+  int32_t quantize_lm_head;  /* nonzero: quantize lm_head too, as the layers (default 0: keep it as loaded) */
 } llmq_engine_params;
 
 /* Fills *params with defaults and sets struct_size. Thread-safe. */

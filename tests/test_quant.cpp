@@ -255,3 +255,37 @@ TEST(QuantKv, CapacityDoublesAgainst16Bit) {
 
 }  // namespace
 }  // namespace llmq
+
+namespace llmq {
+namespace {
+
+// lm_head stays as loaded unless asked for; quantized, it shrinks and stays close.
+TEST(Quant, LmHeadIsQuantizedOnlyWhenAsked) {
+  auto model = Model::load(test::stories_dir());
+  const std::vector<int32_t> ids = {1, 403, 407, 261, 378, 261, 429, 261, 266, 443};
+  auto run = [&](bool lm_head, uint64_t* bytes) {
+    EngineOptions o;
+    o.n_threads = 2;
+    o.quant = QuantMode::Int8WeightOnly;
+    o.quantize_lm_head = lm_head;
+    Engine engine(model, o);
+    *bytes = engine.weight_bytes();
+    std::vector<float> logits(ids.size() * 512);
+    engine.score(ids, logits.data());
+    return logits;
+  };
+  uint64_t kept = 0, quantized = 0;
+  const std::vector<float> a = run(false, &kept), b = run(true, &quantized);
+  // The tied embedding stays F32 ([512, 64]); the quantized lm_head adds INT8 codes and 512 scales.
+  EXPECT_EQ(quantized, kept + 512 * 64 + 512 * 4);
+  EXPECT_NE(a, b);
+  double diff2 = 0, ref2 = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff2 += double(b[i] - a[i]) * (b[i] - a[i]);
+    ref2 += double(a[i]) * a[i];
+  }
+  EXPECT_LT(std::sqrt(diff2 / ref2), 0.01);
+}
+
+}  // namespace
+}  // namespace llmq
