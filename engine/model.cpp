@@ -159,7 +159,11 @@ void Model::bind_weights() {
       l.weight_scale[index] = bind_scale(base + "weight_scale", rows, true);
       return bind(name, rows, cols, false, DType::I8);
     }
-    l.weight_scale[index] = bind_scale(base + "weight_scale", 1, true);
+    // Per tensor ([] or [1]) or per output channel ([N] or [N, 1]).
+    auto scale = by_name.find(base + "weight_scale");
+    const bool per_channel = scale != by_name.end() && rows > 1 && !scale->second->shape.empty() &&
+                             scale->second->shape[0] == rows;
+    l.weight_scale[index] = bind_scale(base + "weight_scale", per_channel ? rows : 1, true);
     l.input_scale[index] = bind_scale(base + "input_scale", 1, c.static_activations);
     if (!c.static_activations) l.input_scale[index] = Tensor{};  // dynamic: a stored input_scale is ignored
     else if (l.input_scale[index].as<float>()[0] == 0.0f)

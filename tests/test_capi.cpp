@@ -180,6 +180,22 @@ TEST_F(Capi, OlderSmallerEngineParamsUseDefaults) {
   EXPECT_EQ(engine, nullptr);
 }
 
+TEST_F(Capi, KvDtypeIsChecked) {
+  llmq_engine_params params;
+  llmq_engine_params_default(&params);
+  int32_t bad = 6;
+  std::memcpy(&params.kv_dtype, &bad, sizeof bad);
+  llmq_engine* engine = nullptr;
+  EXPECT_TRUE(fails_with(outcome(llmq_engine_create(model_, &params, &engine)), LLMQ_ERR_INVALID_ARGUMENT,
+                         {"params.kv_dtype", "6"}));
+  for (llmq_kv_dtype kv : {LLMQ_KV_DTYPE_INT8, LLMQ_KV_DTYPE_FP8}) {
+    params.kv_dtype = kv;
+    ASSERT_LLMQ_OK(llmq_engine_create(model_, &params, &engine));
+    EXPECT_EQ(greedy(engine, kPrompt, 4).size(), 4u);
+    llmq_engine_destroy(engine);
+  }
+}
+
 TEST_F(Capi, SaturationCounters) {
   size_t n = 0;
   uint64_t counts[32];

@@ -72,6 +72,7 @@ struct Fp8Fixture {
   std::string drop;         // a tensor to leave out
   std::string poison;       // a scale to make NaN
   bool bf16_weights = false;
+  bool per_channel = false;  // weight_scale [N, 1] instead of one per tensor
 };
 
 Fp8Fixture fixture(bool static_activations, std::string drop = "", std::string poison = "", bool bf16 = false) {
@@ -109,11 +110,15 @@ void write_vllm_fp8(const std::string& dir, const Fp8Fixture& f) {
     const Tensor* linears[kNumLinears] = {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w_gate, &lw.w_up, &lw.w_down};
     for (int i = 0; i < kNumLinears; ++i) {
       quantized.push_back(quantize_weight(*linears[i], QuantMode::Fp8, 1));
-      const QuantizedWeight& q = quantized.back();
+      QuantizedWeight& q = quantized.back();
+      if (f.per_channel) {  // the same codes, with the tensor's scale repeated per channel
+        q.scale.assign(size_t(q.rows), q.scale[0]);
+        tensors.push_back({p + names[i] + ".weight_scale", DType::F32, {q.rows, 1}, q.scale.data()});
+      }
       const std::string base = p + names[i] + ".";
       tensors.push_back({base + "weight", f.bf16_weights ? DType::BF16 : DType::F8_E4M3, {q.rows, q.cols / (f.bf16_weights ? 2 : 1)},
                          q.data.data()});
-      scalar(base + "weight_scale", q.scale[0], {1});  // vLLM writes [1] or []: both load
+      if (!f.per_channel) scalar(base + "weight_scale", q.scale[0], {1});  // vLLM writes [1] or []: both load
       if (f.static_activations) scalar(base + "input_scale", f.input_scale, {});
     }
     scalar(p + "self_attn.k_scale", 32.0f / 448.0f, {});
@@ -132,9 +137,16 @@ void write_vllm_fp8(const std::string& dir, const Fp8Fixture& f) {
 
 TEST(Checkpoint, HandMadeVllmFp8Loads) {
   test::TempDir dir;
-  // Dynamic activations: the same codes and scales as quantize-on-load, so the same logits.
+  // Dynamic activations: the same codes and scales as quantize-on-load, so the same logits, with
+  // the scales stored per tensor or repeated per channel.
   write_vllm_fp8(dir / "dynamic", fixture(false));
   EXPECT_EQ(score(Model::load(dir / "dynamic"), QuantMode::None), score(stories(), QuantMode::Fp8));
+  Fp8Fixture channel = fixture(false);
+  channel.per_channel = true;
+  write_vllm_fp8(dir / "channel", channel);
+  auto per_channel = Model::load(dir / "channel");
+  EXPECT_EQ(per_channel->weights().layers[0].weight_scale[kGate].cols, 172);
+  EXPECT_EQ(score(per_channel, QuantMode::None), score(stories(), QuantMode::Fp8));
   // Static activations and KV scales: used as stored; the model still predicts as the original.
   write_vllm_fp8(dir / "static", fixture(true));
   auto model = Model::load(dir / "static");
