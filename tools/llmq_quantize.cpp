@@ -23,6 +23,7 @@
 
 #include "engine/engine.h"
 #include "engine/error.h"
+#include "tools/tool_main.h"
 #include "engine/fp8.h"
 #include "engine/json_file.h"
 #include "engine/quant.h"
@@ -39,14 +40,6 @@ const char* kUsage =
     "                 scales (fp8) and FP8 KV-cache scales from; without it fp8 activations are dynamic\n"
     "  --tokens N     calibration tokens to use at most (default 8192)\n"
     "  --threads T    CPU threads (default one per core)\n";
-
-int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
-  int64_t value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size() || value < min || value > max)
-    fail(LLMQ_ERR_INVALID_ARGUMENT, "{} expects an integer in [{}, {}], got '{}'", flag, min, max, text);
-  return value;
-}
 
 // amax per (layer, site) over the calibration tokens.
 using Amax = std::map<std::pair<int32_t, std::string>, float>;
@@ -108,8 +101,8 @@ int run(int argc, char** argv) {
     else if (flag == "--out") out_dir = value;
     else if (flag == "--mode") mode_name = value;
     else if (flag == "--calib") calib = value;
-    else if (flag == "--tokens") max_tokens = parse_int(flag, value, 1, int64_t(1) << 30);
-    else if (flag == "--threads") threads = int(parse_int(flag, value, 0, 1024));
+    else if (flag == "--tokens") max_tokens = tool::parse_int(flag, value, 1, int64_t(1) << 30);
+    else if (flag == "--threads") threads = int(tool::parse_int(flag, value, 0, 1024));
     else fail(LLMQ_ERR_INVALID_ARGUMENT, "unknown flag '{}'\n{}", flag, kUsage);
   }
   if (in_dir.empty() || out_dir.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "--model and --out are required\n{}", kUsage);
@@ -213,14 +206,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const llmq::Error& e) {
-    std::fprintf(stderr, "llmq-quantize: %s\n", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "llmq-quantize: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return llmq::tool::run_main("llmq-quantize", run, argc, argv); }

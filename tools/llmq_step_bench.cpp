@@ -16,6 +16,7 @@
 
 #include "engine/engine.h"
 #include "engine/error.h"
+#include "tools/tool_main.h"
 
 namespace {
 
@@ -41,14 +42,6 @@ std::vector<std::string> split(const std::string& s) {
   for (std::string item; std::getline(in, item, ',');)
     if (!item.empty()) out.push_back(item);
   return out;
-}
-
-int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
-  int64_t value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size() || value < min || value > max)
-    fail(LLMQ_ERR_INVALID_ARGUMENT, "{} expects an integer in [{}, {}], got '{}'", flag, min, max, text);
-  return value;
 }
 
 struct Row {
@@ -87,11 +80,11 @@ int run(int argc, char** argv) {
     else if (flag == "--quant") modes = split(value);
     else if (flag == "--batches") {
       batches.clear();
-      for (const std::string& b : split(value)) batches.push_back(parse_int(flag, b, 1, 4096));
-    } else if (flag == "--prompt-len") prompt_len = parse_int(flag, value, 1, 1 << 20);
-    else if (flag == "--decode-steps") decode_steps = parse_int(flag, value, 1, 1 << 20);
-    else if (flag == "--prefill") prefill = parse_int(flag, value, 0, 65536);
-    else if (flag == "--kv-cache-gib") kv_gib = parse_int(flag, value, 1, 1 << 20);
+      for (const std::string& b : split(value)) batches.push_back(tool::parse_int(flag, b, 1, 4096));
+    } else if (flag == "--prompt-len") prompt_len = tool::parse_int(flag, value, 1, 1 << 20);
+    else if (flag == "--decode-steps") decode_steps = tool::parse_int(flag, value, 1, 1 << 20);
+    else if (flag == "--prefill") prefill = tool::parse_int(flag, value, 0, 65536);
+    else if (flag == "--kv-cache-gib") kv_gib = tool::parse_int(flag, value, 1, 1 << 20);
     else if (flag == "--json") json_path = value;
     else fail(LLMQ_ERR_INVALID_ARGUMENT, "unknown option {}\n{}", flag, kUsage);
   }
@@ -202,11 +195,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const llmq::Error& e) {
-    std::fprintf(stderr, "llmq-step-bench: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return llmq::tool::run_main("llmq-step-bench", run, argc, argv); }

@@ -1,0 +1,33 @@
+// Shared by the command-line tools: integer flags, and main()'s error handling.
+#pragma once
+
+#include <charconv>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <string>
+
+#include "engine/error.h"
+
+namespace llmq::tool {
+
+// An integer flag in [min, max]; anything else is LLMQ_ERR_INVALID_ARGUMENT naming the flag.
+inline int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
+  int64_t value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || value < min || value > max)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "{} expects an integer in [{}, {}], got '{}'", flag, min, max, text);
+  return value;
+}
+
+// Runs the tool; an error is printed as "NAME: message" and exits with 1.
+inline int run_main(const char* name, int (*run)(int, char**), int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 1;
+  }
+}
+
+}  // namespace llmq::tool
