@@ -185,6 +185,34 @@ const LinearCase kLinearCases[] = {
     {DType::BF16, QuantMode::Fp8, {5e-4, 0.05}},
 };
 
+// FP8 activations with a static scale small enough to clip: the same outputs, and the same
+// saturation counts, on both backends (the inputs are the same bits, so the same values clip).
+TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
+  Random rnd(5);
+  const int64_t M = 19, N = 64, K = 128;
+  Both x = floats(rnd.floats(size_t(M * K), -2, 2), M, K);
+  std::vector<uint8_t> w_bytes = encode(rnd.floats(size_t(N * K)), DType::BF16);
+  quantized_.push_back(quantize_weight(Tensor{w_bytes.data(), DType::BF16, N, K}, QuantMode::Fp8, 2));
+  LinearWeight w_cpu = quantized_.back().view(DType::BF16), w_gpu = w_cpu;
+  Both input_scale = floats({1.0f / 448.0f}, 1, 1);  // |x| > 1 clips
+  w_cpu.input_scale = input_scale.cpu;
+  w_cpu.layer = w_gpu.layer = 0;
+  w_gpu.w = gpu_->upload(w_cpu.w);
+  w_gpu.scale = gpu_->upload(w_cpu.scale);
+  w_gpu.input_scale = input_scale.gpu;
+  for (int64_t rows : {M, int64_t(5)}) {  // cuBLASLt FP8, then the GEMV
+    Both out = output(rows, N);
+    Tensor xc = x.cpu.row_slice(0, rows), xg = x.gpu.row_slice(0, rows);
+    cpu_->linear(xc, w_cpu, nullptr, out.cpu);
+    gpu_->linear(xg, w_gpu, nullptr, out.gpu);
+    expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), {5e-4, 0.05}, "static fp8 M=" + std::to_string(rows));
+  }
+  const std::vector<uint64_t> c = cpu_->saturation(1, true), g = gpu_->saturation(1, true);
+  EXPECT_EQ(c, g);
+  EXPECT_EQ(c[kActivationsStatic], uint64_t((M + 5) * K));
+  EXPECT_GT(c[kActivationsClipped], uint64_t((M + 5) * K / 4));  // about half of uniform(-2, 2) clips
+}
+
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
   for (const LinearCase& c : kLinearCases)
     for (int64_t M : {1, 3, 7, 8, 9, 19, 733})
@@ -372,11 +400,12 @@ TEST_F(GpuAttention, LongContextDecodeSplitsKeys) {
 // ---- End to end on stories260K -------------------------------------------------------------------
 
 std::vector<int32_t> greedy(const std::shared_ptr<const Model>& model, llmq_backend backend, QuantMode quant,
-                            const std::vector<int32_t>& prompt) {
+                            llmq_kv_dtype kv, const std::vector<int32_t>& prompt) {
   EngineOptions o;
   o.backend = backend;
   o.n_threads = 2;
   o.quant = quant;
+  o.kv_dtype = kv;
   o.max_batch_tokens = 7;  // chunked prefill, then decode
   Engine engine(model, o);
   GenerateOptions g;
@@ -389,11 +418,17 @@ TEST(GpuEndToEnd, GreedyTokensEqualCpuInEveryMode) {
   REQUIRE_GPU();
   auto model = Model::load(test::stories_dir());
   const std::vector<int32_t> prompt = model->tokenizer()->encode("Once upon a time, there was a little", true);
-  for (QuantMode quant : {QuantMode::None, QuantMode::Int8WeightOnly, QuantMode::Fp8}) {
-    std::vector<int32_t> cpu = greedy(model, LLMQ_BACKEND_CPU, quant, prompt);
-    std::vector<int32_t> gpu = greedy(model, LLMQ_BACKEND_CUDA, quant, prompt);
-    EXPECT_GE(cpu.size(), 50u) << quant_mode_name(quant);
-    EXPECT_EQ(cpu, gpu) << quant_mode_name(quant);
+  struct Mode {
+    QuantMode quant;
+    llmq_kv_dtype kv;
+  };
+  for (Mode m : {Mode{QuantMode::None, LLMQ_KV_DTYPE_AUTO}, Mode{QuantMode::Int8WeightOnly, LLMQ_KV_DTYPE_AUTO},
+                 Mode{QuantMode::Fp8, LLMQ_KV_DTYPE_AUTO}, Mode{QuantMode::Int8WeightOnly, LLMQ_KV_DTYPE_INT8},
+                 Mode{QuantMode::Fp8, LLMQ_KV_DTYPE_FP8}, Mode{QuantMode::None, LLMQ_KV_DTYPE_BF16}}) {
+    std::vector<int32_t> cpu = greedy(model, LLMQ_BACKEND_CPU, m.quant, m.kv, prompt);
+    std::vector<int32_t> gpu = greedy(model, LLMQ_BACKEND_CUDA, m.quant, m.kv, prompt);
+    EXPECT_GE(cpu.size(), 50u) << quant_mode_name(m.quant) << " kv " << int(m.kv);
+    EXPECT_EQ(cpu, gpu) << quant_mode_name(m.quant) << " kv " << int(m.kv);
   }
 }
 
