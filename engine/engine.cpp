@@ -181,15 +181,10 @@ void Engine::upload_weights() {
   const DType act_dtype = model_dtype == DType::F16 || model_dtype == DType::BF16 ? model_dtype : DType::BF16;
   const int threads = int(std::max(1u, std::thread::hardware_concurrency()));
   const QuantMode stored = model_->config().checkpoint_quant;
-  auto linear = [&](const LayerWeights& l, LinearIndex index, const Tensor& t) {
+  // A 16/32-bit weight as loaded, or quantized here in the engine's mode.
+  auto quantize_or_upload = [&](const Tensor& t) {
     LinearWeight lw;
     lw.act_dtype = act_dtype;
-    if (stored != QuantMode::None) {  // a pre-quantized checkpoint: its codes and scales as stored
-      lw.w = upload(t);
-      lw.scale = upload(l.weight_scale[index]);
-      lw.input_scale = upload(l.input_scale[index]);
-      return lw;
-    }
     if (quant_ == QuantMode::None) {
       lw.w = upload(t);
       return lw;
@@ -204,12 +199,21 @@ void Engine::upload_weights() {
     if (lw.w.data == q.data.data()) quantized_.push_back(std::move(q));
     return lw;
   };
+  // A layer's linear weight: a pre-quantized checkpoint's codes and scales as stored, else as above.
+  auto linear = [&](const LayerWeights& l, LinearIndex index, const Tensor& t) {
+    if (stored == QuantMode::None) return quantize_or_upload(t);
+    LinearWeight lw;
+    lw.act_dtype = act_dtype;
+    lw.w = upload(t);
+    lw.scale = upload(l.weight_scale[index]);
+    lw.input_scale = upload(l.input_scale[index]);
+    return lw;
+  };
   embed_ = backend_->upload(w.embed);
   weight_bytes_ += w.embed.nbytes();
   final_norm_ = upload(w.final_norm);
   if (options_.quantize_lm_head && quant_ != QuantMode::None && stored == QuantMode::None) {
-    LayerWeights none;  // quantized here from the 16/32-bit tensor (a tied one stays the embedding too)
-    lm_head_ = linear(none, kQ, w.lm_head);
+    lm_head_ = quantize_or_upload(w.lm_head);  // a tied one stays the embedding too
   } else if (w.lm_head.data == w.embed.data) {  // tied: one copy
     lm_head_.w = embed_;
     weight_bytes_per_step_ += w.embed.nbytes();

@@ -47,23 +47,27 @@ int64_t Scheduler::submit(Request request) {
   return next_id_ - 1;
 }
 
+namespace {
+
+// Removes the sequence matching `pred` from `queue` and returns it (null when none matches).
+template <typename Queue, typename Pred>
+auto take(Queue& queue, Pred pred) -> typename Queue::value_type {
+  auto it = std::find_if(queue.begin(), queue.end(), pred);
+  if (it == queue.end()) return nullptr;
+  auto seq = std::move(*it);
+  queue.erase(it);
+  return seq;
+}
+
+}  // namespace
+
 bool Scheduler::cancel(int64_t id) {
   auto match = [id](const std::unique_ptr<Sequence>& s) { return s->id == id; };
-  auto w = std::find_if(waiting_.begin(), waiting_.end(), match);
-  if (w != waiting_.end()) {
-    std::unique_ptr<Sequence> seq = std::move(*w);
-    waiting_.erase(w);
-    finish(std::move(seq), FinishReason::Cancelled, &rejected_);
-    return true;
-  }
-  auto r = std::find_if(running_.begin(), running_.end(), match);
-  if (r != running_.end()) {
-    std::unique_ptr<Sequence> seq = std::move(*r);
-    running_.erase(r);
-    finish(std::move(seq), FinishReason::Cancelled, &rejected_);
-    return true;
-  }
-  return false;
+  std::unique_ptr<Sequence> seq = take(waiting_, match);
+  if (!seq) seq = take(running_, match);
+  if (!seq) return false;
+  finish(std::move(seq), FinishReason::Cancelled, &rejected_);
+  return true;
 }
 
 void Scheduler::finish(std::unique_ptr<Sequence> seq, FinishReason reason, std::vector<FinishedRequest>* finished) {
@@ -99,10 +103,12 @@ bool Scheduler::step(std::vector<FinishedRequest>* finished) {
 
   std::vector<float> logits;
   std::vector<SequenceStep> batch;
-  std::vector<Sequence*> sampled;  // the sequences whose last token's logits come back, in order
+  std::vector<Sequence*> in_batch;  // batch[i] is in_batch[i]'s part
+  std::vector<Sequence*> sampled;   // the sequences whose last token's logits come back, in order
   for (;;) {
     // Decode tokens first (one each), then prefill chunks, in arrival order, under the budget.
     batch.clear();
+    in_batch.clear();
     sampled.clear();
     int32_t budget = options_.max_batched_tokens;
     for (int pass = 0; pass < 2; ++pass)
@@ -113,6 +119,7 @@ bool Scheduler::step(std::vector<FinishedRequest>* finished) {
         const int32_t n = std::min(pending, budget);
         const bool last = n == pending;
         batch.push_back(SequenceStep{seq->kv.get(), seq->tokens.data() + seq->computed, n, false, last});
+        in_batch.push_back(seq.get());
         if (last) sampled.push_back(seq.get());
         budget -= n;
       }
@@ -123,9 +130,7 @@ bool Scheduler::step(std::vector<FinishedRequest>* finished) {
       preempt_latest();  // nothing was changed by the failed step; try again with fewer sequences
       continue;
     }
-    for (const SequenceStep& s : batch)
-      for (auto& seq : running_)
-        if (seq->kv.get() == s.kv) seq->computed += s.n_tokens;
+    for (size_t i = 0; i < batch.size(); ++i) in_batch[i]->computed += batch[i].n_tokens;
     break;
   }
 
@@ -144,10 +149,7 @@ bool Scheduler::step(std::vector<FinishedRequest>* finished) {
       else if (int64_t(seq->tokens.size()) - 1 >= max_position) reason = FinishReason::Context;
     }
     if (reason) {
-      auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == seq; });
-      std::unique_ptr<Sequence> done = std::move(*it);
-      running_.erase(it);
-      finish(std::move(done), *reason, finished);
+      finish(take(running_, [&](const auto& s) { return s.get() == seq; }), *reason, finished);
     }
   }
   return !running_.empty() || !waiting_.empty() || !rejected_.empty();

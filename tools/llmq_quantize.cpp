@@ -10,7 +10,6 @@
 // Calibration runs text through the unquantized model (CPU backend) and sets each scale from the
 // amax over the calibration tokens: input_scale = amax / 448, k_scale / v_scale = amax / 448.
 #include <algorithm>
-#include <charconv>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>

@@ -3,7 +3,6 @@
 // sequence), with the bytes each decode step must read (weights + KV) over its time. Uses the
 // engine's step() directly; each timed step includes copying the logits to the host.
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
