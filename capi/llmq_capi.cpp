@@ -1,6 +1,7 @@
 // Implements llmq.h: argument checks, params structs by size, handle lifetimes, and the
 // translation of C++ exceptions into status codes plus a thread-local message.
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -10,16 +11,29 @@
 #include "engine/engine.h"
 #include "engine/error.h"
 #include "engine/model.h"
+#include "engine/server.h"
 #include "llmq.h"
 
 struct llmq_model {
   std::shared_ptr<const llmq::Model> model;
 };
 
-struct llmq_engine {
+namespace {
+// Shared by the engine handle and the servers on it, so that either may be destroyed first.
+struct EngineState {
   std::shared_ptr<const llmq::Model> model;
   std::unique_ptr<llmq::Engine> engine;
-  std::mutex mutex;  // one call at a time per engine
+  std::mutex mutex;  // one call (or server step) at a time per engine
+};
+}  // namespace
+
+struct llmq_engine {
+  std::shared_ptr<EngineState> state;
+};
+
+struct llmq_server {
+  std::shared_ptr<EngineState> engine;  // destroyed after the server (declared first)
+  std::unique_ptr<llmq::Server> server;
 };
 
 namespace {
@@ -80,6 +94,17 @@ void write_result(const T& full, T* out, const char* what) {
   size_t size = out->struct_size;
   std::memcpy(static_cast<void*>(out), &full, size);
   out->struct_size = size;
+}
+
+llmq::SamplingParams to_sampling(const llmq_sampling_params& s) {
+  llmq::SamplingParams out;
+  out.temperature = s.temperature;
+  out.top_k = s.top_k;
+  out.top_p = s.top_p;
+  out.min_p = s.min_p;
+  out.repetition_penalty = s.repetition_penalty;
+  out.seed = s.seed == LLMQ_SEED_RANDOM ? (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}() : s.seed;
+  return out;
 }
 
 const llmq::Tokenizer& tokenizer_of(const llmq_model* model) {
@@ -257,8 +282,9 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
                                                : llmq::QuantMode::None;
     options.quantize_lm_head = p.quantize_lm_head != 0;
     auto handle = std::make_unique<llmq_engine>();
-    handle->model = model->model;
-    handle->engine = std::make_unique<llmq::Engine>(model->model, options);
+    handle->state = std::make_shared<EngineState>();
+    handle->state->model = model->model;
+    handle->state->engine = std::make_unique<llmq::Engine>(model->model, options);
     *out_engine = handle.release();
   });
 }
@@ -271,14 +297,14 @@ LLMQ_API llmq_status llmq_engine_saturation(llmq_engine* engine, uint64_t* count
   return guarded([&] {
     require(engine, "llmq_engine_saturation: engine");
     require(n_counts, "llmq_engine_saturation: n_counts");
-    std::lock_guard<std::mutex> lock(engine->mutex);
-    const size_t needed = size_t(engine->engine->model().config().num_layers) * llmq::kSaturationCounters;
+    std::lock_guard<std::mutex> lock(engine->state->mutex);
+    const size_t needed = size_t(engine->state->engine->model().config().num_layers) * llmq::kSaturationCounters;
     *n_counts = needed;
     if (capacity < needed)
       llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_engine_saturation: {} counters do not fit in capacity {}", needed,
                  capacity);
     require(counts, "llmq_engine_saturation: counts");
-    const std::vector<uint64_t> values = engine->engine->saturation(reset != 0);
+    const std::vector<uint64_t> values = engine->state->engine->saturation(reset != 0);
     std::copy(values.begin(), values.end(), counts);
   });
 }
@@ -317,18 +343,12 @@ LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_id
     if (p.n_stop_ids > 4096) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_generate: more than 4096 stop ids");
 
     llmq::GenerateOptions options;
-    options.sampling.temperature = s.temperature;
-    options.sampling.top_k = s.top_k;
-    options.sampling.top_p = s.top_p;
-    options.sampling.min_p = s.min_p;
-    options.sampling.repetition_penalty = s.repetition_penalty;
-    options.sampling.seed = s.seed == LLMQ_SEED_RANDOM ? (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}()
-                                                       : s.seed;
+    options.sampling = to_sampling(s);
     options.max_new_tokens = p.max_new_tokens;
     options.stop_ids.assign(p.stop_ids, p.stop_ids + p.n_stop_ids);
     options.ignore_eos = p.ignore_eos != 0;
 
-    const llmq::Tokenizer* tokenizer = engine->model->tokenizer();
+    const llmq::Tokenizer* tokenizer = engine->state->model->tokenizer();
     llmq::Utf8Stream stream;
     int32_t previous = n_prompt > 0 ? prompt_ids[n_prompt - 1] : -1;
     size_t written = 0;
@@ -344,8 +364,8 @@ LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_id
       return keep_going;
     };
 
-    std::lock_guard<std::mutex> lock(engine->mutex);
-    llmq::GenerateResult r = engine->engine->generate(std::vector<int32_t>(prompt_ids, prompt_ids + n_prompt), options);
+    std::lock_guard<std::mutex> lock(engine->state->mutex);
+    llmq::GenerateResult r = engine->state->engine->generate(std::vector<int32_t>(prompt_ids, prompt_ids + n_prompt), options);
     if (result) {
       llmq_generate_result full;
       std::memset(&full, 0, sizeof full);
@@ -365,13 +385,215 @@ LLMQ_API llmq_status llmq_score(llmq_engine* engine, const int32_t* ids, size_t 
   return guarded([&] {
     require(engine, "llmq_score: engine");
     if (n_ids > 0) require(ids, "llmq_score: ids");
-    size_t vocab = size_t(engine->engine->vocab_size());
+    size_t vocab = size_t(engine->state->engine->vocab_size());
     if (n_ids > SIZE_MAX / vocab || logits_capacity < n_ids * vocab)
       llmq::fail(LLMQ_ERR_BUFFER_TOO_SMALL, "llmq_score: logits_capacity {} is less than n_ids * vocab_size = {} * {}",
                  logits_capacity, n_ids, vocab);
     require(logits, "llmq_score: logits");
-    std::lock_guard<std::mutex> lock(engine->mutex);
-    engine->engine->score(std::vector<int32_t>(ids, ids + n_ids), logits);
+    std::lock_guard<std::mutex> lock(engine->state->mutex);
+    engine->state->engine->score(std::vector<int32_t>(ids, ids + n_ids), logits);
+  });
+}
+
+// ---- Serving -----------------------------------------------------------------------------------
+
+namespace {
+
+// The public form of an event; text and error point into `e`, which must outlive the result.
+llmq_event to_c_event(const llmq::ServerEvent& e) {
+  llmq_event out;
+  std::memset(&out, 0, sizeof out);
+  out.struct_size = sizeof out;
+  out.request_id = e.id;
+  out.user_data = e.user_data;
+  out.n_generated = e.n_generated;
+  out.text = e.text.c_str();
+  out.text_len = e.text.size();
+  out.error = "";
+  if (!e.finished) {
+    out.type = LLMQ_EVENT_TOKEN;
+    out.token = e.token;
+    out.finish_reason = LLMQ_FINISH_LENGTH;
+    out.status = LLMQ_OK;
+    return out;
+  }
+  const llmq::FinishedRequest& f = *e.finished;
+  out.type = LLMQ_EVENT_FINISHED;
+  out.token = -1;
+  out.finish_reason = llmq_finish_reason(int(f.reason));
+  out.status = f.status;
+  out.error = f.error.c_str();
+  out.n_prompt_tokens = f.prompt_tokens;
+  out.n_cached_tokens = f.cached_tokens;
+  out.n_preemptions = f.preemptions;
+  out.queue_time_s = f.queue_time_s;
+  out.time_to_first_token_s = f.time_to_first_token_s;
+  out.decode_time_s = f.decode_time_s;
+  return out;
+}
+
+// Keeps the strings of the events last polled on this thread alive (llmq.h promises that).
+thread_local std::vector<llmq::ServerEvent> t_polled;
+
+}  // namespace
+
+LLMQ_API void llmq_server_params_default(llmq_server_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+  params->max_batched_tokens = 0;
+  params->max_running = llmq::SchedulerOptions().max_running;
+  params->prefix_caching = 0;
+  params->own_thread = 1;
+  params->peak_bandwidth = 0;
+}
+
+LLMQ_API llmq_status llmq_server_create(llmq_engine* engine, const llmq_server_params* params,
+                                        llmq_server** out_server) {
+  return guarded([&] {
+    require(out_server, "llmq_server_create: out_server");
+    *out_server = nullptr;
+    require(engine, "llmq_server_create: engine");
+    llmq_server_params p = read_params(params, llmq_server_params_default, "llmq_server_create: params");
+    const int32_t engine_max = engine->state->engine->max_batch_tokens();
+    if (p.max_batched_tokens < 0 || p.max_batched_tokens > engine_max)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT,
+                 "llmq_server_create: params.max_batched_tokens must be in [0, {}] (the engine's max_batch_tokens), got {}",
+                 engine_max, p.max_batched_tokens);
+    if (p.max_running < 1)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_create: params.max_running must be >= 1, got {}", p.max_running);
+    if (!(p.peak_bandwidth >= 0) || p.peak_bandwidth > 1e18)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_create: params.peak_bandwidth must be in [0, 1e18] bytes/s, got {}",
+                 p.peak_bandwidth);
+    llmq::ServerOptions options;
+    options.scheduler.max_batched_tokens = p.max_batched_tokens == 0 ? engine_max : p.max_batched_tokens;
+    options.scheduler.max_running = p.max_running;
+    options.scheduler.prefix_caching = p.prefix_caching != 0;
+    options.own_thread = p.own_thread != 0;
+    options.peak_bandwidth = p.peak_bandwidth;
+    if (p.on_event) {
+      const llmq_event_callback callback = p.on_event;
+      void* user_data = p.user_data;
+      options.on_event = [callback, user_data](const llmq::ServerEvent& e) {
+        const llmq_event event = to_c_event(e);
+        callback(&event, user_data);
+      };
+    }
+    auto handle = std::make_unique<llmq_server>();
+    handle->engine = engine->state;
+    handle->server = std::make_unique<llmq::Server>(*engine->state->engine, engine->state->mutex, std::move(options));
+    *out_server = handle.release();
+  });
+}
+
+LLMQ_API void llmq_server_destroy(llmq_server* server) { delete server; }
+
+LLMQ_API void llmq_request_params_default(llmq_request_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+  params->max_new_tokens = llmq::Request().max_new_tokens;
+}
+
+LLMQ_API llmq_status llmq_server_submit(llmq_server* server, const int32_t* prompt_ids, size_t n_prompt,
+                                        const llmq_request_params* params, llmq_request_id* out_id) {
+  return guarded([&] {
+    require(server, "llmq_server_submit: server");
+    require(out_id, "llmq_server_submit: out_id");
+    if (n_prompt > 0) require(prompt_ids, "llmq_server_submit: prompt_ids");
+    llmq_request_params p = read_params(params, llmq_request_params_default, "llmq_server_submit: params");
+    llmq_sampling_params s = read_params(p.sampling, llmq_sampling_params_default, "llmq_server_submit: params.sampling");
+    if (p.n_stop_ids > 0) require(p.stop_ids, "llmq_server_submit: params.stop_ids");
+    if (p.n_stop_ids > 4096) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_submit: more than 4096 stop ids");
+    llmq::Request request;
+    request.prompt.assign(prompt_ids, prompt_ids + n_prompt);
+    request.sampling = to_sampling(s);
+    request.max_new_tokens = p.max_new_tokens;
+    request.stop_ids.assign(p.stop_ids, p.stop_ids + p.n_stop_ids);
+    request.ignore_eos = p.ignore_eos != 0;
+    request.priority = p.priority;
+    *out_id = server->server->submit(std::move(request), p.user_data);
+  });
+}
+
+LLMQ_API llmq_status llmq_server_cancel(llmq_server* server, llmq_request_id id) {
+  return guarded([&] {
+    require(server, "llmq_server_cancel: server");
+    if (!server->server->cancel(id))
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_cancel: no unfinished request has id {}", id);
+  });
+}
+
+LLMQ_API llmq_status llmq_server_step(llmq_server* server, size_t* n_unfinished) {
+  return guarded([&] {
+    require(server, "llmq_server_step: server");
+    const size_t n = server->server->step();
+    if (n_unfinished) *n_unfinished = n;
+  });
+}
+
+LLMQ_API llmq_status llmq_server_poll(llmq_server* server, llmq_event* events, size_t capacity, size_t* n_events,
+                                      int32_t timeout_ms) {
+  return guarded([&] {
+    require(server, "llmq_server_poll: server");
+    require(n_events, "llmq_server_poll: n_events");
+    *n_events = 0;
+    if (capacity == 0) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_poll: capacity must be >= 1");
+    require(events, "llmq_server_poll: events");
+    const size_t stride = events[0].struct_size;
+    check_struct_size(stride, sizeof(llmq_event), "llmq_server_poll: events[0]");
+    if (timeout_ms < -1) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_poll: timeout_ms must be >= -1, got {}", timeout_ms);
+    t_polled.clear();
+    const size_t n = server->server->poll(&t_polled, capacity, timeout_ms);
+    for (size_t i = 0; i < n; ++i) {
+      const llmq_event full = to_c_event(t_polled[i]);
+      auto* slot = reinterpret_cast<llmq_event*>(reinterpret_cast<char*>(events) + i * stride);
+      std::memcpy(static_cast<void*>(slot), &full, stride);
+      slot->struct_size = stride;
+    }
+    *n_events = n;
+  });
+}
+
+LLMQ_API double llmq_histogram_bound(int32_t bucket) {
+  static_assert(LLMQ_HISTOGRAM_BUCKETS == llmq::Histogram::kBuckets, "llmq.h and engine/server.h agree");
+  if (bucket < 0 || bucket >= LLMQ_HISTOGRAM_BUCKETS) return std::numeric_limits<double>::quiet_NaN();
+  return llmq::Histogram::upper_bound(bucket);
+}
+
+LLMQ_API llmq_status llmq_server_get_stats(llmq_server* server, llmq_server_stats* stats) {
+  return guarded([&] {
+    require(server, "llmq_server_get_stats: server");
+    require(stats, "llmq_server_get_stats: stats");
+    check_struct_size(stats->struct_size, sizeof(llmq_server_stats), "llmq_server_get_stats: stats");
+    const llmq::ServerStats s = server->server->stats();
+    llmq_server_stats full;
+    std::memset(&full, 0, sizeof full);
+    full.struct_size = sizeof full;
+    full.running = s.running;
+    full.waiting = s.waiting;
+    full.kv_blocks_total = s.kv_blocks_total;
+    full.kv_blocks_used = s.kv_blocks_used;
+    full.kv_blocks_cached = s.kv_blocks_cached_free;
+    full.requests_submitted = s.submitted;
+    full.requests_finished = s.finished;
+    full.requests_cancelled = s.cancelled;
+    full.requests_failed = s.failed;
+    full.prompt_tokens = s.prompt_tokens;
+    full.generated_tokens = s.generated_tokens;
+    full.cached_prompt_tokens = s.cached_tokens;
+    full.steps = s.steps;
+    full.preemptions = s.preemptions;
+    full.peak_bandwidth = s.peak_bandwidth;
+    full.last_decode_mbu = s.last_decode_mbu;
+    full.mean_decode_mbu = s.mean_decode_mbu;
+    full.ttft_p50_s = s.ttft.quantile(0.5);
+    full.ttft_p99_s = s.ttft.quantile(0.99);
+    full.tpot_p50_s = s.tpot.quantile(0.5);
+    full.tpot_p99_s = s.tpot.quantile(0.99);
+    std::copy(s.ttft.counts().begin(), s.ttft.counts().end(), full.ttft_histogram);
+    std::copy(s.tpot.counts().begin(), s.tpot.counts().end(), full.tpot_histogram);
+    write_result(full, stats, "llmq_server_get_stats: stats");
   });
 }
 

@@ -75,6 +75,9 @@ class Backend {
   virtual const char* name() const = 0;
   // Whether FP8 weights and activations can run here; else the reason in *why.
   virtual bool supports_fp8(std::string* why) const { return true; }
+  // The memory bandwidth (bytes/s) its weights and KV cache are read at, measured now with a large
+  // streaming read or copy: 100% model bandwidth utilization. Takes a fraction of a second.
+  virtual double measure_peak_bandwidth() = 0;
 
   virtual std::unique_ptr<Buffer> allocate(uint64_t bytes) = 0;
   // Makes a host tensor (e.g. a memory-mapped weight) usable by the kernels. The CPU backend uses

@@ -40,7 +40,8 @@ struct SequenceStep {
   bool want_logits = true;  // false for the leading chunks of a chunked prefill
 };
 
-enum class FinishReason { Length, Stop, Cancelled, Context };
+// In the order of llmq_finish_reason.
+enum class FinishReason { Length, Stop, Cancelled, Context, Error };
 
 struct GenerateOptions {
   SamplingParams sampling;
@@ -78,6 +79,8 @@ class Engine {
   uint64_t weight_bytes() const { return weight_bytes_; }
   // Bytes of KV cache one token takes, over all layers.
   uint64_t kv_bytes_per_token() const;
+  // The backend's memory bandwidth in bytes/s, measured now (Backend::measure_peak_bandwidth).
+  double measure_peak_bandwidth() { return backend_->measure_peak_bandwidth(); }
   std::unique_ptr<SequenceKv> new_sequence() { return std::make_unique<SequenceKv>(allocator_, block_size()); }
 
   // Runs one forward step. Reserves KV blocks first (LLMQ_ERR_KV_CACHE_FULL, with nothing changed,

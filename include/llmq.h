@@ -239,7 +239,8 @@ typedef enum llmq_finish_reason {
   LLMQ_FINISH_LENGTH = 0,   /* max_new_tokens reached */
   LLMQ_FINISH_STOP = 1,     /* an EOS or stop id was sampled (it is not part of the output) */
   LLMQ_FINISH_CANCELLED = 2,/* the callback asked to stop */
-  LLMQ_FINISH_CONTEXT = 3   /* the model's context length was reached */
+  LLMQ_FINISH_CONTEXT = 3,  /* the model's context length was reached */
+  LLMQ_FINISH_ERROR = 4     /* a served request failed; its event carries the status and message */
 } llmq_finish_reason;
 
 typedef struct llmq_generate_result {
@@ -269,6 +270,171 @@ LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_id
  * for checking logits against references. The engine is locked for the duration of the call. */
 LLMQ_API llmq_status llmq_score(llmq_engine* engine, const int32_t* ids, size_t n_ids, float* logits,
                                 size_t logits_capacity);
+
+
+/* ---- Serving: asynchronous requests with continuous batching -------------------------------
+ *
+ * A server runs many requests on one engine at once. Each step of the engine mixes the running
+ * requests' next tokens (decode) with chunks of new prompts (chunked prefill) under a token budget,
+ * so a long prompt never stalls the others. Requests are admitted by priority, then first come,
+ * first served, while KV blocks are free; when the cache runs out, the running request of lowest
+ * priority that arrived last is preempted: its blocks are freed and its tokens recomputed later.
+ * Every request produces the tokens it would produce alone (bitwise on the CPU backend).
+ *
+ * Threads: llmq_server_submit, llmq_server_cancel, llmq_server_poll and llmq_server_stats may be
+ * called from any number of threads at once; none of them waits for a forward pass. The steps run
+ * either on a thread the server owns (own_thread = 1, the default) or on whichever host thread
+ * calls llmq_server_step (own_thread = 0). Events (each new token, then the end of the request)
+ * go to the on_event callback, called on the stepping thread, or to a queue read by
+ * llmq_server_poll. The server takes the engine's lock around each step, so llmq_generate and
+ * llmq_score on the same engine still work (one call at a time) and share its KV cache.
+ */
+
+typedef struct llmq_server llmq_server;
+typedef int64_t llmq_request_id;
+
+typedef enum llmq_event_type {
+  LLMQ_EVENT_TOKEN = 0,   /* a new token of a request */
+  LLMQ_EVENT_FINISHED = 1 /* the request ended: its last event */
+} llmq_event_type;
+
+typedef struct llmq_event {
+  size_t struct_size;               /* in: sizeof(llmq_event) (see llmq_server_poll) */
+  llmq_event_type type;
+  int32_t token;                    /* TOKEN: the new id. FINISHED: -1 */
+  llmq_request_id request_id;
+  void* user_data;                  /* the request's llmq_request_params.user_data */
+  const char* text;                 /* TOKEN: the UTF-8 text the token completes; may be empty (part of a
+                                       character, a special token, no tokenizer). Not NUL-terminated */
+  size_t text_len;
+  int32_t n_generated;              /* tokens generated so far (the stop token is never counted) */
+  llmq_finish_reason finish_reason; /* FINISHED: why */
+  llmq_status status;               /* FINISHED: LLMQ_OK, or the failure (finish_reason LLMQ_FINISH_ERROR) */
+  const char* error;                /* FINISHED: "" or the message; NUL-terminated */
+  int32_t n_prompt_tokens;          /* FINISHED, and the timings below */
+  int32_t n_cached_tokens;          /* prompt tokens whose KV came from the prefix cache */
+  int32_t n_preemptions;            /* times the request was preempted and recomputed */
+  double queue_time_s;              /* from submit to first scheduled */
+  double time_to_first_token_s;     /* from submit to the first token (0 if none) */
+  double decode_time_s;             /* from the first token to the end */
+} llmq_event;
+
+/* Called for each event on the stepping thread, with no lock of the server held: it may call
+ * llmq_server_submit, _cancel and _stats, but not _destroy or _step. event and its strings are
+ * valid during the call only. */
+typedef void (*llmq_event_callback)(const llmq_event* event, void* user_data);
+
+typedef struct llmq_server_params {
+  size_t struct_size;           /* in: sizeof(llmq_server_params) */
+  int32_t max_batched_tokens;   /* tokens per step, decode plus prefill chunks; 0 (default) = the
+                                   engine's max_batch_tokens, which is also the upper limit */
+  int32_t max_running;          /* requests holding KV blocks at once (default 64) */
+  int32_t prefix_caching;       /* nonzero: full KV blocks of a prompt prefix already computed are reused
+                                   (kept, least recently used first out, while the cache has room). Default 0 */
+  int32_t own_thread;           /* nonzero (default): the server steps on its own thread; 0: the host calls
+                                   llmq_server_step */
+  double peak_bandwidth;        /* bytes/s taken as 100% model bandwidth utilization; 0 (default) =
+                                   measured once by llmq_server_create (a large read or copy, < 1 s) */
+  llmq_event_callback on_event; /* NULL (default): events queue for llmq_server_poll */
+  void* user_data;              /* passed to on_event */
+} llmq_server_params;
+
+/* Fills *params with defaults and sets struct_size. Thread-safe. */
+LLMQ_API void llmq_server_params_default(llmq_server_params* params);
+
+/* Creates a server on an engine. params may be NULL for defaults. *out_server: out, owned by the
+ * caller, free it with llmq_server_destroy; the server keeps the engine alive (destroying the
+ * engine first is allowed). LLMQ_ERR_INVALID_ARGUMENT names a bad field. Thread-safe. */
+LLMQ_API llmq_status llmq_server_create(llmq_engine* engine, const llmq_server_params* params,
+                                        llmq_server** out_server);
+
+/* Stops the server: its thread is joined and unfinished requests are dropped without events.
+ * Must not run while another thread uses the server, nor from the callback. NULL is a no-op. */
+LLMQ_API void llmq_server_destroy(llmq_server* server);
+
+typedef struct llmq_request_params {
+  size_t struct_size;                    /* in: sizeof(llmq_request_params) */
+  const llmq_sampling_params* sampling;  /* NULL = defaults; LLMQ_SEED_RANDOM draws a seed at submit */
+  int32_t max_new_tokens;                /* default 256; prompt + max_new_tokens must fit the context */
+  const int32_t* stop_ids;               /* extra ids that end the request (not emitted); may be NULL */
+  size_t n_stop_ids;
+  int ignore_eos;                        /* 1: do not stop at the model's EOS ids. Default 0 */
+  int32_t priority;                      /* higher is admitted first and preempted last. Default 0 */
+  void* user_data;                       /* returned in each of the request's events */
+} llmq_request_params;
+
+/* Fills *params with defaults and sets struct_size. Thread-safe. */
+LLMQ_API void llmq_request_params_default(llmq_request_params* params);
+
+/* Queues a request: prompt_ids (n_prompt ids, copied) with params (NULL for defaults).
+ * *out_id: out, the request's id for its events and for llmq_server_cancel.
+ * A request that can never run is refused here, and the server goes on serving the others:
+ * LLMQ_ERR_INVALID_ARGUMENT for an empty prompt, an id out of range, max_new_tokens < 1 or
+ * contradictory sampling params (named); LLMQ_ERR_CONTEXT_OVERFLOW when prompt + max_new_tokens
+ * exceed the context; LLMQ_ERR_KV_CACHE_FULL when the request could not fit in the KV cache even
+ * alone. Thread-safe; never waits for a step. */
+LLMQ_API llmq_status llmq_server_submit(llmq_server* server, const int32_t* prompt_ids, size_t n_prompt,
+                                        const llmq_request_params* params, llmq_request_id* out_id);
+
+/* Cancels a request: it ends with finish reason LLMQ_FINISH_CANCELLED at the next step, unless it
+ * finished in the meantime (then its FINISHED event says why). LLMQ_ERR_INVALID_ARGUMENT when the
+ * id is unknown or its request has finished already. Thread-safe. */
+LLMQ_API llmq_status llmq_server_cancel(llmq_server* server, llmq_request_id id);
+
+/* For a server created with own_thread = 0: runs one step on the calling thread (steps from
+ * several threads run one at a time); a step with nothing to do returns at once. *n_unfinished:
+ * out, may be NULL, the requests not finished yet (0: idle). LLMQ_ERR_INVALID_ARGUMENT on a
+ * server with its own thread. Failures of the engine end the affected requests with
+ * LLMQ_FINISH_ERROR events rather than failing this call. */
+LLMQ_API llmq_status llmq_server_step(llmq_server* server, size_t* n_unfinished);
+
+/* Reads queued events, waiting up to timeout_ms for the first one (0: do not wait; -1: no limit).
+ * events: out, room for capacity events laid out every events[0].struct_size bytes (set
+ * events[0].struct_size = sizeof(llmq_event) first; an older, smaller struct gets the fields it
+ * has). *n_events: out, how many were written (0 after a timeout, which is not an error).
+ * The text and error strings stay valid until this thread's next llmq_server_poll call.
+ * A request's events come in order, FINISHED last. LLMQ_ERR_INVALID_ARGUMENT on a server with
+ * an on_event callback. Thread-safe. */
+LLMQ_API llmq_status llmq_server_poll(llmq_server* server, llmq_event* events, size_t capacity, size_t* n_events,
+                                      int32_t timeout_ms);
+
+/* Durations are counted in LLMQ_HISTOGRAM_BUCKETS log-spaced buckets: bucket 0 holds [0, 100 us),
+ * bucket i holds [llmq_histogram_bound(i - 1), llmq_histogram_bound(i)) with
+ * llmq_histogram_bound(i) = 100 us * 2^(i/2), and the last bucket everything above. */
+#define LLMQ_HISTOGRAM_BUCKETS 40
+
+/* The upper bound of a histogram bucket in seconds (+infinity for the last; NaN when out of
+ * range). Thread-safe. */
+LLMQ_API double llmq_histogram_bound(int32_t bucket);
+
+typedef struct llmq_server_stats {
+  size_t struct_size;               /* in: sizeof(llmq_server_stats) */
+  int32_t running;                  /* requests holding KV blocks */
+  int32_t waiting;                  /* requests queued (submitted, or preempted) */
+  int32_t kv_blocks_total;
+  int32_t kv_blocks_used;           /* referenced by a sequence */
+  int32_t kv_blocks_cached;         /* free, but holding prefix-cache content that may be reused */
+  uint64_t requests_submitted;
+  uint64_t requests_finished;       /* all ends, cancelled and failed included */
+  uint64_t requests_cancelled;
+  uint64_t requests_failed;
+  uint64_t prompt_tokens;           /* computed in prefill, recomputation after preemption included */
+  uint64_t generated_tokens;
+  uint64_t cached_prompt_tokens;    /* prompt tokens whose KV came from the prefix cache */
+  uint64_t steps;
+  uint64_t preemptions;
+  double peak_bandwidth;            /* bytes/s: configured or measured at creation */
+  double last_decode_mbu;           /* model bandwidth utilization of the last decode-only step: (weight
+                                       bytes + KV bytes read) / step time / peak_bandwidth */
+  double mean_decode_mbu;           /* the same over all decode-only steps (total bytes / total time) */
+  double ttft_p50_s, ttft_p99_s;    /* time to first token, estimated from the histogram */
+  double tpot_p50_s, tpot_p99_s;    /* time per output token after the first, per request */
+  uint64_t ttft_histogram[LLMQ_HISTOGRAM_BUCKETS];
+  uint64_t tpot_histogram[LLMQ_HISTOGRAM_BUCKETS];
+} llmq_server_stats;
+
+/* Fills *stats (set stats->struct_size first) with the counters since creation. Thread-safe. */
+LLMQ_API llmq_status llmq_server_get_stats(llmq_server* server, llmq_server_stats* stats);
 
 #ifdef __cplusplus
 }

@@ -8,7 +8,10 @@
 #include <sstream>
 #include <string>
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+
+#include "engine/error.h"
 
 namespace llmq::test {
 
@@ -19,6 +22,18 @@ inline std::string shared_dir() {
 }
 inline std::string stories_dir() { return shared_dir() + "/models/stories260K"; }
 inline std::string bin_dir() { return LLMQ_BIN_DIR; }
+
+// Runs fn, which must throw an llmq::Error with `status` and a message containing `needle`.
+template <typename Fn>
+void expect_error(Fn&& fn, llmq_status status, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error thrown; expected " << needle;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), status) << e.what();
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
 
 inline nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "engine/backend.h"
+#include "engine/bandwidth.h"
 #include "engine/error.h"
 #include "engine/fp8.h"
 #include "engine/quant.h"
@@ -142,6 +143,11 @@ class CpuBackend final : public Backend {
       : pool_(options.n_threads > 0 ? options.n_threads : int(std::max(1u, std::thread::hardware_concurrency()))) {}
 
   const char* name() const override { return "cpu"; }
+
+  double measure_peak_bandwidth() override {
+    // 256 MiB is well past the last-level cache; the best of 3 passes by the pool's thread count.
+    return measure_read_bandwidth(size_t(256) << 20, pool_.size(), 3).best_bytes_per_s;
+  }
 
   std::unique_ptr<Buffer> allocate(uint64_t bytes) override { return std::make_unique<HostBuffer>(bytes); }
 
