@@ -20,6 +20,20 @@ inline int64_t parse_int(const std::string& flag, const std::string& text, int64
   return value;
 }
 
+// A finite number flag in [min, max]; anything else is LLMQ_ERR_INVALID_ARGUMENT naming the flag.
+inline double parse_double(const std::string& flag, const std::string& text, double min, double max) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || !(value >= min && value <= max))
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "{} expects a number in [{}, {}], got '{}'", flag, min, max, text);
+  return value;
+}
+
 // Runs the tool; an error is printed as "NAME: message" and exits with 1.
 inline int run_main(const char* name, int (*run)(int, char**), int argc, char** argv) {
   try {
