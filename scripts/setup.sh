@@ -2,7 +2,7 @@
 # Installs what llmq builds with from Debian packages, when missing. nvcc and GoogleTest come with
 # the development image; the CUDA backend is compiled only when nvcc is found.
 set -euo pipefail
-packages=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libfmt-dev libgtest-dev python3-numpy)
+packages=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libfmt-dev libgtest-dev python3-numpy gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,6 +2,9 @@
 // values (positive rates, p99 >= p50, MBU in (0, 1] at a peak set high), and bad flags are named.
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <map>
+
 #include "test_util.h"
 
 namespace {
@@ -40,6 +43,53 @@ TEST(BenchTool, BadFlagsAreNamed) {
   r = run_command(bench("--quant int4") + " 2>&1");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.out.find("--quant expects none, int8wo or fp8, got 'int4'"), std::string::npos) << r.out;
+}
+
+}  // namespace
+
+namespace {
+
+// llmq-sweep's CI smoke run: a small sweep over the three modes on stories260K writes CSV, JSON
+// and the PNG, every number is positive, MBU and MFU are fractions, and the max batch under the
+// budget grows as the model and KV shrink (the point of quantizing).
+TEST(SweepTool, SmokeRunWritesWellFormedOutputs) {
+  llmq::test::TempDir dir;
+  const auto r = run_command(llmq::test::bin_dir() + "/llmq-sweep --model " + llmq::test::stories_dir() +
+                             " --out " + dir.path() + " --batches 1,2,4,32 --input-len 24 --output-len 6 --threads 1 "
+                             "--peak-gbs 1000 --peak-tflops 100");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const nlohmann::json j = llmq::test::read_json(dir / "sweep.json");
+  ASSERT_EQ(j.at("modes").size(), 3u);
+  std::map<std::string, int64_t> max_batch;
+  for (const auto& m : j.at("modes")) {
+    max_batch[m.at("mode")] = m.at("max_batch_under_budget");
+    EXPECT_GT(m.at("weight_bytes").get<double>(), 0);
+  }
+  EXPECT_EQ(max_batch["none"], 16) << "the default budget: 16-bit weights + KV for 16 sequences";
+  EXPECT_GT(max_batch["int8wo"], 2 * max_batch["none"]);
+  EXPECT_GT(max_batch["fp8"], max_batch["int8wo"]);
+  size_t points = 0;
+  for (const auto& p : j.at("points")) {
+    ++points;
+    for (const char* key : {"ttft_s", "tpot_s", "throughput", "mbu", "mfu"}) {
+      EXPECT_GT(p.at(key).get<double>(), 0) << key;
+      if (std::string(key) == "mbu" || std::string(key) == "mfu") {
+        EXPECT_LT(p.at(key).get<double>(), 1) << key;
+      }
+    }
+  }
+  EXPECT_EQ(points, 3u + 4u + 4u) << "16-bit stops at 4: batch 32 does not fit its budget";
+  for (const char* ratio : {"fp8_vs_16bit_throughput_at_max_batch", "int8wo_vs_16bit_tpot_batch_lt_8",
+                            "fp8_vs_16bit_tpot_batch_lt_8", "fp8_vs_16bit_ttft", "int8wo_vs_16bit_prefill_time"})
+    EXPECT_TRUE(j.at("ratios").contains(ratio)) << ratio;
+  std::ifstream csv(dir / "sweep.csv");
+  std::string header;
+  std::getline(csv, header);
+  EXPECT_EQ(header, "mode,batch,ttft_ms,tpot_ms,throughput,mbu,mfu");
+  std::ifstream png(dir / "sweep.png", std::ios::binary);
+  char magic[8] = {};
+  png.read(magic, 8);
+  EXPECT_EQ(std::string(magic + 1, 3), "PNG") << "gnuplot wrote no PNG";
 }
 
 }  // namespace

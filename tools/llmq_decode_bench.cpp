@@ -15,7 +15,7 @@
 
 #include <fmt/format.h>
 
-#include "engine/bandwidth.h"
+#include "engine/host_peak.h"
 #include "engine/error.h"
 #include "llmq.h"
 

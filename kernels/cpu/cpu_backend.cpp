@@ -11,7 +11,7 @@
 #include <type_traits>
 
 #include "engine/backend.h"
-#include "engine/bandwidth.h"
+#include "engine/host_peak.h"
 #include "engine/error.h"
 #include "engine/fp8.h"
 #include "engine/quant.h"
