@@ -122,13 +122,19 @@ TEST(SynthPreset, NamedShapes) {
   EXPECT_EQ(cpu.num_layers, 16);
   EXPECT_EQ(cpu.num_kv_heads, 16);
   EXPECT_EQ(cpu.dtype, DType::BF16);
+  SynthSpec small = synth_preset("cpu-512");
+  EXPECT_EQ(small.hidden_size, 512);
+  EXPECT_EQ(small.intermediate_size, 1408);
+  EXPECT_EQ(small.num_layers, 8);
+  EXPECT_EQ(small.num_kv_heads, 8);
+  EXPECT_EQ(small.vocab_size, 32000);
 
   try {
     synth_preset("llama9");
     ADD_FAILURE() << "unknown preset accepted";
   } catch (const Error& e) {
     EXPECT_EQ(e.status(), LLMQ_ERR_INVALID_ARGUMENT);
-    for (const char* part : {"llama9", "tiny", "llama3-8b", "cpu-2048", "llama2-70b-tp8-shard"})
+    for (const char* part : {"llama9", "tiny", "llama3-8b", "cpu-2048", "cpu-512", "llama2-70b-tp8-shard"})
       EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
   }
 }
