@@ -51,7 +51,7 @@ TEST(PrefixCache, LookupTakesAReferenceAndEvictsLeastRecentlyUsed) {
 TEST(PrefixCache, SharedPrefixesReuseBlocksAndGiveIdenticalTokens) {
   auto model = Model::load(test::stories_dir());
   EngineOptions o;
-  o.n_threads = 2;
+  o.n_threads = 1;
   o.max_batch_tokens = 64;
   std::map<bool, std::map<int64_t, std::vector<int32_t>>> results;
   std::map<bool, uint64_t> cached;

@@ -28,7 +28,7 @@ TEST(Scheduler, MatchesGenerateAloneUnderPreemption) {
   Scheduler scheduler(engine, SchedulerOptions{48, 12});
 
   EngineOptions alone_options;
-  alone_options.n_threads = 2;
+  alone_options.n_threads = 1;
   Engine alone(stories(), alone_options);
 
   Rng rng(2024);
