@@ -19,4 +19,4 @@ mkdir -p "$out"
   "$root/build/bin/llmq-sweep" --model "$model" --out "$out" --input-len 128 --output-len 32 \
     --batches 1,2,4,8,16,32,64,128 "$@"
 } | tee "$out/summary.txt"
-sed -i "s|$root/||g" "$out/summary.txt" "$out/sweep.json" "$out/sweep.gnuplot"
+sed -i "s|$root/||g" "$out/summary.txt" "$out/sweep.json"

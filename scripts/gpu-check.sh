@@ -9,6 +9,8 @@
 #   bash scripts/gpu-check.sh prepare      # here: builds build-gpu/, fills .gpu-carry/ (~15 MB)
 #   bash scripts/gpu-check.sh run          # there, from the repository root, with .gpu-carry
 #   bash scripts/gpu-check.sh local        # both, on one machine that has a GPU and the packages
+#   bash scripts/gpu-check.sh sweep        # there: llmq-sweep (16-bit / int8wo / fp8 trade-offs) on the
+#                                          # Llama-2-7B and Llama-3-8B shapes; CSV, JSON, gnuplot script
 #
 # Options for run/local: --quick (fewer benchmark steps). Results also go to $OUT when it is set.
 set -euo pipefail
@@ -29,10 +31,10 @@ prepare() {
   local shared=${LLMQ_SHARED_DIR:-$root/../shared}
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLMQ_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="80;90a" -DLLMQ_SHARED_DIR="$shared" >/dev/null
-  cmake --build "$root/build-gpu" --target llmq_gpu_tests llmq-step-bench llmq-synth
+  cmake --build "$root/build-gpu" --target llmq_gpu_tests llmq-step-bench llmq-synth llmq-sweep
   rm -rf "$carry"
   mkdir -p "$carry/bin" "$carry/shared/models" "$carry/shared/data"
-  cp "$root"/build-gpu/bin/{llmq_gpu_tests,llmq-step-bench,llmq-synth} "$carry/bin/"
+  cp "$root"/build-gpu/bin/{llmq_gpu_tests,llmq-step-bench,llmq-synth,llmq-sweep} "$carry/bin/"
   strip "$carry"/bin/*  # host symbols only; keeps the carried folder small
   cp -r "$shared/models/stories260K" "$carry/shared/models/"
   chmod -R u+w "$carry"
@@ -75,9 +77,34 @@ run() {
   return $status
 }
 
+# The quantization trade-off sweeps (issue 8's GPU half). The memory budgets give the 16-bit model
+# room for about 30 (Llama-2-7B) and 80 (Llama-3-8B) sequences of 128 + 32 tokens; MFU is against
+# the H100/H200 dense BF16 peak (989 TFLOPS) for every mode. Draw the PNGs afterwards, anywhere:
+# cd DIR && gnuplot sweep.gnuplot
+sweep() {
+  local out=${OUT:-/tmp/llmq-gpu-check}
+  [ -x "$carry/bin/llmq-sweep" ] || { echo "gpu-check: no $carry/bin/llmq-sweep; run 'gpu-check.sh prepare' first" >&2; exit 2; }
+  local start=$SECONDS status=0 dir=/dev/shm
+  [ -d /dev/shm ] && [ "$(df --output=avail -B1G /dev/shm | tail -1)" -gt 40 ] || dir=/tmp
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  for shape in llama2-7b:16384 llama3-8b:17000; do
+    local name=${shape%%:*} budget=${shape##*:}
+    local model=$dir/llmq-$name
+    [ -f "$model/config.json" ] || "$carry/bin/llmq-synth" --out "$model" --shape "$name" >/dev/null
+    echo "== sweep $name (budget $budget MiB; $((SECONDS - start)) s so far)"
+    "$carry/bin/llmq-sweep" --model "$model" --backend cuda --out "$out/sweep-$name" --input-len 128 \
+      --output-len 32 --batches 1,2,4,8,16,32,64,128 --memory-budget-mib "$budget" --peak-tflops 989 \
+      --no-plot | tee "$out/sweep-$name.txt" || status=1
+    rm -rf "$model"
+  done
+  echo "gpu-check sweep: $((SECONDS - start)) s, status $status"
+  return $status
+}
+
 case $mode in
   prepare) prepare ;;
+  sweep) sweep ;;
   run) run ;;
   local) prepare && run ;;
-  *) echo "usage: gpu-check.sh prepare|run|local [--quick]" >&2; exit 2 ;;
+  *) echo "usage: gpu-check.sh prepare|run|local|sweep [--quick]" >&2; exit 2 ;;
 esac

@@ -46,7 +46,7 @@ const char* kUsage =
     "  --threads T               CPU threads (default: one per core)\n"
     "  --peak-gbs G              peak bandwidth for MBU; 0 = measure (default 0)\n"
     "  --peak-tflops T           peak compute for MFU; 0 = measure on the CPU, none on CUDA (default 0)\n"
-    "  --no-plot                 skip the PNG (gnuplot)\n";
+    "  --no-plot                 write sweep.gnuplot but do not run gnuplot\n";
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -165,34 +165,38 @@ double small_batch_tpot_ratio(const std::vector<Point>& points, const std::strin
   return n ? sum / n : NAN;
 }
 
-void write_plot(const std::string& out_dir, const std::string& title, const std::vector<std::string>& modes) {
-  const std::string script = out_dir + "/sweep.gnuplot";
-  std::ofstream g(script);
-  g << "set terminal pngcairo size 1400,1000 font ',11'\n"
-    << "set output '" << out_dir << "/sweep.png'\n"
+// Writes sweep.gnuplot beside sweep.csv, with paths relative to that folder, so that
+// `cd OUT && gnuplot sweep.gnuplot` redraws sweep.png anywhere (e.g. from a GPU run's CSV).
+void write_plot_script(const std::string& out_dir, const std::string& title, const std::vector<std::string>& modes) {
+  std::ofstream g(out_dir + "/sweep.gnuplot");
+  g << "# Draws sweep.png from sweep.csv (written by llmq-sweep): cd to this folder, then gnuplot sweep.gnuplot\n"
+    << "set terminal pngcairo size 1400,1000 font ',11'\n"
+    << "set output 'sweep.png'\n"
     << "set datafile separator ','\n"
+    << "set datafile columnheaders\n"
     << "set key top left\nset grid\n"
-    << "set multiplot layout 2,2 title '" << title << "'\n"
-    << "set logscale x 2\n";
-  // Columns: mode,batch,ttft_ms,tpot_ms,throughput,mbu,mfu
-  g << "set datafile columnheaders\n";
-  // gnuplot's `eq` compares strings: column 1 is the mode.
-  auto plot_mode = [&](int ycol, const std::string& ylabel, int xcol, const std::string& xlabel, bool logx) {
+    << "set multiplot layout 2,2 title '" << title << "'\n";
+  // Columns: mode,batch,ttft_ms,tpot_ms,throughput,mbu,mfu; a mode's rows are picked by column 1.
+  auto panel = [&](int ycol, const std::string& ylabel, int xcol, const std::string& xlabel, bool logx) {
     g << (logx ? "set logscale x 2\n" : "unset logscale x\n") << "set xlabel '" << xlabel << "'\nset ylabel '"
       << ylabel << "'\nplot ";
     for (size_t i = 0; i < modes.size(); ++i)
-      g << (i ? ", " : "") << "'" << out_dir << "/sweep.csv' using (strcol(1) eq '" << modes[i] << "' ? $" << xcol
-        << " : NaN):" << ycol << " with linespoints lw 2 title '" << modes[i] << "'";
+      g << (i ? ", " : "") << "'sweep.csv' using (strcol(1) eq '" << modes[i] << "' ? $" << xcol << " : NaN):" << ycol
+        << " with linespoints lw 2 title '" << modes[i] << "'";
     g << "\n";
   };
-  plot_mode(5, "output tokens/s", 2, "batch size", true);
-  plot_mode(4, "TPOT (ms)", 2, "batch size", true);
-  plot_mode(3, "TTFT (ms)", 2, "batch size", true);
-  plot_mode(5, "output tokens/s", 4, "TPOT (ms): latency per token", false);
+  panel(5, "output tokens/s", 2, "batch size", true);
+  panel(4, "TPOT (ms)", 2, "batch size", true);
+  panel(3, "TTFT (ms)", 2, "batch size", true);
+  panel(5, "output tokens/s", 4, "TPOT (ms): latency per token", false);
   g << "unset multiplot\n";
-  g.close();
-  const int rc = std::system(("gnuplot " + script + " 2>&1").c_str());
-  if (rc != 0) fail(LLMQ_ERR_IO, "gnuplot {} failed (exit {}); install gnuplot-nox or pass --no-plot", script, rc);
+  if (!g) fail(LLMQ_ERR_IO, "--out {}: cannot write sweep.gnuplot", out_dir);
+}
+
+void draw_plot(const std::string& out_dir) {
+  const int rc = std::system(("cd '" + out_dir + "' && gnuplot sweep.gnuplot 2>&1").c_str());
+  if (rc != 0)
+    fail(LLMQ_ERR_IO, "gnuplot failed on {}/sweep.gnuplot (exit {}); install gnuplot-nox or pass --no-plot", out_dir, rc);
 }
 
 int run(int argc, char** argv) {
@@ -231,6 +235,8 @@ int run(int argc, char** argv) {
   }
   if (model_dir.empty() || out_dir.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "--model and --out are required\n{}", kUsage);
   if (backend != "cpu" && backend != "cuda") fail(LLMQ_ERR_INVALID_ARGUMENT, "--backend expects cpu or cuda, got '{}'", backend);
+  if (out_dir.find('\'') != std::string::npos)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "--out {}: a quote in the path is not supported (gnuplot runs through the shell)", out_dir);
   if (batches.empty()) fail(LLMQ_ERR_INVALID_ARGUMENT, "--batches is empty");
   std::vector<Mode> modes;
   for (const std::string& m : mode_names) {
@@ -378,8 +384,10 @@ int run(int argc, char** argv) {
     std::printf("  fp8 vs 16-bit TTFT: %.2f\n", ratios["fp8_vs_16bit_ttft"]["ratio"].get<double>());
   if (ratios.contains("int8wo_vs_16bit_prefill_time"))
     std::printf("  int8wo vs 16-bit prefill time: %.2f\n", ratios["int8wo_vs_16bit_prefill_time"]["ratio"].get<double>());
+  write_plot_script(out_dir, fmt::format("llmq-sweep on {} (input {}, output {})", device, input_len, output_len),
+                    mode_names);
   if (plot) {
-    write_plot(out_dir, fmt::format("llmq-sweep on {} (input {}, output {})", device, input_len, output_len), mode_names);
+    draw_plot(out_dir);
     std::printf("wrote %s, %s and %s/sweep.png\n", csv_path.c_str(), json_path.c_str(), out_dir.c_str());
   } else {
     std::printf("wrote %s and %s\n", csv_path.c_str(), json_path.c_str());
