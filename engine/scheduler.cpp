@@ -214,7 +214,17 @@ bool Scheduler::step(std::vector<RequestEvent>* events) {
     try {
       engine_.step(batch, &logits);
     } catch (const Error& e) {
-      if (e.status() != LLMQ_ERR_KV_CACHE_FULL || running_.size() < 2) throw;
+      if (e.status() != LLMQ_ERR_KV_CACHE_FULL) throw;
+      if (running_.size() < 2) {
+        // Alone it fits the cache (validate() checked), so another user of the engine holds
+        // blocks: this request fails with the reason; the waiting ones stay queued.
+        std::unique_ptr<Sequence> seq = std::move(running_.front());
+        running_.clear();
+        seq->result.status = e.status();
+        seq->result.error = e.what();
+        finish(std::move(seq), FinishReason::Error, events);
+        return has_work();
+      }
       preempt_one();  // nothing was changed by the failed step; try again with fewer sequences
       continue;
     }

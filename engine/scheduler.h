@@ -83,7 +83,8 @@ class Scheduler {
   // that is unknown or finished already.
   bool cancel(int64_t id);
   // Runs one engine step and appends its events. Returns false when there is nothing left to do.
-  // An engine error other than a full cache is thrown after the step is undone; fail_all() then
+  // A full cache preempts (or, with one sequence running, ends that one with the error: another
+  // user of the engine holds the blocks). Any other engine error is thrown; fail_all() then
   // ends every request with it.
   bool step(std::vector<RequestEvent>* events);
   void fail_all(llmq_status status, const std::string& message, std::vector<RequestEvent>* events);

@@ -302,6 +302,40 @@ TEST(Server, RefusesBadRequestsWithClearErrors) {
   EXPECT_EQ(events.back().finished->status, LLMQ_OK);
 }
 
+TEST(Server, ARequestStarvedOfBlocksByAnotherUserFailsAlone) {
+  EngineOptions o;
+  o.n_threads = 1;
+  o.kv_cache_bytes = 8 * 16 * 1280;  // 8 blocks
+  Engine engine(stories(), o);
+  std::mutex engine_mutex;
+  ServerOptions so;
+  so.own_thread = false;
+  so.peak_bandwidth = 1e9;
+  Server server(engine, engine_mutex, so);
+  auto held = engine.new_sequence();  // another user of the engine (as llmq_generate would be)
+  ASSERT_TRUE(held->reserve(7 * 16));
+  Request big;
+  big.prompt = std::vector<int32_t>(40, 7);  // 3 blocks: fits the cache, not what is left of it
+  big.max_new_tokens = 4;
+  const int64_t id = server.submit(big, nullptr);
+  server.step();
+  std::vector<ServerEvent> events;
+  ASSERT_EQ(server.poll(&events, 8, 0), 1u);
+  ASSERT_TRUE(events[0].finished);
+  EXPECT_EQ(events[0].id, id);
+  EXPECT_EQ(events[0].finished->reason, FinishReason::Error);
+  EXPECT_EQ(events[0].finished->status, LLMQ_ERR_KV_CACHE_FULL);
+  held.reset();
+  server.submit(big, nullptr);  // the blocks are back: it runs
+  while (server.step() > 0) {
+  }
+  events.clear();
+  server.poll(&events, 16, 0);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().finished->status, LLMQ_OK);
+  EXPECT_EQ(events.back().finished->tokens.size(), 4u);
+}
+
 TEST(Histogram, BucketsAndQuantiles) {
   Histogram h;
   EXPECT_EQ(h.quantile(0.5), 0);
