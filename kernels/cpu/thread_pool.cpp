@@ -25,10 +25,14 @@ bool spin_until(Ready ready) {
   return false;
 }
 
+uint64_t pack(uint32_t generation, int chunks, int next) {
+  return uint64_t(generation) << 32 | uint64_t(uint32_t(chunks)) << 16 | uint64_t(uint32_t(next));
+}
+
 }  // namespace
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
-  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+ThreadPool::ThreadPool(int n_threads) : n_threads_(std::clamp(n_threads, 1, 4096)) {
+  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -40,35 +44,53 @@ ThreadPool::~ThreadPool() {
   for (auto& worker : workers_) worker.join();
 }
 
+void ThreadPool::run_chunks(uint32_t generation) {
+  uint64_t ticket = ticket_.load(std::memory_order_acquire);
+  for (;;) {
+    const int chunks = int(ticket >> 16 & 0xffff), next = int(ticket & 0xffff);
+    if (uint32_t(ticket >> 32) != generation || next >= chunks) return;
+    if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+      continue;  // `ticket` now holds the current value
+    int64_t begin, end;
+    chunk_bounds(job_size_, chunks, next, &begin, &end);
+    (*job_)(begin, end);
+    if (chunks_done_.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_.notify_one();
+    }
+    ticket = ticket_.load(std::memory_order_acquire);
+  }
+}
+
 void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
-  int chunks = int(std::min<int64_t>(n_threads_, std::max<int64_t>(1, n / std::max<int64_t>(1, grain))));
+  const int chunks = int(std::min<int64_t>(n_threads_, std::max<int64_t>(1, n / std::max<int64_t>(1, grain))));
   if (chunks <= 1) {
     fn(0, n);
     return;
   }
   job_ = &fn;
   job_size_ = n;
-  job_chunks_ = chunks;
-  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  chunks_done_.store(0, std::memory_order_relaxed);
+  const uint32_t generation = generation_.load(std::memory_order_relaxed) + 1;
+  ticket_.store(pack(generation, chunks, 0), std::memory_order_release);
   {
     // Bumped under the mutex so that a worker about to sleep cannot miss it.
     std::lock_guard<std::mutex> lock(mutex_);
-    generation_.fetch_add(1, std::memory_order_release);
+    generation_.store(generation, std::memory_order_release);
   }
   wake_.notify_all();
-  int64_t begin, end;
-  chunk_bounds(n, chunks, 0, &begin, &end);
-  fn(begin, end);
-  auto all_done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+  run_chunks(generation);
+  // Only chunks that running workers claimed can be left; wait for them.
+  auto all_done = [&] { return chunks_done_.load(std::memory_order_acquire) == chunks; };
   if (!spin_until(all_done)) {
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, all_done);
   }
 }
 
-void ThreadPool::worker_loop(int index) {
-  uint64_t seen = 0;
+void ThreadPool::worker_loop() {
+  uint32_t seen = 0;
   for (;;) {
     auto has_work = [&] { return generation_.load(std::memory_order_acquire) != seen || stop_.load(); };
     if (!spin_until(has_work)) {
@@ -77,15 +99,7 @@ void ThreadPool::worker_loop(int index) {
     }
     if (stop_.load()) return;
     seen = generation_.load(std::memory_order_acquire);
-    if (index < job_chunks_) {
-      int64_t begin, end;
-      chunk_bounds(job_size_, job_chunks_, index, &begin, &end);
-      (*job_)(begin, end);
-    }
-    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_.notify_one();
-    }
+    run_chunks(seen);
   }
 }
 
