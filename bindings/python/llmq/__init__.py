@@ -456,17 +456,13 @@ class Engine(_Closable):
                                 stop_ids, ignore_eos, add_special)
         return self._run(request, on_token)
 
-    def stream(self, prompt, max_tokens: int = 256, **options) -> "Stream":
+    def stream(self, prompt, max_tokens: int = 256, *, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+               stop_ids=(), ignore_eos: bool = False, add_special: bool = True) -> "Stream":
         """Like generate(), as an iterator of Tokens; generation runs on a background thread.
         Stream.close() (or leaving a `with` block, or close() of the engine) cancels it."""
-        options.setdefault("temperature", 1.0)
-        request = self._request(prompt, max_tokens, options.pop("temperature"), options.pop("top_k", 0),
-                                options.pop("top_p", 1.0), options.pop("min_p", 0.0),
-                                options.pop("repetition_penalty", 1.0), options.pop("seed", None),
-                                options.pop("stop_ids", ()), options.pop("ignore_eos", False),
-                                options.pop("add_special", True))
-        if options:
-            raise TypeError("stream() got unexpected keyword arguments: %s" % ", ".join(sorted(options)))
+        request = self._request(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                                stop_ids, ignore_eos, add_special)
         stream = Stream(self, request)
         self._streams.add(stream)
         return stream
