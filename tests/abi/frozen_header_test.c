@@ -99,8 +99,16 @@ static void run_with_older_structs(llmq_model* model) {
   llmq_engine* engine = NULL;
   llmq_model* model2 = NULL;
   int32_t out[N_REFERENCE];
-  unsigned char result_block[sizeof(llmq_generate_result) + 16];
-  unsigned char info_block[sizeof(llmq_model_info) + 16];
+  /* Output structs with room after them: what lies past struct_size must stay untouched. */
+  struct {
+    llmq_generate_result result;
+    unsigned char after[16];
+  } result_block;
+  struct {
+    llmq_model_info info;
+    unsigned char after[16];
+  } info_block;
+  const unsigned char* bytes;
   const size_t result_size = offsetof(llmq_generate_result, time_to_first_token_s);
   const size_t info_size = offsetof(llmq_model_info, weight_bytes);
   llmq_generate_result result;
@@ -132,24 +140,25 @@ static void run_with_older_structs(llmq_model* model) {
   params = truncated_copy(&params_full, offsetof(llmq_generate_params, ignore_eos));
 
   /* A result struct that ends before the timings, followed by bytes that must stay untouched. */
-  memset(result_block, 0xab, sizeof result_block);
-  memcpy(result_block, &result_size, sizeof result_size);
-  CHECK_OK(llmq_generate(engine, k_prompt, N_PROMPT, params, out, N_REFERENCE,
-                         (llmq_generate_result*)(void*)result_block));
-  memcpy(&result, result_block, result_size);
+  memset(&result_block, 0xab, sizeof result_block);
+  result_block.result.struct_size = result_size;
+  CHECK_OK(llmq_generate(engine, k_prompt, N_PROMPT, params, out, N_REFERENCE, &result_block.result));
+  memcpy(&result, &result_block, result_size);
   CHECK(result.struct_size == result_size);
   CHECK(result.n_generated == (int32_t)N_REFERENCE);
   CHECK(result.n_prompt_tokens == (int32_t)N_PROMPT);
   CHECK(same_ids(out, k_reference, N_REFERENCE));
-  for (i = result_size; i < sizeof result_block; ++i) CHECK(result_block[i] == 0xab);
+  bytes = (const unsigned char*)&result_block;
+  for (i = result_size; i < sizeof result_block; ++i) CHECK(bytes[i] == 0xab);
 
   /* Model info that ends before the byte counts. */
-  memset(info_block, 0xcd, sizeof info_block);
-  memcpy(info_block, &info_size, sizeof info_size);
-  CHECK_OK(llmq_model_get_info(model, (llmq_model_info*)(void*)info_block));
-  memcpy(&info, info_block, info_size);
+  memset(&info_block, 0xcd, sizeof info_block);
+  info_block.info.struct_size = info_size;
+  CHECK_OK(llmq_model_get_info(model, &info_block.info));
+  memcpy(&info, &info_block, info_size);
   CHECK(info.vocab_size == 512 && info.num_layers == 5 && info.num_eos_ids == 2);
-  for (i = info_size; i < sizeof info_block; ++i) CHECK(info_block[i] == 0xcd);
+  bytes = (const unsigned char*)&info_block;
+  for (i = info_size; i < sizeof info_block; ++i) CHECK(bytes[i] == 0xcd);
 
   free(params);
   free(sampling);
@@ -158,16 +167,15 @@ static void run_with_older_structs(llmq_model* model) {
 
 /* A struct_size larger than the library's: a program built against a newer header. */
 static void newer_struct_is_refused(llmq_model* model) {
-  unsigned char block[sizeof(llmq_engine_params) + 64];
-  llmq_engine_params params;
+  struct {
+    llmq_engine_params params; /* followed by fields this library does not know */
+    unsigned char newer[64];
+  } block;
   llmq_engine* engine = NULL;
-  size_t size = sizeof block;
-  llmq_engine_params_default(&params);
-  memset(block, 0, sizeof block);
-  memcpy(block, &params, sizeof params);
-  memcpy(block, &size, sizeof size);
-  CHECK(llmq_engine_create(model, (const llmq_engine_params*)(const void*)block, &engine) ==
-        LLMQ_ERR_INVALID_ARGUMENT);
+  memset(&block, 0, sizeof block);
+  llmq_engine_params_default(&block.params);
+  block.params.struct_size = sizeof block;
+  CHECK(llmq_engine_create(model, &block.params, &engine) == LLMQ_ERR_INVALID_ARGUMENT);
   CHECK(engine == NULL);
   CHECK(strstr(llmq_last_error(), "newer llmq.h") != NULL);
 }
