@@ -38,6 +38,7 @@
 //! errors with the library's message.
 use llmq_sys as sys;
 use std::any::Any;
+use std::cell::RefCell;
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::mem::MaybeUninit;
@@ -532,8 +533,49 @@ unsafe extern "C" fn on_token(token: i32, text: *const c_char, text_len: usize, 
     }
 }
 
+thread_local! {
+    /// The engines whose llmq_generate runs on this thread, i.e. whose callbacks may be running.
+    static GENERATING: RefCell<Vec<usize>> = RefCell::new(Vec::new());
+}
+
+/// An engine is locked while its callback runs: calling it again from there would wait forever.
+fn check_not_in_own_callback(handle: &EngineHandle) -> Result<()> {
+    let key = handle.0.as_ptr() as usize;
+    if GENERATING.with(|engines| engines.borrow().contains(&key)) {
+        return Err(Error::invalid_argument(
+            "the engine was called from inside its own token callback; it runs one call at a time, so this would \
+             wait for itself"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Marks an engine as generating on this thread while it lives.
+struct Generating(usize);
+
+impl Generating {
+    fn new(handle: &EngineHandle) -> Generating {
+        let key = handle.0.as_ptr() as usize;
+        GENERATING.with(|engines| engines.borrow_mut().push(key));
+        Generating(key)
+    }
+}
+
+impl Drop for Generating {
+    fn drop(&mut self) {
+        GENERATING.with(|engines| {
+            let mut engines = engines.borrow_mut();
+            if let Some(i) = engines.iter().rposition(|key| *key == self.0) {
+                engines.remove(i);
+            }
+        });
+    }
+}
+
 /// Runs llmq_generate on `handle`, passing each token to `sink`.
 fn run(handle: &EngineHandle, prompt: &[i32], options: &GenerateOptions, sink: Sink<'_>) -> Result<Generation> {
+    check_not_in_own_callback(handle)?;
     let mut sampling = defaults(sys::llmq_sampling_params_default);
     sampling.temperature = options.temperature;
     sampling.top_k = options.top_k;
@@ -552,10 +594,12 @@ fn run(handle: &EngineHandle, prompt: &[i32], options: &GenerateOptions, sink: S
     params.user_data = &mut collector as *mut Collector as *mut c_void;
     let mut result: sys::llmq_generate_result = unsafe { std::mem::zeroed() };
     result.struct_size = std::mem::size_of::<sys::llmq_generate_result>();
+    let generating = Generating::new(handle);
     let status = unsafe {
         sys::llmq_generate(handle.0.as_ptr(), prompt.as_ptr(), prompt.len(), &params, ptr::null_mut(), 0,
                            &mut result)
     };
+    drop(generating);
     if let Some(payload) = collector.panic {
         panic::resume_unwind(payload);
     }
@@ -668,6 +712,7 @@ impl Engine {
             .len()
             .checked_mul(vocab)
             .ok_or_else(|| Error::invalid_argument(format!("score: {} ids are too many", ids.len())))?;
+        check_not_in_own_callback(&self.handle)?;
         let mut logits = vec![0f32; n];
         check(unsafe { sys::llmq_score(self.handle.0.as_ptr(), ids.as_ptr(), ids.len(), logits.as_mut_ptr(), n) })?;
         Ok(logits)
@@ -676,6 +721,7 @@ impl Engine {
     /// The saturation counters of llmq_engine_saturation, one array per layer.
     pub fn saturation(&self, reset: bool) -> Result<Vec<[u64; sys::LLMQ_SATURATION_COUNTERS]>> {
         const K: usize = sys::LLMQ_SATURATION_COUNTERS;
+        check_not_in_own_callback(&self.handle)?;
         let mut n = 0usize;
         let status = unsafe { sys::llmq_engine_saturation(self.handle.0.as_ptr(), ptr::null_mut(), 0, &mut n, 0) };
         if status != sys::LLMQ_ERR_BUFFER_TOO_SMALL {

@@ -264,6 +264,35 @@ fn cancelled_stream() {
 }
 
 #[test]
+fn calling_the_engine_from_its_own_callback_is_an_error() {
+    let (_model, engine) = setup();
+    let mut inner = Vec::new();
+    let out = engine
+        .generate_with(&[1], &GenerateOptions::greedy(2), |_| {
+            inner.push(engine.generate(&[1], &GenerateOptions::greedy(1)).map(|g| g.tokens));
+            inner.push(engine.score(&[1]).map(|_| Vec::new()));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(out.tokens.len(), 2);
+    assert_eq!(inner.len(), 4);
+    for result in inner {
+        let e = result.unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument);
+        assert!(e.message().contains("inside its own token callback"), "{}", e);
+    }
+    // Another engine may be called from the callback.
+    let (_model2, other) = setup();
+    let out = engine
+        .generate_with(&[1], &GenerateOptions::greedy(1), |_| {
+            assert_eq!(other.generate(&[1], &GenerateOptions::greedy(1)).unwrap().tokens.len(), 1);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(out.tokens.len(), 1);
+}
+
+#[test]
 fn a_panicking_callback_stops_generation_and_unwinds() {
     let (_model, engine) = setup();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
