@@ -409,11 +409,14 @@ class Engine(_Closable):
         return _Request(self._prompt_ids(prompt, add_special), max_tokens, temperature, top_k, top_p, min_p,
                         repetition_penalty, seed, stop_ids, ignore_eos)
 
-    def _run(self, request, on_token):
-        """Runs llmq_generate; on_token(Token) -> truthy stops. Returns a Generation."""
+    def _check_not_in_own_callback(self):
         if self._handle.in_use_here():
             raise Error("the engine was called from inside its own on_token callback; an engine runs one call "
                         "at a time, so this would wait for itself")
+
+    def _run(self, request, on_token):
+        """Runs llmq_generate; on_token(Token) -> truthy stops. Returns a Generation."""
+        self._check_not_in_own_callback()
         tokens, pieces, raised = [], [], []
 
         def trampoline(token, text, text_len, _user_data):
@@ -469,6 +472,7 @@ class Engine(_Closable):
 
     def score(self, ids) -> List[array.array]:
         """Logits of every position of ids (run from position 0): row p scores the token after ids[:p+1]."""
+        self._check_not_in_own_callback()
         id_array = _id_array("ids", ids)
         vocab = self.model.info.vocab_size
         logits = (c_float * (len(id_array) * vocab))()
@@ -479,6 +483,7 @@ class Engine(_Closable):
 
     def saturation(self, reset: bool = False) -> List[Tuple[int, ...]]:
         """Per layer, the 5 static-scale saturation counters of llmq_engine_saturation."""
+        self._check_not_in_own_callback()
         n = c_size_t(0)
         with self._handle.use() as p:
             status = lib.llmq_engine_saturation(p, None, 0, byref(n), 0)

@@ -372,12 +372,16 @@ class MisuseTest(Fixture):
         self.assertEqual(self.engine.generate([1], 2, temperature=0).tokens, EMPTY["greedy"]["token_ids"][:2])
 
     def test_reentrant_call_from_the_callback(self):
-        def on_token(token):
-            self.engine.generate([1], 2)
-
-        with self.assertRaises(llmq.Error) as caught:
-            self.engine.generate([1], 4, on_token=on_token)
-        self.assertIn("from inside its own on_token callback", str(caught.exception))
+        for call in (lambda: self.engine.generate([1], 2), lambda: self.engine.score([1]), self.engine.saturation):
+            with self.assertRaises(llmq.Error) as caught:
+                self.engine.generate([1], 4, on_token=lambda token: call())
+            self.assertIn("from inside its own on_token callback", str(caught.exception))
+        # Another engine may be called from the callback.
+        with llmq.Engine(self.model, n_threads=1) as other:
+            inner = []
+            out = self.engine.generate([1], 2, temperature=0, on_token=lambda token: inner.append(other.generate([1], 1)))
+            self.assertEqual([len(g.tokens) for g in inner], [1, 1])
+            self.assertEqual(len(out.tokens), 2)
 
         def close_inside(token):
             self.engine.close()
