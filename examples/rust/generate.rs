@@ -10,7 +10,10 @@ use std::process::ExitCode;
 
 fn run(args: &[String]) -> llmq::Result<()> {
     let model = Model::load(&args[1])?;
-    let prompt = args.get(2).map(String::as_str).unwrap_or("Once upon a time");
+    let prompt = args
+        .get(2)
+        .map(String::as_str)
+        .unwrap_or("Once upon a time");
     let max_tokens = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(64);
     let engine = Engine::new(&model, &EngineOptions::default())?;
 
@@ -22,8 +25,20 @@ fn run(args: &[String]) -> llmq::Result<()> {
     }
     let out = stream.finish()?;
     println!();
-    println!("ids: {}", out.tokens.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(" "));
-    eprintln!("{} tokens, {:?}, {:.0} tokens/s", out.tokens.len(), out.finish_reason, out.tokens_per_second());
+    println!(
+        "ids: {}",
+        out.tokens
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    eprintln!(
+        "{} tokens, {:?}, {:.0} tokens/s",
+        out.tokens.len(),
+        out.finish_reason,
+        out.tokens_per_second()
+    );
     Ok(())
 }
 

@@ -21,7 +21,8 @@ done
 for f in libllmq.so cmake/llmq/llmqConfig.cmake cmake/llmq/llmqConfigVersion.cmake pkgconfig/llmq.pc; do
   [ -e "$libdir/$f" ] || { echo "install_test: $libdir/$f is not installed"; exit 1; }
 done
-readelf -d "$library" | grep -q 'SONAME.*\[libllmq.so.0\]' || { echo "install_test: SONAME is not libllmq.so.0"; exit 1; }
+readelf -d "$library" | grep -q 'SONAME.*\[libllmq.so.0\]' ||
+  { echo "install_test: SONAME is not libllmq.so.0"; exit 1; }
 
 # find_package(llmq) from a C++ project.
 "$cmake" -S "$source/tests/install" -B "$tmp/consumer" -G Ninja -DCMAKE_BUILD_TYPE=Release \

@@ -22,7 +22,8 @@ out=$(LLMQ_LIBRARY="$library" "$venv_python" "$source/examples/python/generate.p
 grep -qx "ids: 432 383 286 261 376 298 315 421" <<<"$out" || { echo "pip_install_test: printed: $out"; exit 1; }
 echo "pip_install_test: LLMQ_LIBRARY: run.c's tokens"
 
-found=$(env -u LLMQ_LIBRARY LD_LIBRARY_PATH="$(dirname "$library")" "$venv_python" -c 'import llmq; print(llmq.library_path)')
+found=$(env -u LLMQ_LIBRARY LD_LIBRARY_PATH="$(dirname "$library")" \
+  "$venv_python" -c 'import llmq; print(llmq.library_path)')
 [ "$found" = libllmq.so.0 ] || { echo "pip_install_test: found $found, not the loader's libllmq.so.0"; exit 1; }
 echo "pip_install_test: the dynamic loader: found libllmq.so.0"
 echo "pip_install_test: passed"

@@ -379,7 +379,8 @@ class MisuseTest(Fixture):
         # Another engine may be called from the callback.
         with llmq.Engine(self.model, n_threads=1) as other:
             inner = []
-            out = self.engine.generate([1], 2, temperature=0, on_token=lambda token: inner.append(other.generate([1], 1)))
+            out = self.engine.generate([1], 2, temperature=0,
+                                       on_token=lambda token: inner.append(other.generate([1], 1)))
             self.assertEqual([len(g.tokens) for g in inner], [1, 1])
             self.assertEqual(len(out.tokens), 2)
 

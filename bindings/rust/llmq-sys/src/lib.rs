@@ -115,8 +115,14 @@ pub struct llmq_sampling_params {
 
 /// Called once per generated token on the thread that called `llmq_generate`; `text` is not
 /// NUL-terminated and is valid during the call only. Return 0 to continue, non-zero to stop.
-pub type llmq_token_callback =
-    Option<unsafe extern "C" fn(token: i32, text: *const c_char, text_len: usize, user_data: *mut c_void) -> c_int>;
+pub type llmq_token_callback = Option<
+    unsafe extern "C" fn(
+        token: i32,
+        text: *const c_char,
+        text_len: usize,
+        user_data: *mut c_void,
+    ) -> c_int,
+>;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -156,7 +162,8 @@ extern "C" {
         out_model: *mut *mut llmq_model,
     ) -> llmq_status;
     pub fn llmq_model_destroy(model: *mut llmq_model);
-    pub fn llmq_model_get_info(model: *const llmq_model, info: *mut llmq_model_info) -> llmq_status;
+    pub fn llmq_model_get_info(model: *const llmq_model, info: *mut llmq_model_info)
+        -> llmq_status;
 
     pub fn llmq_tokenize(
         model: *const llmq_model,

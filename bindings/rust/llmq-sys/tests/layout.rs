@@ -31,7 +31,11 @@ fn c_layout() -> BTreeMap<String, u64> {
         .arg(&exe)
         .status()
         .unwrap_or_else(|e| panic!("cannot run the C compiler {} (set CC): {}", cc, e));
-    assert!(status.success(), "{} failed to compile tests/layout.c against llmq.h", cc);
+    assert!(
+        status.success(),
+        "{} failed to compile tests/layout.c against llmq.h",
+        cc
+    );
     let out = Command::new(&exe).output().expect("run the layout program");
     assert!(out.status.success());
     let mut map = BTreeMap::new();
@@ -101,13 +105,23 @@ fn struct_layouts_and_constants_match_llmq_h() {
         match rust.get(key) {
             Some(r) if r == value => {}
             Some(r) => errors.push(format!("{}: llmq.h {} != Rust {}", key, value, r)),
-            None => errors.push(format!("{}: in tests/layout.c but not checked in Rust", key)),
+            None => errors.push(format!(
+                "{}: in tests/layout.c but not checked in Rust",
+                key
+            )),
         }
     }
     for key in rust.keys().filter(|k| !c.contains_key(*k)) {
-        errors.push(format!("{}: checked in Rust but not printed by tests/layout.c", key));
+        errors.push(format!(
+            "{}: checked in Rust but not printed by tests/layout.c",
+            key
+        ));
     }
-    assert!(errors.is_empty(), "llmq-sys does not match llmq.h:\n  {}", errors.join("\n  "));
+    assert!(
+        errors.is_empty(),
+        "llmq-sys does not match llmq.h:\n  {}",
+        errors.join("\n  ")
+    );
     assert!(c.len() > 60, "only {} entries compared", c.len());
 }
 
@@ -151,7 +165,10 @@ fn functions(text: &str, marker: &str) -> BTreeMap<String, usize> {
             Some(open) => open,
             None => continue,
         };
-        let name = piece[..open].split(|c: char| !(c.is_alphanumeric() || c == '_')).last().unwrap_or("");
+        let name = piece[..open]
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .last()
+            .unwrap_or("");
         if !name.starts_with("llmq_") {
             continue;
         }
@@ -185,14 +202,27 @@ fn functions_are_declared_in_llmq_h_with_as_many_parameters() {
     let declared = functions(&strip_comments(&header), "LLMQ_API ");
     let source = std::fs::read_to_string(manifest_dir().join("src/lib.rs")).unwrap();
     let ours = functions(&strip_comments(&source), "pub fn ");
-    assert!(declared.len() >= 19 && ours.len() >= 19, "parsed {} and {} functions", declared.len(), ours.len());
+    assert!(
+        declared.len() >= 19 && ours.len() >= 19,
+        "parsed {} and {} functions",
+        declared.len(),
+        ours.len()
+    );
     for (name, n) in &ours {
-        assert_eq!(declared.get(name), Some(n), "{}: llmq.h parameters vs. llmq-sys", name);
+        assert_eq!(
+            declared.get(name),
+            Some(n),
+            "{}: llmq.h parameters vs. llmq-sys",
+            name
+        );
     }
     // Functions that llmq.h gained after this crate was written are reported, not failed: the
     // crate stays usable, and the golden symbol list (tests/abi/) is where additions are signed off.
     for name in declared.keys().filter(|name| !ours.contains_key(*name)) {
-        eprintln!("note: {} is declared in llmq.h but not yet in llmq-sys", name);
+        eprintln!(
+            "note: {} is declared in llmq.h but not yet in llmq-sys",
+            name
+        );
     }
 }
 
@@ -202,7 +232,10 @@ fn the_library_is_the_one_declared() {
         assert_eq!(llmq_abi_version(), LLMQ_ABI_VERSION);
         let mut params = MaybeUninit::<llmq_engine_params>::uninit();
         llmq_engine_params_default(params.as_mut_ptr());
-        assert_eq!(params.assume_init().struct_size, size_of::<llmq_engine_params>());
+        assert_eq!(
+            params.assume_init().struct_size,
+            size_of::<llmq_engine_params>()
+        );
         let name = std::ffi::CStr::from_ptr(llmq_status_string(LLMQ_ERR_KV_CACHE_FULL));
         assert_eq!(name.to_str().unwrap(), "LLMQ_ERR_KV_CACHE_FULL");
     }

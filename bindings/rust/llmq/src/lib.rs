@@ -110,7 +110,9 @@ impl Status {
     /// The library's name for the code, e.g. "LLMQ_ERR_IO".
     pub fn name(self) -> &'static str {
         // llmq_status_string returns static strings, valid for the life of the program.
-        unsafe { CStr::from_ptr(sys::llmq_status_string(self.code())) }.to_str().unwrap_or("LLMQ_ERR_UNKNOWN")
+        unsafe { CStr::from_ptr(sys::llmq_status_string(self.code())) }
+            .to_str()
+            .unwrap_or("LLMQ_ERR_UNKNOWN")
     }
 }
 
@@ -131,7 +133,10 @@ impl Error {
     }
 
     fn invalid_argument(message: String) -> Error {
-        Error { status: Status::InvalidArgument, message }
+        Error {
+            status: Status::InvalidArgument,
+            message,
+        }
     }
 }
 
@@ -151,8 +156,13 @@ fn check(status: sys::llmq_status) -> Result<()> {
         return Ok(());
     }
     // The message belongs to the library and is valid until this thread's next llmq call.
-    let message = unsafe { CStr::from_ptr(sys::llmq_last_error()) }.to_string_lossy().into_owned();
-    Err(Error { status: Status::from_code(status), message })
+    let message = unsafe { CStr::from_ptr(sys::llmq_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error {
+        status: Status::from_code(status),
+        message,
+    })
 }
 
 /// The library's LLMQ_ABI_VERSION.
@@ -162,7 +172,9 @@ pub fn abi_version() -> u32 {
 
 /// The library's version, "MAJOR.MINOR.PATCH".
 pub fn version() -> String {
-    unsafe { CStr::from_ptr(sys::llmq_version_string()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(sys::llmq_version_string()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Fills a params struct with the library's *_default() function.
@@ -216,15 +228,23 @@ pub struct Model {
 impl Model {
     /// Loads config.json, the safetensors weights and tokenizer.json from `dir`.
     pub fn load<P: AsRef<Path>>(dir: P) -> Result<Model> {
-        let path = CString::new(dir.as_ref().as_os_str().as_bytes())
-            .map_err(|_| Error::invalid_argument(format!("{}: the path contains a NUL byte", dir.as_ref().display())))?;
+        let path = CString::new(dir.as_ref().as_os_str().as_bytes()).map_err(|_| {
+            Error::invalid_argument(format!(
+                "{}: the path contains a NUL byte",
+                dir.as_ref().display()
+            ))
+        })?;
         let mut raw = ptr::null_mut();
         check(unsafe { sys::llmq_model_load(path.as_ptr(), ptr::null(), &mut raw) })?;
-        let handle = Arc::new(ModelHandle(NonNull::new(raw).expect("llmq_model_load returned OK and NULL")));
+        let handle = Arc::new(ModelHandle(
+            NonNull::new(raw).expect("llmq_model_load returned OK and NULL"),
+        ));
         let mut info: sys::llmq_model_info = unsafe { std::mem::zeroed() };
         info.struct_size = std::mem::size_of::<sys::llmq_model_info>();
         check(unsafe { sys::llmq_model_get_info(handle.0.as_ptr(), &mut info) })?;
-        let architecture = unsafe { CStr::from_ptr(info.architecture.as_ptr()) }.to_string_lossy().into_owned();
+        let architecture = unsafe { CStr::from_ptr(info.architecture.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         let n_eos = info.num_eos_ids.clamp(0, 8) as usize;
         let info = ModelInfo {
             architecture,
@@ -240,7 +260,10 @@ impl Model {
             weight_bytes: info.weight_bytes,
             weight_bytes_per_step: info.weight_bytes_per_step,
         };
-        Ok(Model { handle, info: Arc::new(info) })
+        Ok(Model {
+            handle,
+            info: Arc::new(info),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -253,8 +276,15 @@ impl Model {
         loop {
             let mut n = 0usize;
             let status = unsafe {
-                sys::llmq_tokenize(self.handle.0.as_ptr(), text.as_ptr() as *const c_char, text.len(),
-                                   add_special as c_int, ids.as_mut_ptr(), ids.len(), &mut n)
+                sys::llmq_tokenize(
+                    self.handle.0.as_ptr(),
+                    text.as_ptr() as *const c_char,
+                    text.len(),
+                    add_special as c_int,
+                    ids.as_mut_ptr(),
+                    ids.len(),
+                    &mut n,
+                )
             };
             if status == sys::LLMQ_ERR_BUFFER_TOO_SMALL && n > ids.len() {
                 ids.resize(n, 0);
@@ -272,8 +302,15 @@ impl Model {
         loop {
             let mut n = 0usize;
             let status = unsafe {
-                sys::llmq_detokenize(self.handle.0.as_ptr(), ids.as_ptr(), ids.len(), skip_special as c_int,
-                                     text.as_mut_ptr() as *mut c_char, text.len(), &mut n)
+                sys::llmq_detokenize(
+                    self.handle.0.as_ptr(),
+                    ids.as_ptr(),
+                    ids.len(),
+                    skip_special as c_int,
+                    text.as_mut_ptr() as *mut c_char,
+                    text.len(),
+                    &mut n,
+                )
             };
             if status == sys::LLMQ_ERR_BUFFER_TOO_SMALL && n > text.len() {
                 text.resize(n, 0);
@@ -288,7 +325,9 @@ impl Model {
 
 impl fmt::Debug for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Model").field("architecture", &self.info.architecture).finish()
+        f.debug_struct("Model")
+            .field("architecture", &self.info.architecture)
+            .finish()
     }
 }
 
@@ -339,7 +378,11 @@ impl Default for EngineOptions {
     fn default() -> Self {
         let p = defaults(sys::llmq_engine_params_default);
         EngineOptions {
-            backend: if p.backend == sys::LLMQ_BACKEND_CUDA { Backend::Cuda } else { Backend::Cpu },
+            backend: if p.backend == sys::LLMQ_BACKEND_CUDA {
+                Backend::Cuda
+            } else {
+                Backend::Cpu
+            },
             n_threads: p.n_threads,
             kv_cache_bytes: p.kv_cache_bytes,
             kv_block_size: p.kv_block_size,
@@ -449,7 +492,11 @@ impl Default for GenerateOptions {
 impl GenerateOptions {
     /// Greedy decoding (temperature 0) of up to `max_tokens` tokens.
     pub fn greedy(max_tokens: i32) -> Self {
-        GenerateOptions { max_tokens, temperature: 0.0, ..GenerateOptions::default() }
+        GenerateOptions {
+            max_tokens,
+            temperature: 0.0,
+            ..GenerateOptions::default()
+        }
     }
 }
 
@@ -512,16 +559,27 @@ struct Collector<'a> {
     panic: Option<Box<dyn Any + Send>>,
 }
 
-unsafe extern "C" fn on_token(token: i32, text: *const c_char, text_len: usize, user_data: *mut c_void) -> c_int {
+unsafe extern "C" fn on_token(
+    token: i32,
+    text: *const c_char,
+    text_len: usize,
+    user_data: *mut c_void,
+) -> c_int {
     // SAFETY: user_data is the &mut Collector that run() passed, alive for the whole call.
     let collector = &mut *(user_data as *mut Collector);
-    let bytes: &[u8] =
-        if text_len == 0 || text.is_null() { &[] } else { std::slice::from_raw_parts(text as *const u8, text_len) };
+    let bytes: &[u8] = if text_len == 0 || text.is_null() {
+        &[]
+    } else {
+        std::slice::from_raw_parts(text as *const u8, text_len)
+    };
     // A panic must not unwind into C: it is kept, generation stops, and run() resumes it.
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
         collector.tokens.push(token);
         collector.text.extend_from_slice(bytes);
-        (collector.sink)(&Token { id: token, text: String::from_utf8_lossy(bytes).into_owned() })
+        (collector.sink)(&Token {
+            id: token,
+            text: String::from_utf8_lossy(bytes).into_owned(),
+        })
     }));
     match outcome {
         Ok(ControlFlow::Continue(())) => 0,
@@ -574,7 +632,12 @@ impl Drop for Generating {
 }
 
 /// Runs llmq_generate on `handle`, passing each token to `sink`.
-fn run(handle: &EngineHandle, prompt: &[i32], options: &GenerateOptions, sink: Sink<'_>) -> Result<Generation> {
+fn run(
+    handle: &EngineHandle,
+    prompt: &[i32],
+    options: &GenerateOptions,
+    sink: Sink<'_>,
+) -> Result<Generation> {
     check_not_in_own_callback(handle)?;
     let mut sampling = defaults(sys::llmq_sampling_params_default);
     sampling.temperature = options.temperature;
@@ -583,7 +646,12 @@ fn run(handle: &EngineHandle, prompt: &[i32], options: &GenerateOptions, sink: S
     sampling.min_p = options.min_p;
     sampling.repetition_penalty = options.repetition_penalty;
     sampling.seed = options.seed.unwrap_or(sys::LLMQ_SEED_RANDOM);
-    let mut collector = Collector { sink, tokens: Vec::new(), text: Vec::new(), panic: None };
+    let mut collector = Collector {
+        sink,
+        tokens: Vec::new(),
+        text: Vec::new(),
+        panic: None,
+    };
     let mut params = defaults(sys::llmq_generate_params_default);
     params.sampling = &sampling;
     params.max_new_tokens = options.max_tokens;
@@ -596,8 +664,15 @@ fn run(handle: &EngineHandle, prompt: &[i32], options: &GenerateOptions, sink: S
     result.struct_size = std::mem::size_of::<sys::llmq_generate_result>();
     let generating = Generating::new(handle);
     let status = unsafe {
-        sys::llmq_generate(handle.0.as_ptr(), prompt.as_ptr(), prompt.len(), &params, ptr::null_mut(), 0,
-                           &mut result)
+        sys::llmq_generate(
+            handle.0.as_ptr(),
+            prompt.as_ptr(),
+            prompt.len(),
+            &params,
+            ptr::null_mut(),
+            0,
+            &mut result,
+        )
     };
     drop(generating);
     if let Some(payload) = collector.panic {
@@ -647,8 +722,13 @@ impl Engine {
         params.quantize_lm_head = options.quantize_lm_head as i32;
         let mut raw = ptr::null_mut();
         check(unsafe { sys::llmq_engine_create(model.handle.0.as_ptr(), &params, &mut raw) })?;
-        let handle = Arc::new(EngineHandle(NonNull::new(raw).expect("llmq_engine_create returned OK and NULL")));
-        Ok(Engine { handle, model: model.clone() })
+        let handle = Arc::new(EngineHandle(
+            NonNull::new(raw).expect("llmq_engine_create returned OK and NULL"),
+        ));
+        Ok(Engine {
+            handle,
+            model: model.clone(),
+        })
     }
 
     /// The model the engine runs (it keeps it alive).
@@ -664,15 +744,23 @@ impl Engine {
     }
 
     /// Generates a continuation of `prompt` (text or token ids).
-    pub fn generate<'a>(&self, prompt: impl Into<Prompt<'a>>, options: &GenerateOptions) -> Result<Generation> {
+    pub fn generate<'a>(
+        &self,
+        prompt: impl Into<Prompt<'a>>,
+        options: &GenerateOptions,
+    ) -> Result<Generation> {
         self.generate_with(prompt, options, |_| ControlFlow::Continue(()))
     }
 
     /// Like [`Engine::generate`], calling `on_token` for each new token on this thread;
     /// `ControlFlow::Break(())` stops generation (finish reason `Cancelled`). A panic in `on_token`
     /// stops generation and is resumed after the library has returned.
-    pub fn generate_with<'a, F>(&self, prompt: impl Into<Prompt<'a>>, options: &GenerateOptions, mut on_token: F)
-        -> Result<Generation>
+    pub fn generate_with<'a, F>(
+        &self,
+        prompt: impl Into<Prompt<'a>>,
+        options: &GenerateOptions,
+        mut on_token: F,
+    ) -> Result<Generation>
     where
         F: FnMut(&Token) -> ControlFlow<()>,
     {
@@ -683,7 +771,11 @@ impl Engine {
     /// Generates on a background thread and returns the tokens as an iterator. The engine runs at
     /// its own pace (tokens queue up); dropping the stream, or [`Stream::finish`] before the end,
     /// cancels the generation at its next token.
-    pub fn stream<'a>(&self, prompt: impl Into<Prompt<'a>>, options: &GenerateOptions) -> Result<Stream> {
+    pub fn stream<'a>(
+        &self,
+        prompt: impl Into<Prompt<'a>>,
+        options: &GenerateOptions,
+    ) -> Result<Stream> {
         let ids = self.prompt_ids(prompt.into(), options.add_special)?;
         let options = options.clone();
         let handle = Arc::clone(&self.handle);
@@ -691,7 +783,9 @@ impl Engine {
         let worker = thread::Builder::new()
             .name("llmq-stream".to_string())
             .spawn(move || {
-                let out = run(&handle, &ids, &options, &mut |token: &Token| match sender.send(Ok(token.clone())) {
+                let out = run(&handle, &ids, &options, &mut |token: &Token| match sender
+                    .send(Ok(token.clone()))
+                {
                     Ok(()) => ControlFlow::Continue(()),
                     Err(_) => ControlFlow::Break(()), // the stream was dropped
                 });
@@ -700,21 +794,34 @@ impl Engine {
                 }
                 out
             })
-            .map_err(|e| Error { status: Status::OutOfMemory, message: format!("cannot start a thread: {}", e) })?;
-        Ok(Stream { receiver: Some(receiver), worker: Some(worker) })
+            .map_err(|e| Error {
+                status: Status::OutOfMemory,
+                message: format!("cannot start a thread: {}", e),
+            })?;
+        Ok(Stream {
+            receiver: Some(receiver),
+            worker: Some(worker),
+        })
     }
 
     /// Logits of every position of `ids`, run from position 0: `vocab_size` floats per position;
     /// position p scores the token that follows `ids[..=p]`.
     pub fn score(&self, ids: &[i32]) -> Result<Vec<f32>> {
         let vocab = self.model.info.vocab_size.max(0) as usize;
-        let n = ids
-            .len()
-            .checked_mul(vocab)
-            .ok_or_else(|| Error::invalid_argument(format!("score: {} ids are too many", ids.len())))?;
+        let n = ids.len().checked_mul(vocab).ok_or_else(|| {
+            Error::invalid_argument(format!("score: {} ids are too many", ids.len()))
+        })?;
         check_not_in_own_callback(&self.handle)?;
         let mut logits = vec![0f32; n];
-        check(unsafe { sys::llmq_score(self.handle.0.as_ptr(), ids.as_ptr(), ids.len(), logits.as_mut_ptr(), n) })?;
+        check(unsafe {
+            sys::llmq_score(
+                self.handle.0.as_ptr(),
+                ids.as_ptr(),
+                ids.len(),
+                logits.as_mut_ptr(),
+                n,
+            )
+        })?;
         Ok(logits)
     }
 
@@ -723,25 +830,38 @@ impl Engine {
         const K: usize = sys::LLMQ_SATURATION_COUNTERS;
         check_not_in_own_callback(&self.handle)?;
         let mut n = 0usize;
-        let status = unsafe { sys::llmq_engine_saturation(self.handle.0.as_ptr(), ptr::null_mut(), 0, &mut n, 0) };
+        let status = unsafe {
+            sys::llmq_engine_saturation(self.handle.0.as_ptr(), ptr::null_mut(), 0, &mut n, 0)
+        };
         if status != sys::LLMQ_ERR_BUFFER_TOO_SMALL {
             check(status)?;
         }
         let mut counts = vec![0u64; n];
         check(unsafe {
-            sys::llmq_engine_saturation(self.handle.0.as_ptr(), counts.as_mut_ptr(), n, &mut n, reset as c_int)
+            sys::llmq_engine_saturation(
+                self.handle.0.as_ptr(),
+                counts.as_mut_ptr(),
+                n,
+                &mut n,
+                reset as c_int,
+            )
         })?;
-        Ok(counts.chunks(K).map(|c| {
-            let mut row = [0u64; K];
-            row.copy_from_slice(c);
-            row
-        }).collect())
+        Ok(counts
+            .chunks(K)
+            .map(|c| {
+                let mut row = [0u64; K];
+                row.copy_from_slice(c);
+                row
+            })
+            .collect())
     }
 }
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("model", &self.model).finish()
+        f.debug_struct("Engine")
+            .field("model", &self.model)
+            .finish()
     }
 }
 

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 fn model_dir() -> PathBuf {
     match std::env::var_os("LLMQ_TEST_MODEL") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../../shared/models/stories260K"),
+        None => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../../shared/models/stories260K")
+        }
     }
 }
 
@@ -20,12 +22,18 @@ struct Reference {
 impl Reference {
     fn load() -> Reference {
         let path = model_dir().join("reference/reference_cases.json");
-        Reference { json: std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {}", path.display(), e)) }
+        Reference {
+            json: std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {}", path.display(), e)),
+        }
     }
 
     /// The text of case `name` from its `"section"` on (e.g. "\"greedy\": {").
     fn section(&self, name: &str, section: &str) -> &str {
-        let case = &self.json[self.json.find(&format!("\"name\": \"{}\"", name)).expect("case")..];
+        let case = &self.json[self
+            .json
+            .find(&format!("\"name\": \"{}\"", name))
+            .expect("case")..];
         &case[case.find(section).expect("section")..]
     }
 
@@ -33,7 +41,9 @@ impl Reference {
         let text = self.section(name, section);
         let text = &text[text.find(&format!("\"{}\": [", key)).expect("key")..];
         let list = &text[text.find('[').unwrap() + 1..text.find(']').unwrap()];
-        list.split(',').map(|n| n.trim().parse().expect("an id")).collect()
+        list.split(',')
+            .map(|n| n.trim().parse().expect("an id"))
+            .collect()
     }
 
     /// A JSON string value (escapes \n, \", \\ and \uXXXX handled).
@@ -65,7 +75,14 @@ const GREEDY: &str = "\"greedy\": {";
 
 fn setup() -> (Model, Engine) {
     let model = Model::load(model_dir()).expect("load stories260K");
-    let engine = Engine::new(&model, &EngineOptions { n_threads: 1, ..EngineOptions::default() }).expect("engine");
+    let engine = Engine::new(
+        &model,
+        &EngineOptions {
+            n_threads: 1,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("engine");
     (model, engine)
 }
 
@@ -80,17 +97,37 @@ fn model_info_and_tokenizer() {
     let (model, _engine) = setup();
     let info = model.info();
     assert_eq!(info.architecture, "LlamaForCausalLM");
-    assert_eq!((info.vocab_size, info.hidden_size, info.num_layers, info.max_context), (512, 64, 5, 512));
+    assert_eq!(
+        (
+            info.vocab_size,
+            info.hidden_size,
+            info.num_layers,
+            info.max_context
+        ),
+        (512, 64, 5, 512)
+    );
     assert_eq!(info.eos_ids, vec![2, 1]);
     let r = Reference::load();
-    let prompt = r.ids("once_upon_a_time", "\"prompt_token_ids\"", "prompt_token_ids");
+    let prompt = r.ids(
+        "once_upon_a_time",
+        "\"prompt_token_ids\"",
+        "prompt_token_ids",
+    );
     assert_eq!(model.tokenize("Once upon a time", true).unwrap(), prompt);
-    assert_eq!(model.tokenize("Once upon a time", false).unwrap(), prompt[1..]);
+    assert_eq!(
+        model.tokenize("Once upon a time", false).unwrap(),
+        prompt[1..]
+    );
     let continuation = r.ids("once_upon_a_time", GREEDY, "token_ids");
     let text = r.string("once_upon_a_time", GREEDY, "text_continuation");
     assert_eq!(model.detokenize(&continuation, true).unwrap(), text);
     let long = "a long text, ".repeat(200);
-    assert_eq!(model.detokenize(&model.tokenize(&long, true).unwrap(), true).unwrap(), long);
+    assert_eq!(
+        model
+            .detokenize(&model.tokenize(&long, true).unwrap(), true)
+            .unwrap(),
+        long
+    );
 }
 
 #[test]
@@ -98,18 +135,30 @@ fn greedy_generation_matches_run_c() {
     let (_model, engine) = setup();
     let r = Reference::load();
     let expected = r.ids("once_upon_a_time", GREEDY, "token_ids");
-    let out = engine.generate("Once upon a time", &GenerateOptions::greedy(64)).unwrap();
+    let out = engine
+        .generate("Once upon a time", &GenerateOptions::greedy(64))
+        .unwrap();
     assert_eq!(out.tokens, expected);
-    assert_eq!(out.text, r.string("once_upon_a_time", GREEDY, "text_continuation"));
+    assert_eq!(
+        out.text,
+        r.string("once_upon_a_time", GREEDY, "text_continuation")
+    );
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert_eq!(out.n_prompt_tokens, 5);
-    assert!(out.time_to_first_token_s > 0.0 && out.decode_time_s > 0.0 && out.tokens_per_second() > 0.0);
+    assert!(
+        out.time_to_first_token_s > 0.0 && out.decode_time_s > 0.0 && out.tokens_per_second() > 0.0
+    );
 
     // The empty prompt, as ids; and the whole story, which ends at BOS = 1.
     let out = engine.generate(&[1], &GenerateOptions::greedy(64)).unwrap();
     assert_eq!(out.tokens, r.ids("empty_prompt", GREEDY, "token_ids"));
-    let out = engine.generate(&[1], &GenerateOptions::greedy(500)).unwrap();
-    assert_eq!(out.tokens, r.ids("empty_prompt", "\"greedy_until_bos\"", "token_ids"));
+    let out = engine
+        .generate(&[1], &GenerateOptions::greedy(500))
+        .unwrap();
+    assert_eq!(
+        out.tokens,
+        r.ids("empty_prompt", "\"greedy_until_bos\"", "token_ids")
+    );
     assert_eq!(out.finish_reason, FinishReason::Stop);
 }
 
@@ -117,26 +166,45 @@ fn greedy_generation_matches_run_c() {
 fn streaming_matches_generate() {
     let (_model, engine) = setup();
     let r = Reference::load();
-    let mut stream = engine.stream("Once upon a time", &GenerateOptions::greedy(64)).unwrap();
+    let mut stream = engine
+        .stream("Once upon a time", &GenerateOptions::greedy(64))
+        .unwrap();
     let tokens: Vec<_> = stream.by_ref().map(|t| t.unwrap()).collect();
     let out = stream.finish().unwrap();
-    assert_eq!(tokens.iter().map(|t| t.id).collect::<Vec<_>>(), r.ids("once_upon_a_time", GREEDY, "token_ids"));
-    assert_eq!(tokens.iter().map(|t| t.text.as_str()).collect::<String>(), out.text);
+    assert_eq!(
+        tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+        r.ids("once_upon_a_time", GREEDY, "token_ids")
+    );
+    assert_eq!(
+        tokens.iter().map(|t| t.text.as_str()).collect::<String>(),
+        out.text
+    );
     assert_eq!(out.finish_reason, FinishReason::Length);
 }
 
 #[test]
 fn seeded_sampling_repeats_and_stop_ids_stop() {
     let (_model, engine) = setup();
-    let options = GenerateOptions { max_tokens: 32, top_p: 0.9, seed: Some(7), ..GenerateOptions::default() };
+    let options = GenerateOptions {
+        max_tokens: 32,
+        top_p: 0.9,
+        seed: Some(7),
+        ..GenerateOptions::default()
+    };
     let a = engine.generate("Once upon a time", &options).unwrap();
     let b = engine.generate("Once upon a time", &options).unwrap();
     assert_eq!(a.tokens, b.tokens);
     assert_eq!(a.tokens.len(), 32);
     let expected = Reference::load().ids("once_upon_a_time", GREEDY, "token_ids");
-    let options = GenerateOptions { stop_ids: vec![expected[5]], ..GenerateOptions::greedy(64) };
+    let options = GenerateOptions {
+        stop_ids: vec![expected[5]],
+        ..GenerateOptions::greedy(64)
+    };
     let out = engine.generate("Once upon a time", &options).unwrap();
-    assert_eq!((out.tokens.as_slice(), out.finish_reason), (&expected[..5], FinishReason::Stop));
+    assert_eq!(
+        (out.tokens.as_slice(), out.finish_reason),
+        (&expected[..5], FinishReason::Stop)
+    );
 }
 
 #[test]
@@ -148,10 +216,17 @@ fn score_matches_reference_logits() {
     let r = Reference::load();
     let top5 = r.section("once_upon_a_time", "\"top5\": [");
     let first = &top5[top5.find('[').unwrap() + 1..];
-    let pair: Vec<f64> =
-        first[first.find('[').unwrap() + 1..first.find(']').unwrap()].split(',').map(|v| v.trim().parse().unwrap()).collect();
+    let pair: Vec<f64> = first[first.find('[').unwrap() + 1..first.find(']').unwrap()]
+        .split(',')
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
     assert_eq!(pair[0], 403.0);
-    assert!((logits[pair[0] as usize] as f64 - pair[1]).abs() < 1e-4, "{:?} vs {}", pair, logits[pair[0] as usize]);
+    assert!(
+        (logits[pair[0] as usize] as f64 - pair[1]).abs() < 1e-4,
+        "{:?} vs {}",
+        pair,
+        logits[pair[0] as usize]
+    );
     assert_eq!(engine.saturation(false).unwrap(), vec![[0u64; 5]; 5]);
 }
 
@@ -164,7 +239,14 @@ fn handles_are_send_and_sync_and_shared_across_threads() {
     let expected = Reference::load().ids("once_upon_a_time", GREEDY, "token_ids");
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..3)
-            .map(|_| s.spawn(|| engine.generate("Once upon a time", &GenerateOptions::greedy(16)).unwrap().tokens))
+            .map(|_| {
+                s.spawn(|| {
+                    engine
+                        .generate("Once upon a time", &GenerateOptions::greedy(16))
+                        .unwrap()
+                        .tokens
+                })
+            })
             .collect();
         for worker in workers {
             assert_eq!(worker.join().unwrap(), expected[..16]);
@@ -180,7 +262,9 @@ fn dropped_handles_are_not_used_after_free() {
     // happen: the model dropped first, a stream outliving its engine.
     let (model, engine) = setup();
     drop(model);
-    let out = engine.generate("Once upon a time", &GenerateOptions::greedy(4)).unwrap();
+    let out = engine
+        .generate("Once upon a time", &GenerateOptions::greedy(4))
+        .unwrap();
     assert_eq!(out.tokens.len(), 4);
     let stream = engine.stream(&[1], &GenerateOptions::greedy(8)).unwrap();
     drop(engine);
@@ -197,36 +281,83 @@ fn bad_arguments_are_errors() {
     assert_eq!(e.status(), Status::InvalidArgument);
 
     let (model, engine) = setup();
-    let e = engine.generate(&[1], &GenerateOptions { top_p: 2.0, ..GenerateOptions::greedy(4) }).unwrap_err();
+    let e = engine
+        .generate(
+            &[1],
+            &GenerateOptions {
+                top_p: 2.0,
+                ..GenerateOptions::greedy(4)
+            },
+        )
+        .unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument);
     assert!(e.message().contains("top_p"), "{}", e);
-    let e = engine.generate(&[], &GenerateOptions::greedy(4)).unwrap_err();
+    let e = engine
+        .generate(&[], &GenerateOptions::greedy(4))
+        .unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument);
-    let e = engine.generate(&vec![1; 600], &GenerateOptions::greedy(4)).unwrap_err();
+    let e = engine
+        .generate(&vec![1; 600], &GenerateOptions::greedy(4))
+        .unwrap_err();
     assert_eq!(e.status(), Status::ContextOverflow);
-    let e = Engine::new(&model, &EngineOptions { kv_block_size: 0, ..EngineOptions::default() }).unwrap_err();
+    let e = Engine::new(
+        &model,
+        &EngineOptions {
+            kv_block_size: 0,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument);
-    let e = Engine::new(&model, &EngineOptions { kv_dtype: KvDtype::Fp8, n_threads: -3, ..EngineOptions::default() });
+    let e = Engine::new(
+        &model,
+        &EngineOptions {
+            kv_dtype: KvDtype::Fp8,
+            n_threads: -3,
+            ..EngineOptions::default()
+        },
+    );
     assert!(e.is_err());
     // A failed stream yields its error, then ends.
     let mut stream = engine.stream(&[], &GenerateOptions::greedy(4)).unwrap();
-    assert_eq!(stream.next().unwrap().unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(
+        stream.next().unwrap().unwrap_err().status(),
+        Status::InvalidArgument
+    );
     assert!(stream.next().is_none());
-    assert_eq!(stream.finish().unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(
+        stream.finish().unwrap_err().status(),
+        Status::InvalidArgument
+    );
 }
 
 #[test]
 fn token_ids_out_of_range_are_errors() {
     let (model, engine) = setup();
     for bad in [512, -1, i32::MAX] {
-        let e = engine.generate(&[1, bad], &GenerateOptions::greedy(4)).unwrap_err();
+        let e = engine
+            .generate(&[1, bad], &GenerateOptions::greedy(4))
+            .unwrap_err();
         assert_eq!(e.status(), Status::InvalidArgument);
         assert!(e.message().contains(&bad.to_string()), "{}", e);
-        assert_eq!(model.detokenize(&[1, bad], true).unwrap_err().status(), Status::InvalidArgument);
+        assert_eq!(
+            model.detokenize(&[1, bad], true).unwrap_err().status(),
+            Status::InvalidArgument
+        );
     }
-    assert_eq!(engine.score(&[1, 512]).unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(
+        engine.score(&[1, 512]).unwrap_err().status(),
+        Status::InvalidArgument
+    );
     // Still usable afterwards.
-    assert_eq!(engine.generate(&[1], &GenerateOptions::greedy(2)).unwrap().tokens.len(), 2);
+    assert_eq!(
+        engine
+            .generate(&[1], &GenerateOptions::greedy(2))
+            .unwrap()
+            .tokens
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -252,15 +383,37 @@ fn cancelled_by_the_callback() {
 #[test]
 fn cancelled_stream() {
     let (_model, engine) = setup();
-    let mut stream = engine.stream(&[1], &GenerateOptions { ignore_eos: true, ..GenerateOptions::greedy(500) }).unwrap();
+    let mut stream = engine
+        .stream(
+            &[1],
+            &GenerateOptions {
+                ignore_eos: true,
+                ..GenerateOptions::greedy(500)
+            },
+        )
+        .unwrap();
     let first = stream.next().unwrap().unwrap();
     let out = stream.finish().unwrap();
     assert_eq!(out.tokens[0], first.id);
     assert!(out.tokens.len() <= 500);
-    assert!(matches!(out.finish_reason, FinishReason::Cancelled | FinishReason::Length), "{:?}", out.finish_reason);
+    assert!(
+        matches!(
+            out.finish_reason,
+            FinishReason::Cancelled | FinishReason::Length
+        ),
+        "{:?}",
+        out.finish_reason
+    );
     // Dropping a stream midway cancels it too, and the engine goes on.
     drop(engine.stream(&[1], &GenerateOptions::greedy(500)).unwrap());
-    assert_eq!(engine.generate(&[1], &GenerateOptions::greedy(3)).unwrap().tokens.len(), 3);
+    assert_eq!(
+        engine
+            .generate(&[1], &GenerateOptions::greedy(3))
+            .unwrap()
+            .tokens
+            .len(),
+        3
+    );
 }
 
 #[test]
@@ -269,7 +422,11 @@ fn calling_the_engine_from_its_own_callback_is_an_error() {
     let mut inner = Vec::new();
     let out = engine
         .generate_with(&[1], &GenerateOptions::greedy(2), |_| {
-            inner.push(engine.generate(&[1], &GenerateOptions::greedy(1)).map(|g| g.tokens));
+            inner.push(
+                engine
+                    .generate(&[1], &GenerateOptions::greedy(1))
+                    .map(|g| g.tokens),
+            );
             inner.push(engine.score(&[1]).map(|_| Vec::new()));
             ControlFlow::Continue(())
         })
@@ -279,13 +436,24 @@ fn calling_the_engine_from_its_own_callback_is_an_error() {
     for result in inner {
         let e = result.unwrap_err();
         assert_eq!(e.status(), Status::InvalidArgument);
-        assert!(e.message().contains("inside its own token callback"), "{}", e);
+        assert!(
+            e.message().contains("inside its own token callback"),
+            "{}",
+            e
+        );
     }
     // Another engine may be called from the callback.
     let (_model2, other) = setup();
     let out = engine
         .generate_with(&[1], &GenerateOptions::greedy(1), |_| {
-            assert_eq!(other.generate(&[1], &GenerateOptions::greedy(1)).unwrap().tokens.len(), 1);
+            assert_eq!(
+                other
+                    .generate(&[1], &GenerateOptions::greedy(1))
+                    .unwrap()
+                    .tokens
+                    .len(),
+                1
+            );
             ControlFlow::Continue(())
         })
         .unwrap();
@@ -296,9 +464,18 @@ fn calling_the_engine_from_its_own_callback_is_an_error() {
 fn a_panicking_callback_stops_generation_and_unwinds() {
     let (_model, engine) = setup();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        engine.generate_with(&[1], &GenerateOptions::greedy(8), |_| panic!("from the callback"))
+        engine.generate_with(&[1], &GenerateOptions::greedy(8), |_| {
+            panic!("from the callback")
+        })
     }));
     let payload = caught.unwrap_err();
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"from the callback"));
-    assert_eq!(engine.generate(&[1], &GenerateOptions::greedy(2)).unwrap().tokens.len(), 2);
+    assert_eq!(
+        engine
+            .generate(&[1], &GenerateOptions::greedy(2))
+            .unwrap()
+            .tokens
+            .len(),
+        2
+    );
 }
