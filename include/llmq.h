@@ -14,6 +14,11 @@
  * - Thread safety: functions taking a const handle may be called from any number of threads
  *   at once. An llmq_model is immutable after loading. An llmq_engine serializes its calls
  *   internally (a mutex), so calls from several threads are safe but run one at a time.
+ *   A *_destroy function must not run while another thread uses the same handle.
+ * - Parameters are marked in (read), out (written) or in/out. Every function below says which
+ *   statuses it returns besides LLMQ_OK; any call that allocates may also return
+ *   LLMQ_ERR_OUT_OF_MEMORY, and LLMQ_ERR_INTERNAL means a bug in llmq.
+ * - docs/c-api.md gives an overview and a complete example.
  */
 #ifndef LLMQ_H
 #define LLMQ_H
@@ -63,20 +68,26 @@ typedef struct llmq_engine llmq_engine;
 
 /* ---- Versions and errors ------------------------------------------------------------------ */
 
-/* Returns LLMQ_ABI_VERSION as the library was built. Thread-safe. */
+/* Returns LLMQ_ABI_VERSION as the library was built; a host compares it with the LLMQ_ABI_VERSION
+ * it was compiled against. Cannot fail. Thread-safe. */
 LLMQ_API uint32_t llmq_abi_version(void);
 
-/* Returns the library version as "MAJOR.MINOR.PATCH"; a static string, never freed. Thread-safe. */
+/* Returns the library version as "MAJOR.MINOR.PATCH"; a static string owned by the library, never
+ * freed. Cannot fail. Thread-safe. */
 LLMQ_API const char* llmq_version_string(void);
 
-/* Writes the library version numbers; any pointer may be NULL. Thread-safe. */
+/* Writes the library version numbers. major, minor, patch: out; any of them may be NULL (not
+ * written). Cannot fail. Thread-safe. */
 LLMQ_API void llmq_version(int* major, int* minor, int* patch);
 
-/* Returns the message of the last failed call on this thread ("" if none). The string belongs to
- * the library and stays valid until this thread's next llmq call. Thread-safe (thread-local). */
+/* Returns the message of the last failed call on this thread ("" if none). A successful call does
+ * not clear it. The string belongs to the library (never free it) and stays valid until this
+ * thread's next llmq call. Cannot fail. Thread-safe (thread-local). */
 LLMQ_API const char* llmq_last_error(void);
 
-/* Returns a static English name for a status code ("LLMQ_ERR_IO", ...). Thread-safe. */
+/* Returns a static English name for a status code ("LLMQ_ERR_IO", ...). status: in, any integer
+ * (an unknown code gives "LLMQ_ERR_UNKNOWN"). The string is owned by the library, never freed.
+ * Cannot fail. Thread-safe. */
 LLMQ_API const char* llmq_status_string(llmq_status status);
 
 /* ---- Models -------------------------------------------------------------------------------- */
@@ -87,7 +98,8 @@ typedef struct llmq_model_params {
   int32_t reserved;
 } llmq_model_params;
 
-/* Fills *params with defaults and sets struct_size. params must not be NULL. Thread-safe. */
+/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
+ * ignored). Cannot fail. Thread-safe. */
 LLMQ_API void llmq_model_params_default(llmq_model_params* params);
 
 /* Loads a Hugging Face model directory: config.json (+ generation_config.json), model.safetensors
@@ -98,11 +110,15 @@ LLMQ_API void llmq_model_params_default(llmq_model_params* params);
  * model_dir: in. params: in, may be NULL for defaults. out_model: out, owned by the caller, free
  * it with llmq_model_destroy. The model stays alive while engines created on it exist.
  * Returns LLMQ_ERR_IO, LLMQ_ERR_MODEL_FORMAT, LLMQ_ERR_UNSUPPORTED or LLMQ_ERR_INVALID_ARGUMENT
- * with a message naming the file and the tensor or field. Thread-safe. */
+ * with a message naming the file and the tensor or field; LLMQ_ERR_INVALID_ARGUMENT also for a
+ * NULL model_dir or out_model, or a params struct_size this library does not accept. On failure
+ * *out_model is set to NULL. Thread-safe. */
 LLMQ_API llmq_status llmq_model_load(const char* model_dir, const llmq_model_params* params,
                                      llmq_model** out_model);
 
-/* Releases the caller's reference; engines created on the model keep it alive. NULL is a no-op. */
+/* Releases the caller's reference to the model; engines created on it keep the weights alive, and
+ * the memory goes with the last of them. model: in, owned by the caller until this call; NULL is a
+ * no-op. Cannot fail. Must not run while another thread uses the same handle. */
 LLMQ_API void llmq_model_destroy(llmq_model* model);
 
 typedef struct llmq_model_info {
@@ -122,7 +138,10 @@ typedef struct llmq_model_info {
   char architecture[64];        /* e.g. "LlamaForCausalLM", NUL-terminated */
 } llmq_model_info;
 
-/* Fills *info (set info->struct_size first). Thread-safe. */
+/* Describes a loaded model. model: in. info: in/out: set info->struct_size first (to
+ * sizeof(llmq_model_info)); the library writes no more than struct_size bytes, so an older, smaller
+ * struct gets the fields it has. Returns LLMQ_ERR_INVALID_ARGUMENT for a NULL pointer or a
+ * struct_size smaller than sizeof(size_t) or larger than this library's. Thread-safe. */
 LLMQ_API llmq_status llmq_model_get_info(const llmq_model* model, llmq_model_info* info);
 
 /* ---- Tokenizer ------------------------------------------------------------------------------ */
@@ -131,14 +150,19 @@ LLMQ_API llmq_status llmq_model_get_info(const llmq_model* model, llmq_model_inf
  * add_special: 1 adds BOS/EOS as tokenizer_config.json says (add_bos_token), 0 adds none.
  * ids: out, capacity ids_capacity; *n_ids: out, the number of ids. If ids_capacity is too small,
  * nothing is written to ids, *n_ids is set to the size needed and LLMQ_ERR_BUFFER_TOO_SMALL is
- * returned (ids may be NULL with ids_capacity 0 to query the size). Thread-safe. */
+ * returned (ids may be NULL with ids_capacity 0 to query the size). model, text: in.
+ * Other statuses: LLMQ_ERR_INVALID_ARGUMENT for a NULL model or n_ids, NULL text with text_len > 0,
+ * or NULL ids with ids_capacity > 0; LLMQ_ERR_UNSUPPORTED when the model has no tokenizer.
+ * Thread-safe. */
 LLMQ_API llmq_status llmq_tokenize(const llmq_model* model, const char* text, size_t text_len, int add_special,
                                    int32_t* ids, size_t ids_capacity, size_t* n_ids);
 
 /* Decodes token ids into UTF-8 text, without a terminating NUL. skip_special: 1 drops special
  * tokens (BOS, EOS, ...). text: out, capacity text_capacity; *text_len: out, the byte count, or the
- * size needed with LLMQ_ERR_BUFFER_TOO_SMALL. Ids out of range give LLMQ_ERR_INVALID_ARGUMENT.
- * Thread-safe. */
+ * size needed with LLMQ_ERR_BUFFER_TOO_SMALL (text may be NULL with text_capacity 0 to query the
+ * size). model, ids: in. Ids out of range give LLMQ_ERR_INVALID_ARGUMENT, as do a NULL model or
+ * text_len, NULL ids with n_ids > 0, and NULL text with text_capacity > 0; LLMQ_ERR_UNSUPPORTED
+ * when the model has no tokenizer. Thread-safe. */
 LLMQ_API llmq_status llmq_detokenize(const llmq_model* model, const int32_t* ids, size_t n_ids, int skip_special,
                                      char* text, size_t text_capacity, size_t* text_len);
 
@@ -173,17 +197,24 @@ typedef struct llmq_engine_params {
   int32_t quantize_lm_head;  /* nonzero: quantize lm_head too, as the layers (default 0: keep it as loaded) */
 } llmq_engine_params;
 
-/* Fills *params with defaults and sets struct_size. Thread-safe. */
+/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
+ * ignored). Cannot fail. Thread-safe. */
 LLMQ_API void llmq_engine_params_default(llmq_engine_params* params);
 
 /* Creates an engine (backend, KV cache, scratch buffers) on a loaded model.
- * params may be NULL for defaults. *out_engine: out, owned by the caller, free it with
- * llmq_engine_destroy. LLMQ_ERR_BACKEND_UNAVAILABLE when the backend is not built in or has no
- * device; LLMQ_ERR_OUT_OF_MEMORY when the KV cache cannot be allocated. Thread-safe. */
+ * model: in; the engine keeps its own reference to the weights, so the model may be destroyed
+ * first. params: in, may be NULL for defaults. *out_engine: out, owned by the caller, free it with
+ * llmq_engine_destroy; NULL on failure. LLMQ_ERR_BACKEND_UNAVAILABLE when the backend is not built
+ * in or has no device; LLMQ_ERR_OUT_OF_MEMORY when the KV cache cannot be allocated;
+ * LLMQ_ERR_INVALID_ARGUMENT for NULL pointers, unknown enum values, out-of-range sizes or a
+ * struct_size this library does not accept; LLMQ_ERR_UNSUPPORTED for a quantization or KV dtype
+ * the model or device cannot use; LLMQ_ERR_DEVICE for a GPU failure. Thread-safe. */
 LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_params* params,
                                         llmq_engine** out_engine);
 
-/* Frees the engine; it must not be in use on another thread. NULL is a no-op. */
+/* Frees the engine and its KV cache. engine: in, owned by the caller until this call; NULL is a
+ * no-op. Cannot fail. It must not be in use on another thread, nor called from its own token
+ * callback. */
 LLMQ_API void llmq_engine_destroy(llmq_engine* engine);
 
 /* Saturation counters: values clipped by a static quantization scale, per layer, since the engine
@@ -195,7 +226,9 @@ LLMQ_API void llmq_engine_destroy(llmq_engine* engine);
  *   j = 4  K values (as many V) written to an FP8 KV cache
  * Dynamic scales (per-token FP8 activations, the INT8 KV cache) cannot clip and count nothing.
  * *n_counts: out, 5 * layers; LLMQ_ERR_BUFFER_TOO_SMALL (with *n_counts set) when capacity is
- * less. reset != 0 zeroes the counters after reading them. */
+ * less (counts may be NULL with capacity 0 to query the size). engine: in. counts: out. reset: in,
+ * != 0 zeroes the counters after reading them. LLMQ_ERR_INVALID_ARGUMENT for a NULL engine or
+ * n_counts. Locks the engine for the duration of the call; thread-safe. */
 #define LLMQ_SATURATION_COUNTERS 5
 LLMQ_API llmq_status llmq_engine_saturation(llmq_engine* engine, uint64_t* counts, size_t capacity, size_t* n_counts,
                                             int reset);
@@ -210,7 +243,8 @@ typedef struct llmq_sampling_params {
   uint64_t seed;            /* same seed, same output; LLMQ_SEED_RANDOM (default) draws one */
 } llmq_sampling_params;
 
-/* Fills *params with defaults and sets struct_size. Thread-safe. */
+/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
+ * ignored). Cannot fail. Thread-safe. */
 LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params);
 
 /* Called once per generated token, on the thread that called llmq_generate.
@@ -218,7 +252,11 @@ LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params);
  * holds part of a multi-byte character; not NUL-terminated; valid during the call only).
  * Return 0 to continue, non-zero to stop generating (finish reason LLMQ_FINISH_CANCELLED).
  * If generation ends inside a multi-byte character, its incomplete bytes are never passed to the
- * callback (llmq_detokenize of the ids shows them as U+FFFD). */
+ * callback (llmq_detokenize of the ids shows them as U+FFFD).
+ * The engine is locked while the callback runs: it must not call llmq functions on the same engine
+ * (they would wait for themselves); functions on the model are fine. It must not unwind (a C++
+ * exception, a Rust panic) into the library: catch, return non-zero, and rethrow after
+ * llmq_generate returns. */
 typedef int (*llmq_token_callback)(int32_t token, const char* text, size_t text_len, void* user_data);
 
 typedef struct llmq_generate_params {
@@ -228,11 +266,12 @@ typedef struct llmq_generate_params {
   const int32_t* stop_ids;               /* extra ids that end generation (not emitted); may be NULL */
   size_t n_stop_ids;
   int ignore_eos;                        /* 1: do not stop at the model's EOS ids. Default 0 */
-  llmq_token_callback on_token;          /* may be NULL */
-  void* user_data;                       /* passed to on_token */
+  llmq_token_callback on_token;          /* may be NULL; called only during llmq_generate */
+  void* user_data;                       /* passed to on_token; borrowed, never freed by llmq */
 } llmq_generate_params;
 
-/* Fills *params with defaults and sets struct_size. Thread-safe. */
+/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
+ * ignored). Cannot fail. Thread-safe. */
 LLMQ_API void llmq_generate_params_default(llmq_generate_params* params);
 
 typedef enum llmq_finish_reason {
@@ -253,13 +292,19 @@ typedef struct llmq_generate_result {
 } llmq_generate_result;
 
 /* Generates a continuation of prompt_ids (the full prompt: include BOS if wanted).
+ * engine: in. prompt_ids: in, n_prompt ids. params: in, may be NULL for defaults; it, its sampling
+ * struct, stop ids and callback are borrowed for the call only.
  * out_ids: out, may be NULL; up to out_capacity new ids are written (the prompt is not).
- * result: out, may be NULL (set result->struct_size first).
+ * result: in/out, may be NULL (set result->struct_size first; no more than it is written).
  * Errors: LLMQ_ERR_INVALID_ARGUMENT for an empty prompt, an id out of range or bad sampling
  * params (named); LLMQ_ERR_CONTEXT_OVERFLOW when the prompt does not fit the context;
  * LLMQ_ERR_KV_CACHE_FULL when the KV cache cannot hold the prompt. Running out of KV cache or
  * context during decoding ends generation normally (finish reason LLMQ_FINISH_CONTEXT).
- * The engine is locked for the duration of the call. */
+ * LLMQ_ERR_INVALID_ARGUMENT also for a NULL engine, NULL prompt_ids with n_prompt > 0, NULL out_ids
+ * with out_capacity > 0, or a struct_size this library does not accept; LLMQ_ERR_DEVICE for a GPU
+ * failure. A cancelled generation (the callback returned non-zero) is LLMQ_OK.
+ * The engine is locked for the duration of the call: calls from several threads run one at a
+ * time. */
 LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_ids, size_t n_prompt,
                                    const llmq_generate_params* params, int32_t* out_ids, size_t out_capacity,
                                    llmq_generate_result* result);
@@ -267,7 +312,11 @@ LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_id
 /* Runs the model over ids (one sequence, from position 0) and writes the logits of every position:
  * logits[p * vocab_size + v] scores token v following ids[0..p]. logits_capacity counts floats and
  * must be at least n_ids * vocab_size (else LLMQ_ERR_BUFFER_TOO_SMALL). Used for perplexity and
- * for checking logits against references. The engine is locked for the duration of the call. */
+ * for checking logits against references. engine: in. ids: in, n_ids ids. logits: out, owned by the
+ * caller. Other statuses: LLMQ_ERR_INVALID_ARGUMENT for a NULL engine, ids or logits, no ids, or an
+ * id out of range; LLMQ_ERR_CONTEXT_OVERFLOW when n_ids exceeds the model's context;
+ * LLMQ_ERR_KV_CACHE_FULL when the KV cache cannot hold them. The engine is locked for the duration
+ * of the call: calls from several threads run one at a time. */
 LLMQ_API llmq_status llmq_score(llmq_engine* engine, const int32_t* ids, size_t n_ids, float* logits,
                                 size_t logits_capacity);
 

@@ -1,0 +1,178 @@
+"""The ctypes layer: finds libllmq, checks its ABI version and declares every llmq.h function used.
+
+Nothing here is public API: llmq/__init__.py builds the classes on top of `lib` and `check`.
+The structs mirror include/llmq.h field for field (tests/test_llmq.py checks their sizes against
+the library's own *_default() functions).
+"""
+
+import ctypes
+import os
+from ctypes import (CFUNCTYPE, POINTER, Structure, c_char, c_char_p, c_double, c_float, c_int, c_int32, c_size_t,
+                    c_uint32, c_uint64, c_void_p)
+
+ABI_VERSION = 1  # LLMQ_ABI_VERSION of the llmq.h these declarations follow
+
+LIBRARY_NAMES = ("libllmq.so.0", "libllmq.so")  # the SONAME first
+
+
+class LibraryNotFoundError(ImportError):
+    """libllmq could not be found or loaded."""
+
+
+class AbiMismatchError(ImportError):
+    """The libllmq that was found speaks another ABI version than this package."""
+
+
+def _candidates():
+    """(description, path) pairs in search order: LLMQ_LIBRARY, the package folder, the build tree."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    override = os.environ.get("LLMQ_LIBRARY")
+    if override:
+        # An explicit choice: no fallback, so that a wrong path is reported rather than hidden.
+        return [("LLMQ_LIBRARY", override)]
+    found = [("package folder", os.path.join(here, name)) for name in LIBRARY_NAMES]
+    # The source checkout: bindings/python/llmq -> <checkout>/build/lib.
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    found += [("build tree", os.path.join(checkout, "build", "lib", name)) for name in LIBRARY_NAMES]
+    # Last, the dynamic loader's own search (LD_LIBRARY_PATH, an installed prefix in ld.so.conf).
+    found.append(("system loader", LIBRARY_NAMES[0]))
+    return found
+
+
+def _load():
+    tried = []
+    for where, path in _candidates():
+        if where not in ("LLMQ_LIBRARY", "system loader") and not os.path.exists(path):
+            tried.append("%s: %s (absent)" % (where, path))
+            continue
+        try:
+            return ctypes.CDLL(path), path
+        except OSError as e:
+            tried.append("%s: %s (%s)" % (where, path, e))
+    raise LibraryNotFoundError(
+        "llmq: libllmq was not found; set LLMQ_LIBRARY to the path of libllmq.so, or build the checkout "
+        "(cmake -S . -B build && cmake --build build). Tried:\n  " + "\n  ".join(tried))
+
+
+lib, path = _load()
+
+try:
+    lib.llmq_abi_version.restype = c_uint32
+    lib.llmq_abi_version.argtypes = []
+except AttributeError:
+    raise LibraryNotFoundError("llmq: %s does not export llmq_abi_version: it is not libllmq" % path) from None
+_found_abi = lib.llmq_abi_version()
+if _found_abi != ABI_VERSION:
+    raise AbiMismatchError(
+        "llmq: %s has ABI version %d, but this Python package was written for ABI version %d; "
+        "use the bindings from the same llmq release as the library" % (path, _found_abi, ABI_VERSION))
+
+# ---- Status codes and enums (llmq.h) ---------------------------------------------------------------
+OK = 0
+ERR_INVALID_ARGUMENT = 1
+ERR_IO = 2
+ERR_MODEL_FORMAT = 3
+ERR_UNSUPPORTED = 4
+ERR_OUT_OF_MEMORY = 5
+ERR_KV_CACHE_FULL = 6
+ERR_BACKEND_UNAVAILABLE = 7
+ERR_BUFFER_TOO_SMALL = 8
+ERR_CONTEXT_OVERFLOW = 9
+ERR_INTERNAL = 10
+ERR_DEVICE = 11
+
+BACKENDS = {"cpu": 0, "cuda": 1}
+KV_DTYPES = {"auto": 0, "f32": 1, "f16": 2, "bf16": 3, "int8": 4, "fp8": 5}
+QUANT_MODES = {"none": 0, "int8wo": 1, "fp8": 2}
+FINISH_REASONS = {0: "length", 1: "stop", 2: "cancelled", 3: "context"}
+SEED_RANDOM = 2**64 - 1
+
+
+# ---- Structs ----------------------------------------------------------------------------------------
+class ModelParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("reserved", c_int32)]
+
+
+class ModelInfo(Structure):
+    _fields_ = [("struct_size", c_size_t), ("vocab_size", c_int32), ("hidden_size", c_int32),
+                ("num_layers", c_int32), ("num_heads", c_int32), ("num_kv_heads", c_int32),
+                ("head_dim", c_int32), ("max_context", c_int32), ("bos_id", c_int32),
+                ("num_eos_ids", c_int32), ("eos_ids", c_int32 * 8), ("weight_bytes", c_uint64),
+                ("weight_bytes_per_step", c_uint64), ("architecture", c_char * 64)]
+
+
+class EngineParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("backend", c_int), ("n_threads", c_int32),
+                ("kv_cache_bytes", c_uint64), ("kv_block_size", c_int32), ("max_batch_tokens", c_int32),
+                ("kv_dtype", c_int), ("quant", c_int), ("quantize_lm_head", c_int32)]
+
+
+class SamplingParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("temperature", c_float), ("top_k", c_int32), ("top_p", c_float),
+                ("min_p", c_float), ("repetition_penalty", c_float), ("seed", c_uint64)]
+
+
+# int (*)(int32_t token, const char* text, size_t text_len, void* user_data); text is not
+# NUL-terminated, so it is taken as a plain pointer and read with ctypes.string_at.
+TOKEN_CALLBACK = CFUNCTYPE(c_int, c_int32, c_void_p, c_size_t, c_void_p)
+
+
+class GenerateParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("sampling", POINTER(SamplingParams)), ("max_new_tokens", c_int32),
+                ("stop_ids", POINTER(c_int32)), ("n_stop_ids", c_size_t), ("ignore_eos", c_int),
+                ("on_token", TOKEN_CALLBACK), ("user_data", c_void_p)]
+
+
+class GenerateResult(Structure):
+    _fields_ = [("struct_size", c_size_t), ("finish_reason", c_int), ("n_prompt_tokens", c_int32),
+                ("n_generated", c_int32), ("time_to_first_token_s", c_double), ("decode_time_s", c_double)]
+
+
+# ---- Functions ------------------------------------------------------------------------------------
+def _declare(name, restype, *argtypes):
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
+_status = c_int
+_declare("llmq_version_string", c_char_p)
+_declare("llmq_version", None, POINTER(c_int), POINTER(c_int), POINTER(c_int))
+_declare("llmq_last_error", c_char_p)
+_declare("llmq_status_string", c_char_p, c_int)
+_declare("llmq_model_params_default", None, POINTER(ModelParams))
+_declare("llmq_model_load", _status, c_char_p, POINTER(ModelParams), POINTER(c_void_p))
+_declare("llmq_model_destroy", None, c_void_p)
+_declare("llmq_model_get_info", _status, c_void_p, POINTER(ModelInfo))
+_declare("llmq_tokenize", _status, c_void_p, c_char_p, c_size_t, c_int, POINTER(c_int32), c_size_t,
+         POINTER(c_size_t))
+_declare("llmq_detokenize", _status, c_void_p, POINTER(c_int32), c_size_t, c_int, c_void_p, c_size_t,
+         POINTER(c_size_t))
+_declare("llmq_engine_params_default", None, POINTER(EngineParams))
+_declare("llmq_engine_create", _status, c_void_p, POINTER(EngineParams), POINTER(c_void_p))
+_declare("llmq_engine_destroy", None, c_void_p)
+_declare("llmq_engine_saturation", _status, c_void_p, POINTER(c_uint64), c_size_t, POINTER(c_size_t), c_int)
+_declare("llmq_sampling_params_default", None, POINTER(SamplingParams))
+_declare("llmq_generate_params_default", None, POINTER(GenerateParams))
+_declare("llmq_generate", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(GenerateParams),
+         POINTER(c_int32), c_size_t, POINTER(GenerateResult))
+_declare("llmq_score", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(c_float), c_size_t)
+
+# The asynchronous serving API (llmq_server_create, llmq_submit, llmq_poll, llmq_cancel, ...) is
+# declared here when llmq.h gains it; llmq/serving.py then wraps it (see the package README).
+
+
+def defaults(struct_type, fill):
+    """A struct of struct_type filled by the library's *_default() function `fill`."""
+    value = struct_type()
+    fill(ctypes.byref(value))
+    value.struct_size = ctypes.sizeof(struct_type)  # ours, in case the library's struct is larger
+    return value
+
+
+def library_struct_size(fill):
+    """The struct_size that the library's *_default() function `fill` writes (its sizeof): filled
+    into a buffer larger than any version of the struct, so a newer, larger struct cannot overflow."""
+    buffer = ctypes.create_string_buffer(4096)
+    fill(ctypes.cast(buffer, fill.argtypes[0]))
+    return c_size_t.from_buffer(buffer).value
