@@ -39,7 +39,7 @@ __all__ = ["Model", "Engine", "Stream", "ModelInfo", "Generation", "Token", "Err
            "InvalidArgumentError", "IoError", "ModelFormatError", "UnsupportedError", "OutOfMemoryError",
            "KvCacheFullError", "BackendUnavailableError", "BufferTooSmallError", "ContextOverflowError",
            "InternalError", "DeviceError", "LibraryNotFoundError", "AbiMismatchError", "abi_version",
-           "library_version", "library_path"]
+           "library_version", "library_path", "Server", "Request", "RequestResult", "ServerStats"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -565,3 +565,6 @@ class Stream:
 
     def __del__(self):
         self.cancel()
+
+
+from .serving import Request, RequestResult, Server, ServerStats  # noqa: E402 (built on the classes above)

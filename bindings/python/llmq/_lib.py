@@ -7,8 +7,8 @@ the library's own *_default() functions).
 
 import ctypes
 import os
-from ctypes import (CFUNCTYPE, POINTER, Structure, c_char, c_char_p, c_double, c_float, c_int, c_int32, c_size_t,
-                    c_uint32, c_uint64, c_void_p)
+from ctypes import (CFUNCTYPE, POINTER, Structure, c_char, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
+                    c_size_t, c_uint32, c_uint64, c_void_p)
 
 ABI_VERSION = 1  # LLMQ_ABI_VERSION of the llmq.h these declarations follow
 
@@ -84,7 +84,9 @@ ERR_DEVICE = 11
 BACKENDS = {"cpu": 0, "cuda": 1}
 KV_DTYPES = {"auto": 0, "f32": 1, "f16": 2, "bf16": 3, "int8": 4, "fp8": 5}
 QUANT_MODES = {"none": 0, "int8wo": 1, "fp8": 2}
-FINISH_REASONS = {0: "length", 1: "stop", 2: "cancelled", 3: "context"}
+FINISH_REASONS = {0: "length", 1: "stop", 2: "cancelled", 3: "context", 4: "error"}
+EVENT_TOKEN, EVENT_FINISHED = 0, 1
+HISTOGRAM_BUCKETS = 40  # LLMQ_HISTOGRAM_BUCKETS
 SEED_RANDOM = 2**64 - 1
 
 
@@ -128,6 +130,39 @@ class GenerateResult(Structure):
                 ("n_generated", c_int32), ("time_to_first_token_s", c_double), ("decode_time_s", c_double)]
 
 
+# The serving API (llmq_server_*).
+class ServerParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("max_batched_tokens", c_int32), ("max_running", c_int32),
+                ("prefix_caching", c_int32), ("own_thread", c_int32), ("peak_bandwidth", c_double),
+                ("on_event", c_void_p), ("user_data", c_void_p)]
+
+
+class RequestParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("sampling", POINTER(SamplingParams)), ("max_new_tokens", c_int32),
+                ("stop_ids", POINTER(c_int32)), ("n_stop_ids", c_size_t), ("ignore_eos", c_int),
+                ("priority", c_int32), ("user_data", c_void_p)]
+
+
+class Event(Structure):
+    _fields_ = [("struct_size", c_size_t), ("type", c_int), ("token", c_int32), ("request_id", c_int64),
+                ("user_data", c_void_p), ("text", c_void_p), ("text_len", c_size_t), ("n_generated", c_int32),
+                ("finish_reason", c_int), ("status", c_int), ("error", c_char_p), ("n_prompt_tokens", c_int32),
+                ("n_cached_tokens", c_int32), ("n_preemptions", c_int32), ("queue_time_s", c_double),
+                ("time_to_first_token_s", c_double), ("decode_time_s", c_double)]
+
+
+class ServerStats(Structure):
+    _fields_ = [("struct_size", c_size_t), ("running", c_int32), ("waiting", c_int32),
+                ("kv_blocks_total", c_int32), ("kv_blocks_used", c_int32), ("kv_blocks_cached", c_int32),
+                ("requests_submitted", c_uint64), ("requests_finished", c_uint64),
+                ("requests_cancelled", c_uint64), ("requests_failed", c_uint64), ("prompt_tokens", c_uint64),
+                ("generated_tokens", c_uint64), ("cached_prompt_tokens", c_uint64), ("steps", c_uint64),
+                ("preemptions", c_uint64), ("peak_bandwidth", c_double), ("last_decode_mbu", c_double),
+                ("mean_decode_mbu", c_double), ("ttft_p50_s", c_double), ("ttft_p99_s", c_double),
+                ("tpot_p50_s", c_double), ("tpot_p99_s", c_double),
+                ("ttft_histogram", c_uint64 * HISTOGRAM_BUCKETS), ("tpot_histogram", c_uint64 * HISTOGRAM_BUCKETS)]
+
+
 # ---- Functions ------------------------------------------------------------------------------------
 def _declare(name, restype, *argtypes):
     fn = getattr(lib, name)
@@ -158,8 +193,16 @@ _declare("llmq_generate", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER
          POINTER(c_int32), c_size_t, POINTER(GenerateResult))
 _declare("llmq_score", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(c_float), c_size_t)
 
-# The asynchronous serving API (llmq_server_create, llmq_submit, llmq_poll, llmq_cancel, ...) is
-# declared here when llmq.h gains it; llmq/serving.py then wraps it (see the package README).
+_declare("llmq_server_params_default", None, POINTER(ServerParams))
+_declare("llmq_server_create", _status, c_void_p, POINTER(ServerParams), POINTER(c_void_p))
+_declare("llmq_server_destroy", None, c_void_p)
+_declare("llmq_request_params_default", None, POINTER(RequestParams))
+_declare("llmq_server_submit", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(RequestParams),
+         POINTER(c_int64))
+_declare("llmq_server_cancel", _status, c_void_p, c_int64)
+_declare("llmq_server_poll", _status, c_void_p, POINTER(Event), c_size_t, POINTER(c_size_t), c_int32)
+_declare("llmq_server_get_stats", _status, c_void_p, POINTER(ServerStats))
+_declare("llmq_histogram_bound", c_double, c_int32)
 
 
 def defaults(struct_type, fill):
