@@ -262,9 +262,15 @@ TEST_F(BackendPair, EmbedSiluGather) {
   begin(plan);
   Both table = floats(rnd.floats(size_t(vocab * dim)), vocab, dim, DType::BF16);
   Both e = output(T, dim);
-  cpu_->embed(table.cpu, e.cpu);
-  gpu_->embed(table.gpu, e.gpu);
+  cpu_->embed(table.cpu, 0, e.cpu);
+  gpu_->embed(table.gpu, 0, e.gpu);
   expect_close(read(*cpu_, e.cpu), read(*gpu_, e.gpu), {0, 0}, "embed");
+  // A vocab-parallel shard: rows [100, 300) of the table; other ids give zero rows.
+  Both shard_out = output(T, dim);
+  Tensor cpu_shard = table.cpu.row_slice(100, 200), gpu_shard = table.gpu.row_slice(100, 200);
+  cpu_->embed(cpu_shard, 100, shard_out.cpu);
+  gpu_->embed(gpu_shard, 100, shard_out.gpu);
+  expect_close(read(*cpu_, shard_out.cpu), read(*gpu_, shard_out.gpu), {0, 0}, "embed (vocab shard)");
 
   Both up = floats(rnd.floats(size_t(T * dim), -4, 4), T, dim);
   Both s = output(T, dim);
