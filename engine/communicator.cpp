@@ -169,7 +169,7 @@ bool nccl_available(std::string* why) {
   *why = "this build of llmq has no CUDA backend (configured with LLMQ_CUDA=OFF or without nvcc)";
   return false;
 }
-std::vector<std::unique_ptr<Communicator>> make_nccl_communicators(const std::vector<int>&) { no_nccl(); }
+std::vector<std::unique_ptr<Communicator>> make_nccl_communicators(const std::vector<int>&, int) { no_nccl(); }
 NcclId nccl_unique_id() { no_nccl(); }
 std::unique_ptr<Communicator> make_nccl_communicator(const NcclId&, int, int, int, int) { no_nccl(); }
 int communicator_device(const Communicator&) { return -1; }

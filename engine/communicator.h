@@ -52,7 +52,8 @@ using NcclId = std::array<char, 128>;  // ncclUniqueId
 // Whether libnccl can be opened; else false with the reason.
 bool nccl_available(std::string* why);
 // Single process: one communicator per device, communicator r on devices[r] (ncclCommInitAll).
-std::vector<std::unique_ptr<Communicator>> make_nccl_communicators(const std::vector<int>& devices);
+// timeout_ms bounds barrier() waits.
+std::vector<std::unique_ptr<Communicator>> make_nccl_communicators(const std::vector<int>& devices, int timeout_ms);
 // ncclGetUniqueId: made by one process, passed to the others by the host's own means.
 NcclId nccl_unique_id();
 // One rank of a group spread over processes (ncclCommInitRank on `device`), waiting at most

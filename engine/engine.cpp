@@ -160,13 +160,13 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions& options)
   } else {
     tp_size_ = options.tensor_parallel;
     for (int r = 0; r < tp_size_; ++r) local_ranks.push_back(r);
+    const int timeout_ms = options.tp_timeout_ms > 0 ? options.tp_timeout_ms : kDefaultTpTimeoutMs;
     if (tp_size_ > 1 && options.backend == LLMQ_BACKEND_CUDA) {
       std::vector<int> devices;
       for (int r = 0; r < tp_size_; ++r) devices.push_back(device_of(options, r));
-      communicators_ = make_nccl_communicators(devices);
+      communicators_ = make_nccl_communicators(devices, timeout_ms);
     } else if (tp_size_ > 1) {
-      communicators_ = make_in_process_communicators(
-          tp_size_, options.tp_timeout_ms > 0 ? options.tp_timeout_ms : kDefaultTpTimeoutMs);
+      communicators_ = make_in_process_communicators(tp_size_, timeout_ms);
     }
   }
   for (size_t i = 0; i < local_ranks.size(); ++i) {
