@@ -562,7 +562,7 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
     Tensor last = r.last_hidden.row_slice(0, n_logit_rows);
     b.gather_rows(h, last);
     Tensor logits{r.logits_buffer->data(), DType::F32, n_logit_rows, r.shard.vocab};
-    if (r.shard.vocab > 0) b.linear(last, r.lm_head, nullptr, logits);
+    b.linear(last, r.lm_head, nullptr, logits);
     if (comm)
       comm->all_gather(logits.as<float>(), size_t(n_logit_rows) * size_t(r.shard.vocab_stride),
                        static_cast<float*>(r.gathered_buffer->data()), stream);
