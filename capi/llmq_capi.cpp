@@ -18,6 +18,10 @@ struct llmq_model {
   std::shared_ptr<const llmq::Model> model;
 };
 
+struct llmq_comm {
+  std::shared_ptr<llmq::Communicator> comm;
+};
+
 namespace {
 // Shared by the engine handle and the servers on it, so that either may be destroyed first.
 struct EngineState {
@@ -151,6 +155,7 @@ LLMQ_API const char* llmq_status_string(llmq_status status) {
     case LLMQ_ERR_CONTEXT_OVERFLOW: return "LLMQ_ERR_CONTEXT_OVERFLOW";
     case LLMQ_ERR_INTERNAL: return "LLMQ_ERR_INTERNAL";
     case LLMQ_ERR_DEVICE: return "LLMQ_ERR_DEVICE";
+    case LLMQ_ERR_TIMEOUT: return "LLMQ_ERR_TIMEOUT";
   }
   return "LLMQ_ERR_UNKNOWN";
 }
@@ -247,6 +252,10 @@ LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
   params->kv_dtype = defaults.kv_dtype;
   params->quant = LLMQ_QUANT_NONE;
   params->quantize_lm_head = 0;
+  params->tensor_parallel = defaults.tensor_parallel;
+  params->n_devices = 0;
+  params->tp_timeout_ms = defaults.tp_timeout_ms;
+  params->comm = nullptr;
 }
 
 LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_params* params,
@@ -281,6 +290,13 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
                     : quant == LLMQ_QUANT_FP8  ? llmq::QuantMode::Fp8
                                                : llmq::QuantMode::None;
     options.quantize_lm_head = p.quantize_lm_head != 0;
+    if (p.n_devices < 0 || p.n_devices > LLMQ_MAX_TENSOR_PARALLEL)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_engine_create: params.n_devices must be in [0, {}], got {}",
+                 LLMQ_MAX_TENSOR_PARALLEL, p.n_devices);
+    options.tensor_parallel = p.tensor_parallel;
+    options.devices.assign(p.devices, p.devices + p.n_devices);
+    options.tp_timeout_ms = p.tp_timeout_ms;
+    if (p.comm) options.communicator = p.comm->comm;
     auto handle = std::make_unique<llmq_engine>();
     handle->state = std::make_shared<EngineState>();
     handle->state->model = model->model;
@@ -596,5 +612,38 @@ LLMQ_API llmq_status llmq_server_get_stats(llmq_server* server, llmq_server_stat
     write_result(full, stats, "llmq_server_get_stats: stats");
   });
 }
+
+LLMQ_API llmq_status llmq_nccl_get_unique_id(llmq_nccl_id* id) {
+  static_assert(sizeof(id->bytes) == std::tuple_size<llmq::NcclId>::value, "llmq_nccl_id holds an ncclUniqueId");
+  return guarded([&] {
+    require(id, "llmq_nccl_get_unique_id: id");
+    const llmq::NcclId made = llmq::nccl_unique_id();
+    std::memcpy(id->bytes, made.data(), made.size());
+  });
+}
+
+LLMQ_API llmq_status llmq_comm_init_rank(const llmq_nccl_id* id, int32_t n_ranks, int32_t rank, int32_t device,
+                                         int32_t timeout_ms, llmq_comm** out_comm) {
+  return guarded([&] {
+    require(out_comm, "llmq_comm_init_rank: out_comm");
+    *out_comm = nullptr;
+    require(id, "llmq_comm_init_rank: id");
+    if (n_ranks < 1 || n_ranks > 65536)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_comm_init_rank: n_ranks must be in [1, 65536], got {}", n_ranks);
+    if (rank < 0 || rank >= n_ranks)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_comm_init_rank: rank {} is not in [0, {})", rank, n_ranks);
+    if (device < 0) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_comm_init_rank: device {} is negative", device);
+    if (timeout_ms < 0)
+      llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_comm_init_rank: timeout_ms must be >= 0, got {}", timeout_ms);
+    llmq::NcclId nccl_id;
+    std::memcpy(nccl_id.data(), id->bytes, nccl_id.size());
+    auto handle = std::make_unique<llmq_comm>();
+    handle->comm = llmq::make_nccl_communicator(nccl_id, n_ranks, rank, device,
+                                                timeout_ms > 0 ? timeout_ms : llmq::kDefaultTpTimeoutMs);
+    *out_comm = handle.release();
+  });
+}
+
+LLMQ_API void llmq_comm_destroy(llmq_comm* comm) { delete comm; }
 
 }  // extern "C"

@@ -95,15 +95,21 @@ class Backend {
   virtual void end_step() {}
   virtual void drop_recordings() {}
 
-  // out[t] = table[plan.tokens[t]] in F32.
-  virtual void embed(const Tensor& table, Tensor& out) = 0;
+  // out[t] = table[plan.tokens[t] - first_id] in F32; zero for ids outside the table's rows (a
+  // vocab-parallel shard holds ids [first_id, first_id + table.rows)).
+  virtual void embed(const Tensor& table, int64_t first_id, Tensor& out) = 0;
   // out = rmsnorm(x) * weight, per row.
   virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   // residual += x; out = rmsnorm(residual) * weight.
   virtual void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   // out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]); weight is [N, K] in its stored dtype,
-  // or quantized as engine/quant.h defines.
-  virtual void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out) = 0;
+  // or quantized as engine/quant.h defines. row_amax (F32 [M, 1], FP8 weights with dynamic
+  // activation scales only): the per-token amax to quantize x with instead of each row's own
+  // (tensor parallelism: the max over the ranks' slices of the row).
+  virtual void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
+                      const Tensor* row_amax = nullptr) = 0;
+  // out[m] = max_k |x[m, k]| (out F32 [M, 1]).
+  virtual void row_absmax(const Tensor& x, Tensor& out) = 0;
   // Rotates q [T, Hq*D] in place and k [T, Hkv*D] in place (rotate-half RoPE at each token's
   // position with inv_freq [D/2]), then writes k and v into the cache at each token's slot.
   virtual void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) = 0;
@@ -114,8 +120,12 @@ class Backend {
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // out[i] = x[plan.logit_rows[i]].
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
-  // Copies an F32 tensor to host memory.
+  // Copies an F32 tensor to host memory, and host memory into an F32 tensor.
   virtual void to_host(const Tensor& x, float* host) = 0;
+  virtual void from_host(const float* host, Tensor& x) = 0;
+  // The CUDA stream the ops run on (collectives on this backend's memory are ordered on it);
+  // nullptr for host memory.
+  virtual void* stream() { return nullptr; }
   // The saturation counters (engine/quant.h) of layers [0, layers), kSaturationCounters per layer,
   // accumulated since creation or the last reset.
   virtual std::vector<uint64_t> saturation(int32_t layers, bool reset) = 0;

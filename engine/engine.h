@@ -7,15 +7,19 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/communicator.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "llmq.h"
 
 namespace llmq {
+
+class RankThreads;
 
 struct EngineOptions {
   llmq_backend backend = LLMQ_BACKEND_CPU;
@@ -26,9 +30,20 @@ struct EngineOptions {
   llmq_kv_dtype kv_dtype = LLMQ_KV_DTYPE_AUTO;
   QuantMode quant = QuantMode::None;  // quantize the layers' linear weights on load
   bool quantize_lm_head = false;       // and lm_head (the embedding table itself always stays as loaded)
+  // Tensor parallelism (engine/tensor_parallel.h): ranks in this process, one thread each. The CPU
+  // backend gives each rank n_threads / tensor_parallel threads (at least 1); CUDA puts rank r on
+  // devices[r] (default: device r) and needs NCCL.
+  int32_t tensor_parallel = 1;
+  std::vector<int32_t> devices;
+  int32_t tp_timeout_ms = 0;  // how long a rank waits for its peers at start-up and at a collective (0: 60 s)
+  // Multi-process: this engine is rank communicator->rank() of communicator->size(), the other
+  // ranks being engines in other processes (or threads) that make the same calls in the same
+  // order. tensor_parallel stays 1; a CUDA engine runs on the communicator's device.
+  std::shared_ptr<Communicator> communicator;
 };
 
 constexpr uint64_t kDefaultKvCacheBytes = uint64_t(2) << 30;
+constexpr int32_t kDefaultTpTimeoutMs = 60000;
 
 // One sequence's part of a step: append `tokens` to the sequence and compute logits for all of
 // them or only for the last one.
@@ -64,7 +79,9 @@ class Engine {
   ~Engine();
 
   const Model& model() const { return *model_; }
-  const char* backend_name() const { return backend_->name(); }
+  const char* backend_name() const;
+  // Ranks of the tensor-parallel group (1 without tensor parallelism).
+  int32_t tensor_parallel() const { return tp_size_; }
   int32_t vocab_size() const { return int32_t(model_->config().vocab_size); }
   int32_t max_batch_tokens() const { return options_.max_batch_tokens; }
   int32_t block_size() const { return options_.kv_block_size; }
@@ -73,14 +90,16 @@ class Engine {
   // The weight quantization in use: the one asked for, or a pre-quantized checkpoint's.
   QuantMode quant() const { return quant_; }
   // Weight bytes one decode step reads on the backend (quantized where quantized; the embedding
-  // table is gathered by rows and not counted unless it is also the lm_head).
+  // table is gathered by rows and not counted unless it is also the lm_head); summed over the ranks.
   uint64_t weight_bytes_per_step() const { return weight_bytes_per_step_; }
-  // Bytes of all the weights the engine holds, as stored on its backend (quantized where quantized).
+  // Bytes of all the weights the engine holds, as stored on its backend (quantized where
+  // quantized); summed over the ranks.
   uint64_t weight_bytes() const { return weight_bytes_; }
-  // Bytes of KV cache one token takes, over all layers.
+  // Bytes of KV cache one token takes, over all layers, unsharded (kv_cache_bytes counts the same
+  // way: with tensor parallelism each rank holds its KV heads' part of every block).
   uint64_t kv_bytes_per_token() const;
   // The backend's memory bandwidth in bytes/s, measured now (Backend::measure_peak_bandwidth).
-  double measure_peak_bandwidth() { return backend_->measure_peak_bandwidth(); }
+  double measure_peak_bandwidth();
   std::unique_ptr<SequenceKv> new_sequence() { return std::make_unique<SequenceKv>(allocator_, block_size()); }
 
   // Runs one forward step. Reserves KV blocks first (LLMQ_ERR_KV_CACHE_FULL, with nothing changed,
@@ -96,12 +115,13 @@ class Engine {
   void score(const std::vector<int32_t>& ids, float* logits);
 
   // Saturation counters per layer (kSaturationCounters values each, engine/quant.h), accumulated
-  // since creation or the last reset.
+  // since creation or the last reset; summed over this process's ranks, each value counted once.
   std::vector<uint64_t> saturation(bool reset);
 
   // Calibration: during each forward step, called with the input of each layer's linear layers
   // ("attn_in" for q/k/v, "o_in", "mlp_in" for gate/up, "down_in") and the K and V rows written to
-  // the cache ("k" after RoPE, "v"). CPU backend only: the tensors are in host memory.
+  // the cache ("k" after RoPE, "v"). CPU backend without tensor parallelism only: the tensors are
+  // in host memory, whole.
   using Observer = std::function<void(int32_t layer, const char* site, const Tensor& values)>;
   void set_observer(Observer observer);
 
@@ -109,8 +129,13 @@ class Engine {
   void check_token_ids(const int32_t* ids, size_t n, const char* what) const;
 
  private:
-  void forward(int32_t n_tokens, int32_t n_logit_rows);
-  void upload_weights();
+  struct Rank;  // one rank's backend, weights, KV heads and activations (engine.cpp)
+  void check_parallel_options();
+  void init_rank(Rank& r);
+  void upload_weights(Rank& r, const ModelWeights& w);
+  void forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows);
+  // Calls fn on every rank of this process at once (each on its own thread).
+  void for_each_rank(const std::function<void(Rank&)>& fn);
 
   // A layer's weights as the backend uses them.
   struct Layer {
@@ -121,23 +146,20 @@ class Engine {
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
-  std::unique_ptr<Backend> backend_;
-  std::vector<QuantizedWeight> quantized_;  // host copies of quantized weights (before upload)
-  Tensor embed_, final_norm_;
-  LinearWeight lm_head_;
-  std::vector<Layer> layers_;
+  int32_t tp_size_ = 1;
   uint64_t weight_bytes_per_step_ = 0, weight_bytes_ = 0;
   DType kv_dtype_;
   QuantMode quant_ = QuantMode::None;
-  std::vector<float> inv_freq_host_;
-  Tensor inv_freq_;
   BlockAllocator allocator_;
-  std::vector<KvLayer> kv_layers_;
-  std::vector<std::unique_ptr<Buffer>> buffers_;  // KV storage and activations
-  Tensor x_, h_, q_, k_, v_, attn_, proj_, gate_, up_, last_hidden_;
-  std::unique_ptr<Buffer> logits_buffer_;
   BatchPlan plan_;
   Observer observer_;
+  std::vector<std::unique_ptr<Communicator>> communicators_;  // this process's group, one per rank
+  std::unique_ptr<RankThreads> threads_;
+  std::vector<std::unique_ptr<Rank>> ranks_;  // local ranks; ranks_[0] returns the logits
+  std::vector<float> gathered_;  // the ranks' logits as all-gathered: [rank][row][their vocab]
+  // A rank failed while the group ran: the communicators are aborted and the engine is unusable.
+  llmq_status failed_status_ = LLMQ_OK;
+  std::string failed_;
 };
 
 // Bytes of KV cache one token takes over all layers, for a cache of `kv_dtype` (with the

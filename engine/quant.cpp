@@ -56,22 +56,42 @@ LinearWeight QuantizedWeight::view(DType act_dtype) {
   return v;
 }
 
+std::vector<float> weight_amax(const Tensor& w, QuantMode mode, int n_threads) {
+  if (mode != QuantMode::Int8WeightOnly && mode != QuantMode::Fp8) fail(LLMQ_ERR_INTERNAL, "quantize: no quantization mode");
+  std::vector<float> row_amax(size_t(w.rows));
+  split_rows(w.rows, n_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float amax = 0.0f;
+      for (int64_t k = 0; k < w.cols; ++k) amax = std::max(amax, std::fabs(load_weight(w, n * w.cols + k)));
+      row_amax[size_t(n)] = amax;
+    }
+  });
+  if (mode == QuantMode::Int8WeightOnly) return row_amax;
+  return {row_amax.empty() ? 0.0f : *std::max_element(row_amax.begin(), row_amax.end())};
+}
+
 QuantizedWeight quantize_weight(const Tensor& w, QuantMode mode, int n_threads) {
+  return quantize_weight(w, mode, n_threads, weight_amax(w, mode, n_threads));
+}
+
+QuantizedWeight quantize_weight(const Tensor& w, QuantMode mode, int n_threads, const std::vector<float>& amax) {
   QuantizedWeight q;
   q.rows = w.rows;
   q.cols = w.cols;
   q.data.resize(size_t(w.numel()));
   const int64_t K = w.cols;
   if (mode == QuantMode::Int8WeightOnly) {
+    if (int64_t(amax.size()) != w.rows) fail(LLMQ_ERR_INTERNAL, "quantize: {} amax values for {} rows", amax.size(), w.rows);
     q.dtype = DType::I8;
     q.scale.resize(size_t(w.rows));
+    // Checked here, not in the threads below (an exception must not leave a std::thread).
+    for (size_t n = 0; n < amax.size(); ++n)
+      if (!std::isfinite(amax[n])) fail(LLMQ_ERR_MODEL_FORMAT, "quantize: weight row {} is not finite", n);
     split_rows(w.rows, n_threads, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(load_weight(w, n * K + k)));
-        if (!std::isfinite(amax)) fail(LLMQ_ERR_MODEL_FORMAT, "quantize: weight row {} is not finite", n);
-        q.scale[size_t(n)] = amax / 127.0f;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const float row_amax = amax[size_t(n)];
+        q.scale[size_t(n)] = row_amax / 127.0f;
+        const float inv = row_amax > 0.0f ? 127.0f / row_amax : 0.0f;
         for (int64_t k = 0; k < K; ++k) {
           float r = std::nearbyint(load_weight(w, n * K + k) * inv);  // round to nearest even
           q.data[size_t(n * K + k)] = uint8_t(int8_t(std::clamp(r, -127.0f, 127.0f)));
@@ -79,19 +99,11 @@ QuantizedWeight quantize_weight(const Tensor& w, QuantMode mode, int n_threads) 
       }
     });
   } else if (mode == QuantMode::Fp8) {
+    if (amax.size() != 1) fail(LLMQ_ERR_INTERNAL, "quantize: fp8 takes one amax per tensor, got {}", amax.size());
     q.dtype = DType::F8_E4M3;
-    std::vector<float> row_amax(size_t(w.rows));
-    split_rows(w.rows, n_threads, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(load_weight(w, n * K + k)));
-        row_amax[size_t(n)] = amax;
-      }
-    });
-    const float amax = *std::max_element(row_amax.begin(), row_amax.end());
-    if (!std::isfinite(amax)) fail(LLMQ_ERR_MODEL_FORMAT, "quantize: weight is not finite");
-    q.scale.assign(1, amax / kFp8E4M3Max);
-    const float inv = amax > 0.0f ? kFp8E4M3Max / amax : 0.0f;
+    if (!std::isfinite(amax[0])) fail(LLMQ_ERR_MODEL_FORMAT, "quantize: weight is not finite");
+    q.scale.assign(1, amax[0] / kFp8E4M3Max);
+    const float inv = amax[0] > 0.0f ? kFp8E4M3Max / amax[0] : 0.0f;
     split_rows(w.rows, n_threads, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin * K; i < end * K; ++i) q.data[size_t(i)] = f32_to_fp8_e4m3(load_weight(w, i) * inv);
     });
@@ -115,6 +127,10 @@ float round_activation(float x, DType act_dtype) {
 float quantize_row_fp8(const float* x, int64_t n, float* out) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return quantize_row_fp8(x, n, amax, out);
+}
+
+float quantize_row_fp8(const float* x, int64_t n, float amax, float* out) {
   const float inv = amax > 0.0f ? kFp8E4M3Max / amax : 0.0f;
   for (int64_t i = 0; i < n; ++i) out[i] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[i] * inv));
   return amax / kFp8E4M3Max;

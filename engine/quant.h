@@ -57,6 +57,11 @@ struct QuantizedWeight {
 
 // Quantizes a [N, K] F32/F16/BF16 weight; rows are split over `n_threads` threads.
 QuantizedWeight quantize_weight(const Tensor& w, QuantMode mode, int n_threads);
+// The amax the scales come from: one per row (int8wo) or one for the tensor (fp8).
+std::vector<float> weight_amax(const Tensor& w, QuantMode mode, int n_threads);
+// quantize_weight with the amax given. Tensor parallelism passes the max over the ranks' slices,
+// so that a shard gets exactly the codes and scales of the unsharded weight.
+QuantizedWeight quantize_weight(const Tensor& w, QuantMode mode, int n_threads, const std::vector<float>& amax);
 
 // Rounds an fp32 value to the 16-bit activation type and back (F32: unchanged).
 float round_activation(float x, DType act_dtype);
@@ -64,6 +69,8 @@ float round_activation(float x, DType act_dtype);
 // Per-token FP8 activation quantization of one row: returns the row's scale and writes the
 // dequantized-exact code values (fp8 decoded to fp32, before scaling) to out.
 float quantize_row_fp8(const float* x, int64_t n, float* out);
+// The same with the row's amax given (tensor parallelism: the max over the ranks' slices of the row).
+float quantize_row_fp8(const float* x, int64_t n, float amax, float* out);
 // The same with a static scale: codes fp8(x * (1 / scale)); returns how many values were clipped
 // (|x / scale| beyond 448).
 int64_t quantize_row_fp8_static(const float* x, int64_t n, float scale, float* out);

@@ -14,10 +14,12 @@ static void usage(FILE* out) {
           "                     [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
           "                     [--repetition-penalty R] [--seed S] [--threads N]\n"
           "                     [--kv-dtype auto|f32|f16|bf16|int8|fp8] [--quant none|int8wo|fp8]\n"
-          "                     [--backend cpu|cuda] [--print-ids]\n"
+          "                     [--backend cpu|cuda] [--tp N] [--devices 0,1,...] [--print-ids]\n"
           "  --prompt is tokenized as the model's tokenizer config says (BOS added if add_bos_token);\n"
           "  --prompt-ids is taken as the full prompt. Generation stops at --max-tokens (default 256)\n"
-          "  or at the model's EOS ids. Text goes to stdout; timings to stderr.\n");
+          "  or at the model's EOS ids. Text goes to stdout; timings to stderr.\n"
+          "  --tp N runs N tensor-parallel ranks (threads; with --backend cuda one GPU each, rank r\n"
+          "  on the r-th entry of --devices, default devices 0 .. N-1).\n");
 }
 
 /* Values clipped by static quantization scales, when the engine has any (see llmq.h). */
@@ -68,6 +70,26 @@ static int parse_float(const char* text, const char* flag, float* out) {
   return 1;
 }
 
+/* Parses "0,1,3" into devices[], at most LLMQ_MAX_TENSOR_PARALLEL of them. */
+static int parse_devices(const char* text, int32_t* devices, int32_t* n) {
+  const char* p = text;
+  *n = 0;
+  for (;;) {
+    char* end = NULL;
+    long value;
+    errno = 0;
+    value = strtol(p, &end, 10);
+    if (errno != 0 || end == p || value < 0 || value > 1023 || *n == LLMQ_MAX_TENSOR_PARALLEL || (*end != ',' && *end != '\0')) {
+      fprintf(stderr, "llmq-generate: --devices expects up to %d comma-separated device numbers, got '%s'\n",
+              LLMQ_MAX_TENSOR_PARALLEL, text);
+      return 0;
+    }
+    devices[(*n)++] = (int32_t)value;
+    if (*end == '\0') return 1;
+    p = end + 1;
+  }
+}
+
 /* Parses "1 2 3" (spaces or commas) into a malloc'd array. */
 static int parse_ids(const char* text, int32_t** ids, size_t* n) {
   size_t capacity = 16, count = 0;
@@ -115,7 +137,9 @@ int main(int argc, char** argv) {
   const char* model_dir = NULL;
   const char* prompt = NULL;
   const char* prompt_ids_text = NULL;
-  long max_tokens = 256, top_k = 0, threads = 0;
+  long max_tokens = 256, top_k = 0, threads = 0, tensor_parallel = 1;
+  int32_t devices[LLMQ_MAX_TENSOR_PARALLEL];
+  int32_t n_devices = 0;
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f, repetition_penalty = 1.0f;
   unsigned long long seed = LLMQ_SEED_RANDOM;
   int print_ids = 0, i, exit_code = 1;
@@ -198,6 +222,10 @@ int main(int argc, char** argv) {
       if (!ok) fprintf(stderr, "llmq-generate: --backend expects cpu or cuda, got '%s'\n", value);
     } else if (strcmp(arg, "--threads") == 0) {
       ok = parse_long(value, arg, 0, 1024, &threads);
+    } else if (strcmp(arg, "--tp") == 0) {
+      ok = parse_long(value, arg, 1, LLMQ_MAX_TENSOR_PARALLEL, &tensor_parallel);
+    } else if (strcmp(arg, "--devices") == 0) {
+      ok = parse_devices(value, devices, &n_devices);
     } else {
       fprintf(stderr, "llmq-generate: unknown option %s\n", arg);
       usage(stderr);
@@ -238,6 +266,9 @@ int main(int argc, char** argv) {
   engine_params.kv_dtype = kv_dtype;
   engine_params.quant = quant;
   engine_params.backend = backend;
+  engine_params.tensor_parallel = (int32_t)tensor_parallel;
+  engine_params.n_devices = n_devices;
+  memcpy(engine_params.devices, devices, (size_t)n_devices * sizeof devices[0]);
   status = llmq_engine_create(model, &engine_params, &engine);
   if (status != LLMQ_OK) {
     fail_status(status, "creating the engine");

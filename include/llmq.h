@@ -52,7 +52,8 @@ typedef enum llmq_status {
   LLMQ_ERR_BUFFER_TOO_SMALL = 8,    /* an output buffer is too small; the needed size is reported */
   LLMQ_ERR_CONTEXT_OVERFLOW = 9,    /* the sequence would exceed the model's context length */
   LLMQ_ERR_INTERNAL = 10,           /* a bug in llmq: please report it */
-  LLMQ_ERR_DEVICE = 11              /* the GPU reported an error (a failed kernel or copy, a lost device) */
+  LLMQ_ERR_DEVICE = 11,             /* the GPU reported an error (a failed kernel or copy, a lost device) */
+  LLMQ_ERR_TIMEOUT = 12             /* a tensor-parallel peer rank did not arrive in time (named in the message) */
 } llmq_status;
 
 typedef enum llmq_backend {
@@ -65,6 +66,7 @@ typedef enum llmq_backend {
 
 typedef struct llmq_model llmq_model;
 typedef struct llmq_engine llmq_engine;
+typedef struct llmq_comm llmq_comm; /* one rank of a tensor-parallel group across processes (NCCL) */
 
 /* ---- Versions and errors ------------------------------------------------------------------ */
 
@@ -185,6 +187,9 @@ typedef enum llmq_quant_mode {
   LLMQ_QUANT_FP8 = 2     /* FP8 E4M3 weights (per-tensor scale) and activations (dynamic per-token scale) */
 } llmq_quant_mode;
 
+/* The most ranks of tensor parallelism within one process (one per GPU of a node). */
+#define LLMQ_MAX_TENSOR_PARALLEL 8
+
 typedef struct llmq_engine_params {
   size_t struct_size;        /* in: sizeof(llmq_engine_params) */
   llmq_backend backend;      /* default LLMQ_BACKEND_CPU */
@@ -195,6 +200,20 @@ typedef struct llmq_engine_params {
   llmq_kv_dtype kv_dtype;    /* element type of the KV cache (default LLMQ_KV_DTYPE_AUTO) */
   llmq_quant_mode quant;     /* weight quantization (default LLMQ_QUANT_NONE) */
   int32_t quantize_lm_head;  /* nonzero: quantize lm_head too, as the layers (default 0: keep it as loaded) */
+  /* Tensor parallelism (Megatron-style; README "Tensor parallelism"): */
+  int32_t tensor_parallel;   /* ranks in this process, one thread each, 1 to LLMQ_MAX_TENSOR_PARALLEL (default 1).
+                              * CPU: the ranks share n_threads. CUDA: one GPU per rank; libnccl.so.2 is opened
+                              * (dlopen) only when this is > 1. The heads must split evenly over the ranks;
+                              * kv_cache_bytes sizes the whole cache, each rank holding its heads' part. */
+  int32_t n_devices;         /* 0 (default): rank r uses CUDA device r; else the first n_devices entries of
+                              * devices are used, rank r on devices[r] (at least tensor_parallel of them) */
+  int32_t devices[LLMQ_MAX_TENSOR_PARALLEL];
+  int32_t tp_timeout_ms;     /* how long a rank waits for its peers at start-up and at each collective of the
+                              * in-process group; 0 = 60000 (default). A peer that never comes: LLMQ_ERR_TIMEOUT */
+  llmq_comm* comm;           /* multi-process: this engine is one rank of comm (llmq_comm_init_rank), with
+                              * tensor_parallel 1 and the CUDA backend on comm's device; every rank's process
+                              * must then make the same engine calls in the same order. The engine keeps its
+                              * own reference. NULL (default): all ranks in this process */
 } llmq_engine_params;
 
 /* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
@@ -484,6 +503,30 @@ typedef struct llmq_server_stats {
 
 /* Fills *stats (set stats->struct_size first) with the counters since creation. Thread-safe. */
 LLMQ_API llmq_status llmq_server_get_stats(llmq_server* server, llmq_server_stats* stats);
+
+/* ---- Tensor parallelism across processes (NCCL) ----------------------------------------------
+ * Within one process, llmq_engine_params.tensor_parallel is all it takes. For ranks in several
+ * processes (or nodes), one process makes an id, the host passes its bytes to the others by its
+ * own means (a socket, a file, MPI), and every process joins with its rank and GPU, then creates
+ * its engine with params.comm. These calls load libnccl.so.2 with dlopen (LLMQ_NCCL_LIBRARY
+ * overrides the name); without it they return LLMQ_ERR_BACKEND_UNAVAILABLE. */
+
+typedef struct llmq_nccl_id {
+  char bytes[128]; /* an ncclUniqueId: opaque, copied as is between processes */
+} llmq_nccl_id;
+
+/* Makes a new id (ncclGetUniqueId) into *id. Thread-safe. */
+LLMQ_API llmq_status llmq_nccl_get_unique_id(llmq_nccl_id* id);
+
+/* Joins the group of id as rank `rank` of `n_ranks`, on CUDA device `device` (ncclCommInitRank).
+ * Waits at most timeout_ms (0 = 60000) for every rank to join; then LLMQ_ERR_TIMEOUT, never a hang.
+ * *out_comm: out, owned by the caller, free it with llmq_comm_destroy (engines created with it keep
+ * their own reference). Thread-safe. */
+LLMQ_API llmq_status llmq_comm_init_rank(const llmq_nccl_id* id, int32_t n_ranks, int32_t rank, int32_t device,
+                                         int32_t timeout_ms, llmq_comm** out_comm);
+
+/* Releases the caller's reference. NULL is a no-op. */
+LLMQ_API void llmq_comm_destroy(llmq_comm* comm);
 
 #ifdef __cplusplus
 }

@@ -48,6 +48,14 @@ run() {
   local start=$SECONDS status=0
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
 
+  # NCCL for the tensor-parallel gpu tests: the system's, else the one PyTorch's wheels ship.
+  if [ -z "${LLMQ_NCCL_LIBRARY:-}" ] && ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 &&
+     [ ! -e /usr/local/cuda/lib/libnccl.so.2 ] && [ ! -e /usr/local/cuda/lib64/libnccl.so.2 ]; then
+    local nccl
+    nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+    if [ -n "$nccl" ] && [ -e "$nccl" ]; then export LLMQ_NCCL_LIBRARY=$nccl; fi
+  fi
+
   echo "== 1. gpu tests"
   LLMQ_SHARED_DIR=$carry/shared "$carry/bin/llmq_gpu_tests" --gtest_brief=1 2>&1 | tee "$out/gpu_tests.log" || status=1
   echo "   ($((SECONDS - start)) s so far)"

@@ -129,6 +129,7 @@ static void check_status_strings(void) {
       {LLMQ_ERR_CONTEXT_OVERFLOW, "LLMQ_ERR_CONTEXT_OVERFLOW"},
       {LLMQ_ERR_INTERNAL, "LLMQ_ERR_INTERNAL"},
       {LLMQ_ERR_DEVICE, "LLMQ_ERR_DEVICE"},
+      {LLMQ_ERR_TIMEOUT, "LLMQ_ERR_TIMEOUT"},
   };
   size_t i;
   const char* unknown;

@@ -460,7 +460,7 @@ TEST(CpuKernels, EmbedCopiesTheTokensRowsExactly) {
           backend.begin_step(plan);
           std::vector<float> out = poisoned(size_t((T + 1) * dim));
           Tensor ot = f32_tensor(out, T, dim);
-          backend.embed(table.tensor(vocab, dim), ot);
+          backend.embed(table.tensor(vocab, dim), 0, ot);
           std::ostringstream name;
           name << dtype_name(dtype) << " dim " << dim << " T " << T << " threads " << threads;
           for (int32_t t = 0; t < T; ++t) {

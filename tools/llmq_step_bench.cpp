@@ -31,6 +31,7 @@ const char* kUsage =
     "  --decode-steps N       timed decode steps per batch size (default 32)\n"
     "  --prefill N            prompt length for the prefill timing; 0 skips it (default 2048)\n"
     "  --kv-cache-gib N       KV cache size (default 16)\n"
+    "  --tp N                 tensor-parallel ranks (CUDA: GPUs 0 .. N-1; default 1)\n"
     "  --json PATH            also write the results as JSON\n";
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
@@ -65,7 +66,7 @@ int run(int argc, char** argv) {
   std::string model_dir, json_path, backend = "cuda";
   std::vector<std::string> modes{"none"};
   std::vector<int64_t> batches{1, 16, 64};
-  int64_t prompt_len = 128, decode_steps = 32, prefill = 2048, kv_gib = 16;
+  int64_t prompt_len = 128, decode_steps = 32, prefill = 2048, kv_gib = 16, tp = 1;
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
@@ -84,6 +85,7 @@ int run(int argc, char** argv) {
     else if (flag == "--decode-steps") decode_steps = tool::parse_int(flag, value, 1, 1 << 20);
     else if (flag == "--prefill") prefill = tool::parse_int(flag, value, 0, 65536);
     else if (flag == "--kv-cache-gib") kv_gib = tool::parse_int(flag, value, 1, 1 << 20);
+    else if (flag == "--tp") tp = tool::parse_int(flag, value, 1, 8);
     else if (flag == "--json") json_path = value;
     else fail(LLMQ_ERR_INVALID_ARGUMENT, "unknown option {}\n{}", flag, kUsage);
   }
@@ -98,6 +100,7 @@ int run(int argc, char** argv) {
     EngineOptions options;
     options.backend = backend == "cuda" ? LLMQ_BACKEND_CUDA : LLMQ_BACKEND_CPU;
     options.kv_cache_bytes = uint64_t(kv_gib) << 30;
+    options.tensor_parallel = int32_t(tp);
     int64_t max_batch = 1;
     for (int64_t b : batches) max_batch = std::max(max_batch, b);
     options.max_batch_tokens = int32_t(std::max<int64_t>({prefill, max_batch, 512}));

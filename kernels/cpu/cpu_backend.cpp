@@ -155,13 +155,16 @@ class CpuBackend final : public Backend {
 
   void begin_step(const BatchPlan& plan) override { plan_ = &plan; }
 
-  void embed(const Tensor& table, Tensor& out) override {
-    const int64_t dim = table.cols;
+  void embed(const Tensor& table, int64_t first_id, Tensor& out) override {
+    const int64_t dim = out.cols;
     pool_.parallel_for(out.rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        int64_t row = plan_->tokens[size_t(t)];
+        const int64_t row = plan_->tokens[size_t(t)] - first_id;
         float* dst = out.as<float>() + t * dim;
-        for (int64_t i = 0; i < dim; ++i) dst[i] = load_element(table.data, table.dtype, row * dim + i);
+        if (row < 0 || row >= table.rows)
+          std::fill(dst, dst + dim, 0.0f);
+        else
+          for (int64_t i = 0; i < dim; ++i) dst[i] = load_element(table.data, table.dtype, row * dim + i);
       }
     });
   }
@@ -184,7 +187,8 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out) override {
+  void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
+              const Tensor* row_amax = nullptr) override {
     const int64_t M = x.rows, K = x.cols, N = weight.w.rows;
     const float* input = x.as<float>();
     const DType w_dtype = weight.w.dtype;
@@ -202,7 +206,8 @@ class CpuBackend final : public Backend {
             count(weight.layer, kActivationsClipped, quantize_row_fp8_static(src, K, row_scales_[size_t(m)], dst));
             count(weight.layer, kActivationsStatic, K);
           } else if (w_dtype == DType::F8_E4M3) {
-            row_scales_[size_t(m)] = quantize_row_fp8(src, K, dst);
+            row_scales_[size_t(m)] = row_amax ? quantize_row_fp8(src, K, row_amax->as<float>()[m], dst)
+                                              : quantize_row_fp8(src, K, dst);
           }
           if (w_dtype == DType::I8)
             for (int64_t k = 0; k < K; ++k) dst[k] = round_activation(src[k], weight.act_dtype);
@@ -295,7 +300,16 @@ class CpuBackend final : public Backend {
                   sizeof(float) * size_t(x.cols));
   }
 
+  void row_absmax(const Tensor& x, Tensor& out) override {
+    for (int64_t m = 0; m < x.rows; ++m) {
+      float amax = 0.0f;
+      for (int64_t k = 0; k < x.cols; ++k) amax = std::max(amax, std::fabs(x.as<float>()[m * x.cols + k]));
+      out.as<float>()[m] = amax;
+    }
+  }
+
   void to_host(const Tensor& x, float* host) override { std::memcpy(host, x.data, x.nbytes()); }
+  void from_host(const float* host, Tensor& x) override { std::memcpy(x.data, host, x.nbytes()); }
 
   std::vector<uint64_t> saturation(int32_t layers, bool reset) override {
     std::vector<uint64_t> out(size_t(layers) * kSaturationCounters, 0);

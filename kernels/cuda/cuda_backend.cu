@@ -259,6 +259,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    cudaSetDevice(device_);  // the thread destroying it may have another device current
     abandon_capture();
     cudaStreamSynchronize(stream_);
     drop_recordings();
@@ -425,9 +426,9 @@ class CudaBackend final : public Backend {
     seen_.clear();
   }
 
-  void embed(const Tensor& table, Tensor& out) override {
+  void embed(const Tensor& table, int64_t first_id, Tensor& out) override {
     Profiler::Scope timer(profiler_, "embed", stream_);
-    cuda::embed(table.data, table.dtype, table.cols, device_plan_, out.rows, out.as<float>(), stream_);
+    cuda::embed(table.data, table.dtype, first_id, table.rows, out.cols, device_plan_, out.rows, out.as<float>(), stream_);
     check(cudaGetLastError(), "embed kernel");
   }
 
@@ -444,7 +445,8 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "add_rmsnorm kernel");
   }
 
-  void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out) override {
+  void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
+              const Tensor* row_amax = nullptr) override {
     const int64_t M = x.rows, K = x.cols, N = weight.w.rows;
     const DType w_dtype = weight.w.dtype;
     const void* bias_data = bias ? bias->data : nullptr;
@@ -488,7 +490,8 @@ class CudaBackend final : public Backend {
         ensure(codes_, uint64_t(M) * uint64_t(K));
         ensure(row_scales_, uint64_t(M) * sizeof(float));
         float* row_scales = static_cast<float*>(row_scales_->data());
-        cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(), static_cast<uint8_t*>(codes_->data()),
+        cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(),
+                                row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
                                 row_scales, layer_counters(weight.layer), stream_);
         check(cudaGetLastError(), "quantize_fp8_rows kernel");
         if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
@@ -571,7 +574,13 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "gather_rows kernel");
   }
 
+  void row_absmax(const Tensor& x, Tensor& out) override {
+    cuda::row_absmax(x.as<float>(), x.rows, x.cols, out.as<float>(), stream_);
+    check(cudaGetLastError(), "row_absmax kernel");
+  }
+
   std::vector<uint64_t> saturation(int32_t layers, bool reset) override {
+    check(cudaSetDevice(device_), "cudaSetDevice");
     std::vector<uint64_t> out(size_t(layers) * kSaturationCounters, 0);
     const size_t n = std::min<size_t>(out.size(), size_t(kMaxCountedLayers) * kSaturationCounters);
     check(cudaMemcpyAsync(out.data(), counters_->data(), n * sizeof(uint64_t), cudaMemcpyDeviceToHost, stream_),
@@ -588,6 +597,13 @@ class CudaBackend final : public Backend {
     check(cudaStreamSynchronize(stream_), "step (cudaStreamSynchronize)");
     profiler_.step_done();
   }
+
+  void from_host(const float* host, Tensor& x) override {
+    check(cudaMemcpyAsync(x.data, host, x.nbytes(), cudaMemcpyHostToDevice, stream_), "from_host (cudaMemcpyAsync)");
+    check(cudaStreamSynchronize(stream_), "from_host (cudaStreamSynchronize)");
+  }
+
+  void* stream() override { return stream_; }
 
  private:
   // Grows a scratch buffer to at least `bytes` (freeing waits for the device first). Recorded steps

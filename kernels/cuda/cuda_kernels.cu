@@ -128,10 +128,13 @@ __device__ __forceinline__ void unpack8(uint4 v, f16, float* out) {
 // ---- Elementwise and per-row kernels --------------------------------------------------------
 
 template <typename T>
-__global__ void embed_kernel(const T* table, int64_t dim, const int32_t* tokens, float* out) {
+__global__ void embed_kernel(const T* table, int64_t first_id, int64_t table_rows, int64_t dim, const int32_t* tokens,
+                             float* out) {
   const int64_t row = blockIdx.x;
-  const T* src = table + int64_t(tokens[row]) * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = to_f32(src[i]);
+  const int64_t id = int64_t(tokens[row]) - first_id;  // outside [0, table_rows): another rank's id
+  const bool here = id >= 0 && id < table_rows;
+  const T* src = table + (here ? id : 0) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = here ? to_f32(src[i]) : 0.0f;
 }
 
 template <typename T>
@@ -173,8 +176,9 @@ __global__ void convert_kernel(const float* x, int64_t n, T* out) {
     out[i] = from_f32<T>(x[i]);
 }
 
-__global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const float* static_scale, uint8_t* codes,
-                                         float* row_scales, unsigned long long* counters) {
+__global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const float* static_scale,
+                                         const float* row_amax, uint8_t* codes, float* row_scales,
+                                         unsigned long long* counters) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * cols;
   float inv, scale;
@@ -183,8 +187,12 @@ __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const flo
     inv = 1.0f / scale;
   } else {
     float amax = 0.0f;
-    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
-    amax = block_reduce<true>(amax);
+    if (row_amax) {
+      amax = row_amax[row];  // given: the whole row's, over the tensor-parallel ranks
+    } else {
+      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
+      amax = block_reduce<true>(amax);
+    }
     inv = amax > 0.0f ? 448.0f / amax : 0.0f;
     scale = amax / 448.0f;
   }
@@ -202,6 +210,14 @@ __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const flo
       atomicAdd(&counters[1], (unsigned long long)cols);
     }
   }
+}
+
+__global__ void row_absmax_kernel(const float* x, int64_t cols, float* out) {
+  const float* xr = x + int64_t(blockIdx.x) * cols;
+  float amax = 0.0f;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
+  amax = block_reduce<true>(amax);
+  if (threadIdx.x == 0) out[blockIdx.x] = amax;
 }
 
 // 16 codes per thread per step: one 16-byte load, two 16-byte stores (n is a multiple of 16).
@@ -799,11 +815,12 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
 
 // ---- Launchers ------------------------------------------------------------------------------
 
-void embed(const void* table, DType dtype, int64_t dim, const DevicePlan& plan, int64_t rows, float* out,
-           cudaStream_t stream) {
+void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
+           int64_t rows, float* out, cudaStream_t stream) {
   with_float_type(dtype, "embedding table", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    embed_kernel<T><<<unsigned(rows), 256, 0, stream>>>(static_cast<const T*>(table), dim, plan.tokens, out);
+    embed_kernel<T><<<unsigned(rows), 256, 0, stream>>>(static_cast<const T*>(table), first_id, table_rows, dim,
+                                                        plan.tokens, out);
   });
 }
 
@@ -831,9 +848,14 @@ void convert_activations(const float* x, int64_t n, DType dtype, void* out, cuda
   });
 }
 
-void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, uint8_t* codes,
-                       float* row_scales, unsigned long long* counters, cudaStream_t stream) {
-  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, static_scale, codes, row_scales, counters);
+void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, const float* row_amax,
+                       uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream) {
+  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, static_scale, row_amax, codes, row_scales,
+                                                               counters);
+}
+
+void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream) {
+  row_absmax_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, out);
 }
 
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream) {

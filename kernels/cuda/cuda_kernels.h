@@ -34,8 +34,9 @@ struct DevicePlan {
 constexpr int kAttentionTileQ = 16;
 constexpr int kAttentionTileQLarge = 64;
 
-void embed(const void* table, DType dtype, int64_t dim, const DevicePlan& plan, int64_t rows, float* out,
-           cudaStream_t stream);
+// out[t] = table[plan.tokens[t] - first_id], zero when outside the table's table_rows rows.
+void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
+           int64_t rows, float* out, cudaStream_t stream);
 // residual == nullptr: out = rmsnorm(x) * w. Else residual += x, out = rmsnorm(residual) * w.
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
              int64_t dim, float* out, cudaStream_t stream);
@@ -45,11 +46,14 @@ void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t r
 // Rounds x to `dtype` (F16 / BF16 / F32 copy) into out.
 void convert_activations(const float* x, int64_t n, DType dtype, void* out, cudaStream_t stream);
 // FP8 E4M3 quantization of activations (engine/quant.h): codes [rows, cols] and row scales,
-// dynamic per row, or with static_scale (a device F32) when given.
+// dynamic per row (from row_amax [rows] when given, else each row's own amax), or with
+// static_scale (a device F32) when given.
 // With a static scale, `counters` (when given) gets the values clipped and the values quantized
 // added at [0] and [1] (engine/quant.h's kActivationsClipped, kActivationsStatic).
-void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, uint8_t* codes,
-                       float* row_scales, unsigned long long* counters, cudaStream_t stream);
+void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, const float* row_amax,
+                       uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream);
+// out[r] = max |x[r, :]|.
+void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream);
 // INT8 codes to BF16 or F16 (exact), n elements.
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream);
 

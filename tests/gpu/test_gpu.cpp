@@ -8,15 +8,18 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/communicator.h"
 #include "engine/device.h"
 #include "engine/engine.h"
 #include "engine/error.h"
@@ -262,9 +265,15 @@ TEST_F(BackendPair, EmbedSiluGather) {
   begin(plan);
   Both table = floats(rnd.floats(size_t(vocab * dim)), vocab, dim, DType::BF16);
   Both e = output(T, dim);
-  cpu_->embed(table.cpu, e.cpu);
-  gpu_->embed(table.gpu, e.gpu);
+  cpu_->embed(table.cpu, 0, e.cpu);
+  gpu_->embed(table.gpu, 0, e.gpu);
   expect_close(read(*cpu_, e.cpu), read(*gpu_, e.gpu), {0, 0}, "embed");
+  // A vocab-parallel shard: rows [100, 300) of the table; other ids give zero rows.
+  Both shard_out = output(T, dim);
+  Tensor cpu_shard = table.cpu.row_slice(100, 200), gpu_shard = table.gpu.row_slice(100, 200);
+  cpu_->embed(cpu_shard, 100, shard_out.cpu);
+  gpu_->embed(gpu_shard, 100, shard_out.gpu);
+  expect_close(read(*cpu_, shard_out.cpu), read(*gpu_, shard_out.gpu), {0, 0}, "embed (vocab shard)");
 
   Both up = floats(rnd.floats(size_t(T * dim), -4, 4), T, dim);
   Both s = output(T, dim);
@@ -526,6 +535,135 @@ TEST(GpuErrors, KvCacheLargerThanTheGpuIsOutOfMemory) {
   } catch (const Error& e) {
     EXPECT_EQ(e.status(), LLMQ_ERR_OUT_OF_MEMORY) << e.what();
     EXPECT_NE(std::string(e.what()).find("cudaMalloc"), std::string::npos) << e.what();
+  }
+}
+
+// ---- Tensor parallelism through NCCL ------------------------------------------------------------
+// A single GPU runs the NCCL path with a group of one rank; two GPUs or more run tp = 2 against
+// tp = 1 (skipped, saying so, on a machine with fewer).
+
+#define REQUIRE_NCCL()                                                      \
+  do {                                                                      \
+    std::string why_;                                                       \
+    if (!nccl_available(&why_)) GTEST_SKIP() << "no NCCL: " << why_;        \
+  } while (0)
+
+struct TpOutputs {
+  std::vector<float> logits;    // score() of 40 ids
+  std::vector<int32_t> greedy;  // 16 tokens after another prompt
+};
+
+TpOutputs tp_outputs(Engine& engine) {
+  TpOutputs out;
+  std::vector<int32_t> ids{1};
+  for (int i = 1; i < 40; ++i) ids.push_back(3 + (i * 37 + 505) % 509);
+  out.logits.resize(ids.size() * size_t(engine.vocab_size()));
+  engine.score(ids, out.logits.data());
+  GenerateOptions g;
+  g.sampling.temperature = 0;
+  g.max_new_tokens = 16;
+  g.ignore_eos = true;
+  out.greedy = engine.generate({1, 403, 407, 261, 378}, g).tokens;
+  return out;
+}
+
+// Row by row within 1e-4, but for at most `flips` rows within 1e-2: where a last-bit difference of
+// the reordered sums lands on an FP8 rounding boundary (tests/test_tensor_parallel.cpp).
+void expect_rows_close(const TpOutputs& expected, const TpOutputs& got, int flips, const std::string& what) {
+  EXPECT_EQ(got.greedy, expected.greedy) << what;
+  ASSERT_EQ(got.logits.size(), expected.logits.size()) << what;
+  const size_t vocab = 512;
+  int beyond = 0;
+  for (size_t row = 0; row * vocab < got.logits.size(); ++row) {
+    double diff = 0;
+    for (size_t v = row * vocab; v < (row + 1) * vocab; ++v)
+      diff = std::max(diff, double(std::fabs(got.logits[v] - expected.logits[v])));
+    if (diff <= 1e-4) continue;
+    ++beyond;
+    EXPECT_LE(diff, 1e-2) << what << " row " << row;
+  }
+  EXPECT_LE(beyond, flips) << what;
+}
+
+std::vector<QuantMode> gpu_quant_modes() {
+  std::vector<QuantMode> modes = {QuantMode::None, QuantMode::Int8WeightOnly};
+  std::string why;
+  if (make_cuda_backend(CudaBackendOptions{0})->supports_fp8(&why)) modes.push_back(QuantMode::Fp8);
+  return modes;
+}
+
+TEST(GpuTensorParallel, OneRankThroughNcclEqualsNoNccl) {
+  REQUIRE_GPU();
+  REQUIRE_NCCL();
+  auto model = Model::load(test::stories_dir());
+  for (QuantMode quant : gpu_quant_modes()) {
+    EngineOptions o;
+    o.backend = LLMQ_BACKEND_CUDA;
+    o.quant = quant;
+    Engine plain(model, o);
+    const TpOutputs expected = tp_outputs(plain);
+    o.communicator = make_nccl_communicator(nccl_unique_id(), 1, 0, 0, 60000);
+    Engine through_nccl(model, o);
+    EXPECT_EQ(through_nccl.tensor_parallel(), 1);
+    expect_rows_close(expected, tp_outputs(through_nccl), 0, std::string("nccl, 1 rank, ") + quant_mode_name(quant));
+  }
+}
+
+TEST(GpuTensorParallel, NcclInitTimesOutWhenAPeerNeverJoins) {
+  REQUIRE_GPU();
+  REQUIRE_NCCL();
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    make_nccl_communicator(nccl_unique_id(), 2, 0, 0, 1000);  // rank 1 never comes
+    FAIL() << "joined a group of 2 alone";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), LLMQ_ERR_TIMEOUT) << e.what();
+    EXPECT_NE(std::string(e.what()).find("waited 1000 ms"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+TEST(GpuTensorParallel, TwoGpusMatchOne) {
+  REQUIRE_GPU();
+  REQUIRE_NCCL();
+  std::string why;
+  const int gpus = cuda_device_count(&why);
+  if (gpus < 2) GTEST_SKIP() << "tensor parallelism on GPUs needs 2 of them; " << gpus << " visible";
+  auto model = Model::load(test::stories_dir());
+  for (QuantMode quant : gpu_quant_modes()) {
+    const std::string mode = quant_mode_name(quant);
+    const int flips = quant == QuantMode::Fp8 ? 2 : 0;
+    EngineOptions o;
+    o.backend = LLMQ_BACKEND_CUDA;
+    o.quant = quant;
+    Engine one(model, o);
+    const TpOutputs expected = tp_outputs(one);
+    // One process, one thread per GPU (ncclCommInitAll).
+    o.tensor_parallel = 2;
+    Engine two(model, o);
+    expect_rows_close(expected, tp_outputs(two), flips, "tp 2 in one engine, " + mode);
+    // One engine per rank, as separate processes would hold them (ncclCommInitRank).
+    const NcclId id = nccl_unique_id();
+    std::vector<TpOutputs> got(2);
+    std::vector<std::string> errors(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          EngineOptions rank = o;
+          rank.tensor_parallel = 1;
+          rank.communicator = make_nccl_communicator(id, 2, r, r, 60000);
+          Engine engine(model, rank);
+          got[size_t(r)] = tp_outputs(engine);
+        } catch (const Error& e) {
+          errors[size_t(r)] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < 2; ++r) {
+      ASSERT_EQ(errors[size_t(r)], "") << "rank " << r;
+      expect_rows_close(expected, got[size_t(r)], flips, "one rank per engine, rank " + std::to_string(r) + ", " + mode);
+    }
   }
 }
 
