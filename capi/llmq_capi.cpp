@@ -1,5 +1,7 @@
 // Implements llmq.h: argument checks, params structs by size, handle lifetimes, and the
 // translation of C++ exceptions into status codes plus a thread-local message.
+#include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -111,6 +113,23 @@ llmq::SamplingParams to_sampling(const llmq_sampling_params& s) {
   return out;
 }
 
+// A *_init function: the defaults of this library's struct T, copied into the caller's first
+// `struct_size` bytes (its sizeof, from the header it was built with; at most ours).
+template <typename T>
+void init_params(T* params, size_t struct_size, void (*fill)(T*)) {
+  if (!params || struct_size < sizeof(size_t)) return;
+  T full;
+  fill(&full);
+  const size_t size = std::min(struct_size, sizeof(T));
+  std::memcpy(static_cast<void*>(params), &full, size);
+  params->struct_size = size;
+}
+
+// The size of llmq_engine_params in llmq 0.1, before the tensor-parallel fields: bytes 44-47 were
+// its tail padding and now hold tensor_parallel, so a struct this small keeps their defaults.
+constexpr size_t kEngineParamsSize01 = 48;
+static_assert(offsetof(llmq_engine_params, tensor_parallel) == 44, "the 0.1 layout ends at byte 44");
+
 const llmq::Tokenizer& tokenizer_of(const llmq_model* model) {
   const llmq::Tokenizer* tokenizer = model->model->tokenizer();
   if (!tokenizer)
@@ -160,7 +179,7 @@ LLMQ_API const char* llmq_status_string(llmq_status status) {
   return "LLMQ_ERR_UNKNOWN";
 }
 
-LLMQ_API void llmq_model_params_default(llmq_model_params* params) {
+static void fill_model_params(llmq_model_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
@@ -171,7 +190,7 @@ LLMQ_API llmq_status llmq_model_load(const char* model_dir, const llmq_model_par
     require(out_model, "llmq_model_load: out_model");
     *out_model = nullptr;
     require(model_dir, "llmq_model_load: model_dir");
-    read_params(params, llmq_model_params_default, "llmq_model_load: params");
+    read_params(params, fill_model_params, "llmq_model_load: params");
     auto handle = std::make_unique<llmq_model>();
     handle->model = llmq::Model::load(model_dir);
     *out_model = handle.release();
@@ -239,7 +258,7 @@ LLMQ_API llmq_status llmq_detokenize(const llmq_model* model, const int32_t* ids
   });
 }
 
-LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
+static void fill_engine_params(llmq_engine_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
@@ -264,7 +283,14 @@ LLMQ_API llmq_status llmq_engine_create(llmq_model* model, const llmq_engine_par
     require(out_engine, "llmq_engine_create: out_engine");
     *out_engine = nullptr;
     require(model, "llmq_engine_create: model");
-    llmq_engine_params p = read_params(params, llmq_engine_params_default, "llmq_engine_create: params");
+    llmq_engine_params p = read_params(params, fill_engine_params, "llmq_engine_create: params");
+    if (params && params->struct_size <= kEngineParamsSize01) {  // a 0.1 caller: no tensor-parallel fields
+      llmq_engine_params defaults;
+      fill_engine_params(&defaults);
+      std::memcpy(reinterpret_cast<char*>(&p) + offsetof(llmq_engine_params, tensor_parallel),
+                  reinterpret_cast<const char*>(&defaults) + offsetof(llmq_engine_params, tensor_parallel),
+                  sizeof p - offsetof(llmq_engine_params, tensor_parallel));
+    }
     // A C caller may store any integer in the enum field: check it as an integer first.
     int32_t backend;
     static_assert(sizeof(p.backend) == sizeof(backend), "llmq_backend is int-sized");
@@ -325,7 +351,7 @@ LLMQ_API llmq_status llmq_engine_saturation(llmq_engine* engine, uint64_t* count
   });
 }
 
-LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params) {
+static void fill_sampling_params(llmq_sampling_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
@@ -338,7 +364,7 @@ LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params) {
   params->seed = LLMQ_SEED_RANDOM;
 }
 
-LLMQ_API void llmq_generate_params_default(llmq_generate_params* params) {
+static void fill_generate_params(llmq_generate_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
@@ -353,8 +379,8 @@ LLMQ_API llmq_status llmq_generate(llmq_engine* engine, const int32_t* prompt_id
     if (n_prompt > 0) require(prompt_ids, "llmq_generate: prompt_ids");
     if (out_capacity > 0) require(out_ids, "llmq_generate: out_ids");
     if (result) check_struct_size(result->struct_size, sizeof(llmq_generate_result), "llmq_generate: result");
-    llmq_generate_params p = read_params(params, llmq_generate_params_default, "llmq_generate: params");
-    llmq_sampling_params s = read_params(p.sampling, llmq_sampling_params_default, "llmq_generate: params.sampling");
+    llmq_generate_params p = read_params(params, fill_generate_params, "llmq_generate: params");
+    llmq_sampling_params s = read_params(p.sampling, fill_sampling_params, "llmq_generate: params.sampling");
     if (p.n_stop_ids > 0) require(p.stop_ids, "llmq_generate: params.stop_ids");
     if (p.n_stop_ids > 4096) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_generate: more than 4096 stop ids");
 
@@ -453,7 +479,7 @@ thread_local std::vector<llmq::ServerEvent> t_polled;
 
 }  // namespace
 
-LLMQ_API void llmq_server_params_default(llmq_server_params* params) {
+static void fill_server_params(llmq_server_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
@@ -470,7 +496,7 @@ LLMQ_API llmq_status llmq_server_create(llmq_engine* engine, const llmq_server_p
     require(out_server, "llmq_server_create: out_server");
     *out_server = nullptr;
     require(engine, "llmq_server_create: engine");
-    llmq_server_params p = read_params(params, llmq_server_params_default, "llmq_server_create: params");
+    llmq_server_params p = read_params(params, fill_server_params, "llmq_server_create: params");
     const int32_t engine_max = engine->state->engine->max_batch_tokens();
     if (p.max_batched_tokens < 0 || p.max_batched_tokens > engine_max)
       llmq::fail(LLMQ_ERR_INVALID_ARGUMENT,
@@ -504,7 +530,7 @@ LLMQ_API llmq_status llmq_server_create(llmq_engine* engine, const llmq_server_p
 
 LLMQ_API void llmq_server_destroy(llmq_server* server) { delete server; }
 
-LLMQ_API void llmq_request_params_default(llmq_request_params* params) {
+static void fill_request_params(llmq_request_params* params) {
   if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
@@ -517,8 +543,8 @@ LLMQ_API llmq_status llmq_server_submit(llmq_server* server, const int32_t* prom
     require(server, "llmq_server_submit: server");
     require(out_id, "llmq_server_submit: out_id");
     if (n_prompt > 0) require(prompt_ids, "llmq_server_submit: prompt_ids");
-    llmq_request_params p = read_params(params, llmq_request_params_default, "llmq_server_submit: params");
-    llmq_sampling_params s = read_params(p.sampling, llmq_sampling_params_default, "llmq_server_submit: params.sampling");
+    llmq_request_params p = read_params(params, fill_request_params, "llmq_server_submit: params");
+    llmq_sampling_params s = read_params(p.sampling, fill_sampling_params, "llmq_server_submit: params.sampling");
     if (p.n_stop_ids > 0) require(p.stop_ids, "llmq_server_submit: params.stop_ids");
     if (p.n_stop_ids > 4096) llmq::fail(LLMQ_ERR_INVALID_ARGUMENT, "llmq_server_submit: more than 4096 stop ids");
     llmq::Request request;
@@ -645,5 +671,49 @@ LLMQ_API llmq_status llmq_comm_init_rank(const llmq_nccl_id* id, int32_t n_ranks
 }
 
 LLMQ_API void llmq_comm_destroy(llmq_comm* comm) { delete comm; }
+
+// ---- Params structs: *_init, and the 0.1 *_default symbols -------------------------------------
+
+LLMQ_API void llmq_model_params_init(llmq_model_params* params, size_t struct_size) {
+  init_params(params, struct_size, fill_model_params);
+}
+LLMQ_API void llmq_engine_params_init(llmq_engine_params* params, size_t struct_size) {
+  init_params(params, struct_size, fill_engine_params);
+}
+LLMQ_API void llmq_sampling_params_init(llmq_sampling_params* params, size_t struct_size) {
+  init_params(params, struct_size, fill_sampling_params);
+}
+LLMQ_API void llmq_generate_params_init(llmq_generate_params* params, size_t struct_size) {
+  init_params(params, struct_size, fill_generate_params);
+}
+LLMQ_API void llmq_server_params_init(llmq_server_params* params, size_t struct_size) {
+  init_params(params, struct_size, fill_server_params);
+}
+LLMQ_API void llmq_request_params_init(llmq_request_params* params, size_t struct_size) {
+  init_params(params, struct_size, fill_request_params);
+}
+
+// Programs built against llmq 0.1 call these functions (llmq.h now makes the names macros over
+// *_init): each fills exactly the struct that 0.1 had, never more.
+#undef llmq_model_params_default
+#undef llmq_engine_params_default
+#undef llmq_sampling_params_default
+#undef llmq_generate_params_default
+LLMQ_API void llmq_model_params_default(llmq_model_params* params);
+LLMQ_API void llmq_engine_params_default(llmq_engine_params* params);
+LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params);
+LLMQ_API void llmq_generate_params_default(llmq_generate_params* params);
+LLMQ_API void llmq_model_params_default(llmq_model_params* params) {
+  init_params(params, sizeof(llmq_model_params), fill_model_params);  // unchanged since 0.1
+}
+LLMQ_API void llmq_engine_params_default(llmq_engine_params* params) {
+  init_params(params, kEngineParamsSize01, fill_engine_params);
+}
+LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params) {
+  init_params(params, sizeof(llmq_sampling_params), fill_sampling_params);  // unchanged since 0.1
+}
+LLMQ_API void llmq_generate_params_default(llmq_generate_params* params) {
+  init_params(params, sizeof(llmq_generate_params), fill_generate_params);  // unchanged since 0.1
+}
 
 }  // extern "C"

@@ -7,9 +7,11 @@
  *   field or argument at fault. No C++ exception ever crosses this interface.
  * - Objects are opaque handles created by *_create / *_load and freed by *_destroy. Passing
  *   NULL to a destroy function is a no-op.
- * - Params structs start with `struct_size`. Fill them with the matching *_default() function,
- *   then change the fields you need: a library built later accepts an older, smaller struct
- *   and uses defaults for the fields it lacks.
+ * - Params structs start with `struct_size`. Fill them with the matching *_default() macro,
+ *   which calls *_init(params, sizeof *params), then change the fields you need: a library built
+ *   later accepts an older, smaller struct and uses defaults for the fields it lacks, and its
+ *   *_init never writes past the size it is given. (Programs built against llmq 0.1 call
+ *   *_default functions, which the library keeps exporting with the 0.1 struct sizes.)
  * - Pointers passed in are borrowed for the duration of the call only, unless stated.
  * - Thread safety: functions taking a const handle may be called from any number of threads
  *   at once. An llmq_model is immutable after loading. An llmq_engine serializes its calls
@@ -100,9 +102,11 @@ typedef struct llmq_model_params {
   int32_t reserved;
 } llmq_model_params;
 
-/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
- * ignored). Cannot fail. Thread-safe. */
-LLMQ_API void llmq_model_params_default(llmq_model_params* params);
+/* Fills the first struct_size bytes of *params with defaults and sets params->struct_size (at
+ * most this library's size of the struct). Call it as llmq_model_params_default(&params), which passes
+ * sizeof params. params may be NULL (nothing happens). Thread-safe. */
+LLMQ_API void llmq_model_params_init(llmq_model_params* params, size_t struct_size);
+#define llmq_model_params_default(params) llmq_model_params_init((params), sizeof *(params))
 
 /* Loads a Hugging Face model directory: config.json (+ generation_config.json), model.safetensors
  * or shards listed in model.safetensors.index.json, and tokenizer.json / tokenizer_config.json if
@@ -216,9 +220,11 @@ typedef struct llmq_engine_params {
                               * own reference. NULL (default): all ranks in this process */
 } llmq_engine_params;
 
-/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
- * ignored). Cannot fail. Thread-safe. */
-LLMQ_API void llmq_engine_params_default(llmq_engine_params* params);
+/* Fills the first struct_size bytes of *params with defaults and sets params->struct_size (at
+ * most this library's size of the struct). Call it as llmq_engine_params_default(&params), which passes
+ * sizeof params. params may be NULL (nothing happens). Thread-safe. */
+LLMQ_API void llmq_engine_params_init(llmq_engine_params* params, size_t struct_size);
+#define llmq_engine_params_default(params) llmq_engine_params_init((params), sizeof *(params))
 
 /* Creates an engine (backend, KV cache, scratch buffers) on a loaded model.
  * model: in; the engine keeps its own reference to the weights, so the model may be destroyed
@@ -262,9 +268,11 @@ typedef struct llmq_sampling_params {
   uint64_t seed;            /* same seed, same output; LLMQ_SEED_RANDOM (default) draws one */
 } llmq_sampling_params;
 
-/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
- * ignored). Cannot fail. Thread-safe. */
-LLMQ_API void llmq_sampling_params_default(llmq_sampling_params* params);
+/* Fills the first struct_size bytes of *params with defaults and sets params->struct_size (at
+ * most this library's size of the struct). Call it as llmq_sampling_params_default(&params), which passes
+ * sizeof params. params may be NULL (nothing happens). Thread-safe. */
+LLMQ_API void llmq_sampling_params_init(llmq_sampling_params* params, size_t struct_size);
+#define llmq_sampling_params_default(params) llmq_sampling_params_init((params), sizeof *(params))
 
 /* Called once per generated token, on the thread that called llmq_generate.
  * token: the new id. text/text_len: the new UTF-8 text it completes (may be empty when a token
@@ -289,9 +297,11 @@ typedef struct llmq_generate_params {
   void* user_data;                       /* passed to on_token; borrowed, never freed by llmq */
 } llmq_generate_params;
 
-/* Fills *params with defaults and sets struct_size. params: out, must not be NULL (NULL is
- * ignored). Cannot fail. Thread-safe. */
-LLMQ_API void llmq_generate_params_default(llmq_generate_params* params);
+/* Fills the first struct_size bytes of *params with defaults and sets params->struct_size (at
+ * most this library's size of the struct). Call it as llmq_generate_params_default(&params), which passes
+ * sizeof params. params may be NULL (nothing happens). Thread-safe. */
+LLMQ_API void llmq_generate_params_init(llmq_generate_params* params, size_t struct_size);
+#define llmq_generate_params_default(params) llmq_generate_params_init((params), sizeof *(params))
 
 typedef enum llmq_finish_reason {
   LLMQ_FINISH_LENGTH = 0,   /* max_new_tokens reached */
@@ -407,8 +417,11 @@ typedef struct llmq_server_params {
   void* user_data;              /* passed to on_event */
 } llmq_server_params;
 
-/* Fills *params with defaults and sets struct_size. Thread-safe. */
-LLMQ_API void llmq_server_params_default(llmq_server_params* params);
+/* Fills the first struct_size bytes of *params with defaults and sets params->struct_size (at
+ * most this library's size of the struct). Call it as llmq_server_params_default(&params), which passes
+ * sizeof params. params may be NULL (nothing happens). Thread-safe. */
+LLMQ_API void llmq_server_params_init(llmq_server_params* params, size_t struct_size);
+#define llmq_server_params_default(params) llmq_server_params_init((params), sizeof *(params))
 
 /* Creates a server on an engine. params may be NULL for defaults. *out_server: out, owned by the
  * caller, free it with llmq_server_destroy; the server keeps the engine alive (destroying the
@@ -431,8 +444,11 @@ typedef struct llmq_request_params {
   void* user_data;                       /* returned in each of the request's events */
 } llmq_request_params;
 
-/* Fills *params with defaults and sets struct_size. Thread-safe. */
-LLMQ_API void llmq_request_params_default(llmq_request_params* params);
+/* Fills the first struct_size bytes of *params with defaults and sets params->struct_size (at
+ * most this library's size of the struct). Call it as llmq_request_params_default(&params), which passes
+ * sizeof params. params may be NULL (nothing happens). Thread-safe. */
+LLMQ_API void llmq_request_params_init(llmq_request_params* params, size_t struct_size);
+#define llmq_request_params_default(params) llmq_request_params_init((params), sizeof *(params))
 
 /* Queues a request: prompt_ids (n_prompt ids, copied) with params (NULL for defaults).
  * *out_id: out, the request's id for its events and for llmq_server_cancel.

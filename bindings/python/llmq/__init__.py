@@ -38,7 +38,7 @@ library_path = _lib.path
 __all__ = ["Model", "Engine", "Stream", "ModelInfo", "Generation", "Token", "Error", "ClosedError",
            "InvalidArgumentError", "IoError", "ModelFormatError", "UnsupportedError", "OutOfMemoryError",
            "KvCacheFullError", "BackendUnavailableError", "BufferTooSmallError", "ContextOverflowError",
-           "InternalError", "DeviceError", "LibraryNotFoundError", "AbiMismatchError", "abi_version",
+           "InternalError", "DeviceError", "PeerTimeoutError", "LibraryNotFoundError", "AbiMismatchError", "abi_version",
            "library_version", "library_path", "Server", "Request", "RequestResult", "ServerStats"]
 
 _INT32_MAX = 2**31 - 1
@@ -121,6 +121,11 @@ class InternalError(Error):
 
 class DeviceError(Error):
     status = _lib.ERR_DEVICE
+
+
+class PeerTimeoutError(Error):
+    """A tensor-parallel peer did not arrive in time (LLMQ_ERR_TIMEOUT)."""
+    status = _lib.ERR_TIMEOUT
 
 
 _ERRORS = {cls.status: cls for cls in Error.__subclasses__() if cls.status is not None}
@@ -343,7 +348,7 @@ class _Request:
     def __init__(self, prompt_ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                  stop_ids, ignore_eos):
         self.prompt = prompt_ids
-        self.sampling = _lib.defaults(_lib.SamplingParams, lib.llmq_sampling_params_default)
+        self.sampling = _lib.defaults(_lib.SamplingParams, lib.llmq_sampling_params_init)
         self.sampling.temperature = _number("temperature", temperature)
         self.sampling.top_k = _integer("top_k", top_k, 0, _INT32_MAX)
         self.sampling.top_p = _number("top_p", top_p)
@@ -351,7 +356,7 @@ class _Request:
         self.sampling.repetition_penalty = _number("repetition_penalty", repetition_penalty)
         self.sampling.seed = _lib.SEED_RANDOM if seed is None else _integer("seed", seed, 0, _lib.SEED_RANDOM - 1)
         self.stop_ids = _id_array("stop_ids", stop_ids)
-        self.params = _lib.defaults(_lib.GenerateParams, lib.llmq_generate_params_default)
+        self.params = _lib.defaults(_lib.GenerateParams, lib.llmq_generate_params_init)
         self.params.sampling = ctypes.pointer(self.sampling)
         self.params.max_new_tokens = _integer("max_tokens", max_tokens, 0, _INT32_MAX)
         self.params.stop_ids = self.stop_ids
@@ -371,7 +376,7 @@ class Engine(_Closable):
                  max_batch_tokens=None, kv_dtype="auto", quant="none", quantize_lm_head=False):
         if not isinstance(model, Model):
             raise TypeError("model must be an llmq.Model, not %s" % type(model).__name__)
-        params = _lib.defaults(_lib.EngineParams, lib.llmq_engine_params_default)
+        params = _lib.defaults(_lib.EngineParams, lib.llmq_engine_params_init)
         params.backend = _choice("backend", backend, _lib.BACKENDS)
         params.kv_dtype = _choice("kv_dtype", kv_dtype, _lib.KV_DTYPES)
         params.quant = _choice("quant", quant, _lib.QUANT_MODES)

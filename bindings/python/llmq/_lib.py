@@ -2,7 +2,7 @@
 
 Nothing here is public API: llmq/__init__.py builds the classes on top of `lib` and `check`.
 The structs mirror include/llmq.h field for field (tests/test_llmq.py checks their sizes against
-the library's own *_default() functions).
+the library's own *_init() functions).
 """
 
 import ctypes
@@ -80,6 +80,7 @@ ERR_BUFFER_TOO_SMALL = 8
 ERR_CONTEXT_OVERFLOW = 9
 ERR_INTERNAL = 10
 ERR_DEVICE = 11
+ERR_TIMEOUT = 12
 
 BACKENDS = {"cpu": 0, "cuda": 1}
 KV_DTYPES = {"auto": 0, "f32": 1, "f16": 2, "bf16": 3, "int8": 4, "fp8": 5}
@@ -106,7 +107,9 @@ class ModelInfo(Structure):
 class EngineParams(Structure):
     _fields_ = [("struct_size", c_size_t), ("backend", c_int), ("n_threads", c_int32),
                 ("kv_cache_bytes", c_uint64), ("kv_block_size", c_int32), ("max_batch_tokens", c_int32),
-                ("kv_dtype", c_int), ("quant", c_int), ("quantize_lm_head", c_int32)]
+                ("kv_dtype", c_int), ("quant", c_int), ("quantize_lm_head", c_int32),
+                ("tensor_parallel", c_int32), ("n_devices", c_int32), ("devices", c_int32 * 8),
+                ("tp_timeout_ms", c_int32), ("comm", c_void_p)]
 
 
 class SamplingParams(Structure):
@@ -175,7 +178,7 @@ _declare("llmq_version_string", c_char_p)
 _declare("llmq_version", None, POINTER(c_int), POINTER(c_int), POINTER(c_int))
 _declare("llmq_last_error", c_char_p)
 _declare("llmq_status_string", c_char_p, c_int)
-_declare("llmq_model_params_default", None, POINTER(ModelParams))
+_declare("llmq_model_params_init", None, POINTER(ModelParams), c_size_t)
 _declare("llmq_model_load", _status, c_char_p, POINTER(ModelParams), POINTER(c_void_p))
 _declare("llmq_model_destroy", None, c_void_p)
 _declare("llmq_model_get_info", _status, c_void_p, POINTER(ModelInfo))
@@ -183,20 +186,20 @@ _declare("llmq_tokenize", _status, c_void_p, c_char_p, c_size_t, c_int, POINTER(
          POINTER(c_size_t))
 _declare("llmq_detokenize", _status, c_void_p, POINTER(c_int32), c_size_t, c_int, c_void_p, c_size_t,
          POINTER(c_size_t))
-_declare("llmq_engine_params_default", None, POINTER(EngineParams))
+_declare("llmq_engine_params_init", None, POINTER(EngineParams), c_size_t)
 _declare("llmq_engine_create", _status, c_void_p, POINTER(EngineParams), POINTER(c_void_p))
 _declare("llmq_engine_destroy", None, c_void_p)
 _declare("llmq_engine_saturation", _status, c_void_p, POINTER(c_uint64), c_size_t, POINTER(c_size_t), c_int)
-_declare("llmq_sampling_params_default", None, POINTER(SamplingParams))
-_declare("llmq_generate_params_default", None, POINTER(GenerateParams))
+_declare("llmq_sampling_params_init", None, POINTER(SamplingParams), c_size_t)
+_declare("llmq_generate_params_init", None, POINTER(GenerateParams), c_size_t)
 _declare("llmq_generate", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(GenerateParams),
          POINTER(c_int32), c_size_t, POINTER(GenerateResult))
 _declare("llmq_score", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(c_float), c_size_t)
 
-_declare("llmq_server_params_default", None, POINTER(ServerParams))
+_declare("llmq_server_params_init", None, POINTER(ServerParams), c_size_t)
 _declare("llmq_server_create", _status, c_void_p, POINTER(ServerParams), POINTER(c_void_p))
 _declare("llmq_server_destroy", None, c_void_p)
-_declare("llmq_request_params_default", None, POINTER(RequestParams))
+_declare("llmq_request_params_init", None, POINTER(RequestParams), c_size_t)
 _declare("llmq_server_submit", _status, c_void_p, POINTER(c_int32), c_size_t, POINTER(RequestParams),
          POINTER(c_int64))
 _declare("llmq_server_cancel", _status, c_void_p, c_int64)
@@ -205,17 +208,17 @@ _declare("llmq_server_get_stats", _status, c_void_p, POINTER(ServerStats))
 _declare("llmq_histogram_bound", c_double, c_int32)
 
 
-def defaults(struct_type, fill):
-    """A struct of struct_type filled by the library's *_default() function `fill`."""
+def defaults(struct_type, init):
+    """A struct of struct_type filled by the library's *_init() function `init` (which writes at
+    most our sizeof: a library with a larger struct fills only the fields we know)."""
     value = struct_type()
-    fill(ctypes.byref(value))
-    value.struct_size = ctypes.sizeof(struct_type)  # ours, in case the library's struct is larger
+    init(ctypes.byref(value), ctypes.sizeof(struct_type))
     return value
 
 
-def library_struct_size(fill):
-    """The struct_size that the library's *_default() function `fill` writes (its sizeof): filled
-    into a buffer larger than any version of the struct, so a newer, larger struct cannot overflow."""
+def library_struct_size(init):
+    """The library's sizeof of a params struct: what its *_init() function `init` sets struct_size
+    to when offered more room than any version of the struct needs."""
     buffer = ctypes.create_string_buffer(4096)
-    fill(ctypes.cast(buffer, fill.argtypes[0]))
+    init(ctypes.cast(buffer, init.argtypes[0]), 4096)
     return c_size_t.from_buffer(buffer).value

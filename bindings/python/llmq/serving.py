@@ -200,7 +200,7 @@ class Server:
         pkg = _package()
         if not isinstance(engine, pkg.Engine):
             raise TypeError("engine must be an llmq.Engine, not %s" % type(engine).__name__)
-        params = _lib.defaults(_lib.ServerParams, lib.llmq_server_params_default)
+        params = _lib.defaults(_lib.ServerParams, lib.llmq_server_params_init)
         params.max_batched_tokens = pkg._integer("max_batched_tokens", max_batched_tokens, -2**31, 2**31 - 1)
         params.max_running = pkg._integer("max_running", max_running, -2**31, 2**31 - 1)
         params.prefix_caching = int(bool(prefix_caching))
@@ -230,7 +230,7 @@ class Server:
         # The engine handle may be closed already: the C server keeps what it needs of the engine.
         args = pkg._Request(self.engine._prompt_ids(prompt, add_special), max_tokens, temperature, top_k, top_p,
                             min_p, repetition_penalty, seed, stop_ids, ignore_eos)
-        params = _lib.defaults(_lib.RequestParams, lib.llmq_request_params_default)
+        params = _lib.defaults(_lib.RequestParams, lib.llmq_request_params_init)
         params.sampling = ctypes.pointer(args.sampling)
         params.max_new_tokens = args.params.max_new_tokens
         params.stop_ids = args.stop_ids

@@ -63,11 +63,11 @@ class LibraryTest(unittest.TestCase):
         self.assertTrue(os.path.exists(llmq.library_path), llmq.library_path)
 
     def test_structs_match_the_library(self):
-        # The struct_size that each *_default() writes is the library's sizeof.
-        for struct, fill in [(_lib.ModelParams, lib_fn("llmq_model_params_default")),
-                             (_lib.EngineParams, lib_fn("llmq_engine_params_default")),
-                             (_lib.SamplingParams, lib_fn("llmq_sampling_params_default")),
-                             (_lib.GenerateParams, lib_fn("llmq_generate_params_default"))]:
+        # The struct_size that each *_init() writes, given room, is the library's sizeof.
+        for struct, fill in [(_lib.ModelParams, lib_fn("llmq_model_params_init")),
+                             (_lib.EngineParams, lib_fn("llmq_engine_params_init")),
+                             (_lib.SamplingParams, lib_fn("llmq_sampling_params_init")),
+                             (_lib.GenerateParams, lib_fn("llmq_generate_params_init"))]:
             self.assertEqual(_lib.library_struct_size(fill), ctypes.sizeof(struct), struct.__name__)
         # Output structs: the library fills the caller's struct_size, and no more, when it is smaller.
         self.assertEqual(ctypes.sizeof(_lib.ModelInfo), 8 + 9 * 4 + 8 * 4 + 4 + 2 * 8 + 64)
@@ -76,7 +76,7 @@ class LibraryTest(unittest.TestCase):
     def test_status_codes_map_to_exceptions(self):
         self.assertIs(llmq._ERRORS[1], llmq.InvalidArgumentError)
         self.assertIs(llmq._ERRORS[11], llmq.DeviceError)
-        self.assertEqual(len(llmq._ERRORS), 11)
+        self.assertEqual(len(llmq._ERRORS), 12)
         error = llmq.IoError("no such file", 2)
         self.assertEqual(error.status_name, "LLMQ_ERR_IO")
         self.assertEqual(str(error), "LLMQ_ERR_IO: no such file")

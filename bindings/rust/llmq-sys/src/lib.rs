@@ -25,6 +25,8 @@ pub const LLMQ_ERR_BUFFER_TOO_SMALL: llmq_status = 8;
 pub const LLMQ_ERR_CONTEXT_OVERFLOW: llmq_status = 9;
 pub const LLMQ_ERR_INTERNAL: llmq_status = 10;
 pub const LLMQ_ERR_DEVICE: llmq_status = 11;
+pub const LLMQ_ERR_TIMEOUT: llmq_status = 12;
+pub const LLMQ_MAX_TENSOR_PARALLEL: usize = 8;
 
 pub type llmq_backend = c_int;
 pub const LLMQ_BACKEND_CPU: llmq_backend = 0;
@@ -58,6 +60,11 @@ pub struct llmq_model {
 /// Opaque engine handle.
 #[repr(C)]
 pub struct llmq_engine {
+    _private: [u8; 0],
+}
+
+#[repr(C)]
+pub struct llmq_comm {
     _private: [u8; 0],
 }
 
@@ -99,6 +106,11 @@ pub struct llmq_engine_params {
     pub kv_dtype: llmq_kv_dtype,
     pub quant: llmq_quant_mode,
     pub quantize_lm_head: i32,
+    pub tensor_parallel: i32,
+    pub n_devices: i32,
+    pub devices: [i32; LLMQ_MAX_TENSOR_PARALLEL],
+    pub tp_timeout_ms: i32,
+    pub comm: *mut llmq_comm,
 }
 
 #[repr(C)]
@@ -155,7 +167,7 @@ extern "C" {
     pub fn llmq_last_error() -> *const c_char;
     pub fn llmq_status_string(status: llmq_status) -> *const c_char;
 
-    pub fn llmq_model_params_default(params: *mut llmq_model_params);
+    pub fn llmq_model_params_init(params: *mut llmq_model_params, struct_size: usize);
     pub fn llmq_model_load(
         model_dir: *const c_char,
         params: *const llmq_model_params,
@@ -184,7 +196,7 @@ extern "C" {
         text_len: *mut usize,
     ) -> llmq_status;
 
-    pub fn llmq_engine_params_default(params: *mut llmq_engine_params);
+    pub fn llmq_engine_params_init(params: *mut llmq_engine_params, struct_size: usize);
     pub fn llmq_engine_create(
         model: *mut llmq_model,
         params: *const llmq_engine_params,
@@ -199,8 +211,8 @@ extern "C" {
         reset: c_int,
     ) -> llmq_status;
 
-    pub fn llmq_sampling_params_default(params: *mut llmq_sampling_params);
-    pub fn llmq_generate_params_default(params: *mut llmq_generate_params);
+    pub fn llmq_sampling_params_init(params: *mut llmq_sampling_params, struct_size: usize);
+    pub fn llmq_generate_params_init(params: *mut llmq_generate_params, struct_size: usize);
     pub fn llmq_generate(
         engine: *mut llmq_engine,
         prompt_ids: *const i32,

@@ -26,6 +26,8 @@ int main(void) {
   FIELD(llmq_engine_params, n_threads) FIELD(llmq_engine_params, kv_cache_bytes)
   FIELD(llmq_engine_params, kv_block_size) FIELD(llmq_engine_params, max_batch_tokens)
   FIELD(llmq_engine_params, kv_dtype) FIELD(llmq_engine_params, quant) FIELD(llmq_engine_params, quantize_lm_head)
+  FIELD(llmq_engine_params, tensor_parallel) FIELD(llmq_engine_params, n_devices) FIELD(llmq_engine_params, devices)
+  FIELD(llmq_engine_params, tp_timeout_ms) FIELD(llmq_engine_params, comm)
 
   SIZE(llmq_sampling_params) FIELD(llmq_sampling_params, struct_size) FIELD(llmq_sampling_params, temperature)
   FIELD(llmq_sampling_params, top_k) FIELD(llmq_sampling_params, top_p) FIELD(llmq_sampling_params, min_p)
@@ -44,7 +46,7 @@ int main(void) {
   CONST(LLMQ_OK) CONST(LLMQ_ERR_INVALID_ARGUMENT) CONST(LLMQ_ERR_IO) CONST(LLMQ_ERR_MODEL_FORMAT)
   CONST(LLMQ_ERR_UNSUPPORTED) CONST(LLMQ_ERR_OUT_OF_MEMORY) CONST(LLMQ_ERR_KV_CACHE_FULL)
   CONST(LLMQ_ERR_BACKEND_UNAVAILABLE) CONST(LLMQ_ERR_BUFFER_TOO_SMALL) CONST(LLMQ_ERR_CONTEXT_OVERFLOW)
-  CONST(LLMQ_ERR_INTERNAL) CONST(LLMQ_ERR_DEVICE)
+  CONST(LLMQ_ERR_INTERNAL) CONST(LLMQ_ERR_DEVICE) CONST(LLMQ_ERR_TIMEOUT) CONST(LLMQ_MAX_TENSOR_PARALLEL)
   CONST(LLMQ_BACKEND_CPU) CONST(LLMQ_BACKEND_CUDA)
   CONST(LLMQ_KV_DTYPE_AUTO) CONST(LLMQ_KV_DTYPE_F32) CONST(LLMQ_KV_DTYPE_F16) CONST(LLMQ_KV_DTYPE_BF16)
   CONST(LLMQ_KV_DTYPE_INT8) CONST(LLMQ_KV_DTYPE_FP8)

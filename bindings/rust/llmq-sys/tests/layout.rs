@@ -75,7 +75,8 @@ fn rust_layout() -> BTreeMap<String, u64> {
                           max_context, bos_id, num_eos_ids, eos_ids, weight_bytes, weight_bytes_per_step,
                           architecture }
         llmq_engine_params { struct_size, backend, n_threads, kv_cache_bytes, kv_block_size, max_batch_tokens,
-                             kv_dtype, quant, quantize_lm_head }
+                             kv_dtype, quant, quantize_lm_head, tensor_parallel, n_devices, devices,
+                             tp_timeout_ms, comm }
         llmq_sampling_params { struct_size, temperature, top_k, top_p, min_p, repetition_penalty, seed }
         llmq_generate_params { struct_size, sampling, max_new_tokens, stop_ids, n_stop_ids, ignore_eos, on_token,
                                user_data }
@@ -86,7 +87,7 @@ fn rust_layout() -> BTreeMap<String, u64> {
         LLMQ_ABI_VERSION, LLMQ_SEED_RANDOM, LLMQ_SATURATION_COUNTERS,
         LLMQ_OK, LLMQ_ERR_INVALID_ARGUMENT, LLMQ_ERR_IO, LLMQ_ERR_MODEL_FORMAT, LLMQ_ERR_UNSUPPORTED,
         LLMQ_ERR_OUT_OF_MEMORY, LLMQ_ERR_KV_CACHE_FULL, LLMQ_ERR_BACKEND_UNAVAILABLE, LLMQ_ERR_BUFFER_TOO_SMALL,
-        LLMQ_ERR_CONTEXT_OVERFLOW, LLMQ_ERR_INTERNAL, LLMQ_ERR_DEVICE,
+        LLMQ_ERR_CONTEXT_OVERFLOW, LLMQ_ERR_INTERNAL, LLMQ_ERR_DEVICE, LLMQ_ERR_TIMEOUT, LLMQ_MAX_TENSOR_PARALLEL,
         LLMQ_BACKEND_CPU, LLMQ_BACKEND_CUDA,
         LLMQ_KV_DTYPE_AUTO, LLMQ_KV_DTYPE_F32, LLMQ_KV_DTYPE_F16, LLMQ_KV_DTYPE_BF16, LLMQ_KV_DTYPE_INT8,
         LLMQ_KV_DTYPE_FP8,
@@ -231,7 +232,7 @@ fn the_library_is_the_one_declared() {
     unsafe {
         assert_eq!(llmq_abi_version(), LLMQ_ABI_VERSION);
         let mut params = MaybeUninit::<llmq_engine_params>::uninit();
-        llmq_engine_params_default(params.as_mut_ptr());
+        llmq_engine_params_init(params.as_mut_ptr(), size_of::<llmq_engine_params>());
         assert_eq!(
             params.assume_init().struct_size,
             size_of::<llmq_engine_params>()

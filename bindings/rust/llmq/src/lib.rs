@@ -177,11 +177,12 @@ pub fn version() -> String {
         .into_owned()
 }
 
-/// Fills a params struct with the library's *_default() function.
-fn defaults<T>(fill: unsafe extern "C" fn(*mut T)) -> T {
-    let mut value = MaybeUninit::<T>::uninit();
+/// Fills a params struct with the library's *_init() function, given our size of the struct (a
+/// library with a larger struct fills only the fields we know; zeroed first, so every byte is set).
+fn defaults<T>(init: unsafe extern "C" fn(*mut T, usize)) -> T {
+    let mut value = MaybeUninit::<T>::zeroed();
     unsafe {
-        fill(value.as_mut_ptr());
+        init(value.as_mut_ptr(), std::mem::size_of::<T>());
         value.assume_init()
     }
 }
@@ -376,7 +377,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        let p = defaults(sys::llmq_engine_params_default);
+        let p = defaults(sys::llmq_engine_params_init);
         EngineOptions {
             backend: if p.backend == sys::LLMQ_BACKEND_CUDA {
                 Backend::Cuda
@@ -472,8 +473,8 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        let g = defaults(sys::llmq_generate_params_default);
-        let s = defaults(sys::llmq_sampling_params_default);
+        let g = defaults(sys::llmq_generate_params_init);
+        let s = defaults(sys::llmq_sampling_params_init);
         GenerateOptions {
             max_tokens: g.max_new_tokens,
             temperature: s.temperature,
@@ -639,7 +640,7 @@ fn run(
     sink: Sink<'_>,
 ) -> Result<Generation> {
     check_not_in_own_callback(handle)?;
-    let mut sampling = defaults(sys::llmq_sampling_params_default);
+    let mut sampling = defaults(sys::llmq_sampling_params_init);
     sampling.temperature = options.temperature;
     sampling.top_k = options.top_k;
     sampling.top_p = options.top_p;
@@ -652,7 +653,7 @@ fn run(
         text: Vec::new(),
         panic: None,
     };
-    let mut params = defaults(sys::llmq_generate_params_default);
+    let mut params = defaults(sys::llmq_generate_params_init);
     params.sampling = &sampling;
     params.max_new_tokens = options.max_tokens;
     params.stop_ids = options.stop_ids.as_ptr();
@@ -697,7 +698,7 @@ fn run(
 
 impl Engine {
     pub fn new(model: &Model, options: &EngineOptions) -> Result<Engine> {
-        let mut params = defaults(sys::llmq_engine_params_default);
+        let mut params = defaults(sys::llmq_engine_params_init);
         params.backend = match options.backend {
             Backend::Cpu => sys::LLMQ_BACKEND_CPU,
             Backend::Cuda => sys::LLMQ_BACKEND_CUDA,
