@@ -72,8 +72,10 @@ std::vector<int32_t> run_alone(Engine& engine, const Request& r) {
   return engine.generate(r.prompt, g).tokens;
 }
 
-TEST(Server, StressFromFourThreadsMatchesGenerateAlone) {
+// Runs the stress test with `total` requests on engines of `tensor_parallel` ranks.
+void stress(int total, int32_t tensor_parallel) {
   EngineOptions o;
+  o.tensor_parallel = tensor_parallel;
   o.n_threads = 1;  // a model this small gains nothing from more, and the submitters need the cores
   o.max_batch_tokens = 64;
   o.kv_cache_bytes = 20 * 16 * 1280;  // 20 blocks of 16 tokens: a handful of requests at once
@@ -84,7 +86,6 @@ TEST(Server, StressFromFourThreadsMatchesGenerateAlone) {
   so.peak_bandwidth = 1e10;
   Server server(engine, engine_mutex, so);
 
-  const int total = stress_requests();
   const int kThreads = 4;
   Rng prefix_rng(7);
   std::vector<std::vector<int32_t>> prefixes(5, std::vector<int32_t>{1});
@@ -178,6 +179,7 @@ TEST(Server, StressFromFourThreadsMatchesGenerateAlone) {
 
   EngineOptions alone_options;
   alone_options.n_threads = 1;
+  alone_options.tensor_parallel = tensor_parallel;  // bitwise: the same ranks' sums, alone
   Engine alone(stories(), alone_options);
   size_t cancelled = 0, compared = 0;
   for (const auto& [id, request] : submitted) {
@@ -205,6 +207,12 @@ TEST(Server, StressFromFourThreadsMatchesGenerateAlone) {
   EXPECT_GT(cancelled, 0u);
   EXPECT_GT(refused.load(), 0);
 }
+
+TEST(Server, StressFromFourThreadsMatchesGenerateAlone) { stress(stress_requests(), 1); }
+
+// The same at tensor parallelism 2 (in-process communicator): the scheduler runs once above the
+// ranks, and every request equals generate() alone on a tp-2 engine.
+TEST(Server, StressAtTensorParallel2) { stress(stress_requests() / 4, 2); }
 
 TEST(Server, HostDrivenWithCallbackAndStats) {
   EngineOptions o;
