@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <map>
+#include <vector>
 
 #include "test_util.h"
 
@@ -69,8 +70,10 @@ TEST(SweepTool, SmokeRunWritesWellFormedOutputs) {
   EXPECT_GT(max_batch["int8wo"], 2 * max_batch["none"]);
   EXPECT_GT(max_batch["fp8"], max_batch["int8wo"]);
   size_t points = 0;
+  std::vector<int64_t> none_batches;
   for (const auto& p : j.at("points")) {
     ++points;
+    if (p.at("mode") == "none") none_batches.push_back(p.at("batch"));
     for (const char* key : {"ttft_s", "tpot_s", "throughput", "mbu", "mfu"}) {
       EXPECT_GT(p.at(key).get<double>(), 0) << key;
       if (std::string(key) == "mbu" || std::string(key) == "mfu") {
@@ -78,7 +81,8 @@ TEST(SweepTool, SmokeRunWritesWellFormedOutputs) {
       }
     }
   }
-  EXPECT_EQ(points, 3u + 4u + 4u) << "16-bit stops at 4: batch 32 does not fit its budget";
+  EXPECT_EQ(points, 4u + 4u + 4u);
+  EXPECT_EQ(none_batches, (std::vector<int64_t>{1, 2, 4, 16})) << "32 does not fit 16-bit's budget; its max, 16, is run";
   for (const char* ratio : {"fp8_vs_16bit_throughput_at_max_batch", "int8wo_vs_16bit_tpot_batch_lt_8",
                             "fp8_vs_16bit_tpot_batch_lt_8", "fp8_vs_16bit_ttft", "int8wo_vs_16bit_prefill_time"})
     EXPECT_TRUE(j.at("ratios").contains(ratio)) << ratio;

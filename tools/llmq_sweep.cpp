@@ -290,11 +290,16 @@ int run(int argc, char** argv) {
       s.max_batch = int64_t((budget - s.weight_bytes) / (uint64_t(blocks_per_seq * block) * s.kv_bytes_per_token));
     summaries.push_back(s);
     const int64_t capacity = engine.allocator().num_blocks() / blocks_per_seq;
-    for (int64_t batch : batches) {
-      if (batch > s.max_batch || batch > capacity) {
-        planned -= 1;
-        continue;
-      }
+    // The listed batches that fit, and the largest batch that fits itself (the seed compares each
+    // mode at its own max batch) when it is within the list's range.
+    std::vector<int64_t> mode_batches;
+    for (int64_t batch : batches)
+      if (batch <= s.max_batch && batch <= capacity) mode_batches.push_back(batch);
+    const int64_t fit = std::min(s.max_batch, capacity);
+    if (fit >= 1 && fit <= batches.back() && (mode_batches.empty() || mode_batches.back() != fit))
+      mode_batches.push_back(fit);
+    planned = planned - batches.size() + mode_batches.size();
+    for (int64_t batch : mode_batches) {
       progress(finished, planned, fmt::format("{}: batch {}", mode.name, batch));
       points.push_back(run_batch(engine, mode, batch, input_len, output_len, peak_bytes, peak_flops));
       ++finished;
