@@ -17,9 +17,10 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd "$root/build-asan" && ctest --output-on-failure -j "$jobs")
 
 # ThreadSanitizer over the tests that use threads: the serving runtime (submitters, the server
-# thread, pollers), the scheduler, the C ABI's thread-safety tests and the thread pool's users.
+# thread, pollers), the scheduler, the C ABI's thread-safety tests, the thread pool's users and the
+# tensor-parallel ranks with their communicator.
 cmake -S "$root" -B "$root/build-tsan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLLMQ_CUDA=OFF \
   -DLLMQ_TSAN=ON >/dev/null
 cmake --build "$root/build-tsan" -j "$jobs" --target llmq_tests
 export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
-(cd "$root/build-tsan" && ctest --output-on-failure -j "$jobs" -R '^(Server|Scheduler|CapiServer|CapiThreads|PrefixCache|Engine)\.')
+(cd "$root/build-tsan" && ctest --output-on-failure -j "$jobs" -R '^(Server|Scheduler|CapiServer|CapiThreads|PrefixCache|Engine|InProcessCommunicator|RankThreads|TensorParallelEngine)\.')
