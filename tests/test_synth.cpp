@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 #include "engine/error.h"
 #include "engine/json_file.h"
 #include "engine/model.h"
+#include "test_util.h"
 
 namespace llmq {
 namespace {
@@ -424,6 +426,42 @@ TEST_F(SynthTest, InvalidSpecsAreNamed) {
     EXPECT_EQ(e.status(), LLMQ_ERR_IO) << e.what();
     EXPECT_NE(std::string(e.what()).find(root_ + "/file"), std::string::npos) << e.what();
   }
+}
+
+}  // namespace
+}  // namespace llmq
+
+namespace llmq {
+namespace {
+
+// llmq-synth --quant writes a pre-quantized checkpoint that loads as such and generates exactly
+// what quantizing the unquantized synthetic model at load time generates; its scratch folder is gone.
+TEST(SynthTool, PreQuantizedCheckpointsEqualQuantizeOnLoad) {
+  test::TempDir dir;
+  const std::string synth = test::bin_dir() + "/llmq-synth --shape tiny --seed 5 --out ";
+  ASSERT_EQ(test::run_command(synth + dir / "plain").exit_code, 0);
+  for (const auto& [flag, mode] : {std::pair<const char*, QuantMode>{"int8wo", QuantMode::Int8WeightOnly},
+                                   std::pair<const char*, QuantMode>{"fp8", QuantMode::Fp8}}) {
+    const auto r = test::run_command(synth + dir / flag + " --quant " + flag);
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    EXPECT_FALSE(fs::exists(dir / flag + ".unquantized.tmp"));
+    auto saved = Model::load(dir / flag);
+    EXPECT_EQ(saved->config().checkpoint_quant, mode);
+    EngineOptions o;
+    o.n_threads = 1;
+    Engine from_file(saved, o);
+    o.quant = mode;
+    Engine on_load(Model::load(dir / "plain"), o);
+    GenerateOptions g;
+    g.sampling.temperature = 0;
+    g.max_new_tokens = 12;
+    g.ignore_eos = true;
+    const std::vector<int32_t> prompt = {1, 17, 99, 250};
+    EXPECT_EQ(from_file.generate(prompt, g).tokens, on_load.generate(prompt, g).tokens) << flag;
+  }
+  const auto bad = test::run_command(synth + dir / "x" + " --quant int4 2>&1");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.out.find("--quant: expected fp8 or int8wo, got 'int4'"), std::string::npos) << bad.out;
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <string_view>
@@ -11,6 +12,8 @@
 #include <fmt/ranges.h>
 
 #include "engine/error.h"
+#include "engine/model.h"
+#include "engine/quant_checkpoint.h"
 #include "engine/synth.h"
 
 namespace {
@@ -29,6 +32,7 @@ const char* kUsage =
     "  --attention-bias     q/k/v/o biases (Llama)\n"
     "  --sliding-window N   (Mistral)\n"
     "  --dtype f32|f16|bf16 default bf16\n"
+    "  --quant fp8|int8wo   write the checkpoint pre-quantized (as llmq-quantize does, without calibration)\n"
     "  --shards N           split into N files with model.safetensors.index.json\n"
     "  --seed S             default 1\n"
     "  --threads N          generation threads (default one per core)\n";
@@ -85,7 +89,12 @@ int run(int argc, char** argv) {
     return true;
   };
   std::string out, shape;
+  llmq::QuantMode quant = llmq::QuantMode::None;
   take("--out", [&](auto&, const std::string& v) { out = v; });
+  take("--quant", [&](auto&, const std::string& v) {
+    if (v != "fp8" && v != "int8wo") usage_error(fmt::format("--quant: expected fp8 or int8wo, got '{}'", v));
+    quant = v == "fp8" ? llmq::QuantMode::Fp8 : llmq::QuantMode::Int8WeightOnly;
+  });
   take("--shape", [&](auto&, const std::string& v) { shape = v; });
   if (out.empty()) usage_error("--out DIR is required");
 
@@ -115,14 +124,27 @@ int run(int argc, char** argv) {
   if (!flags.empty()) usage_error(fmt::format("unknown flag '{}'", flags.begin()->first));
 
   const auto start = std::chrono::steady_clock::now();
-  const llmq::SynthSummary summary = llmq::write_synthetic_model(out, spec);
+  // Pre-quantized: the 16/32-bit checkpoint goes to a scratch folder beside OUT, then is quantized
+  // into OUT exactly as quantize-on-load would.
+  const std::string written_to = quant == llmq::QuantMode::None ? out : out + ".unquantized.tmp";
+  const llmq::SynthSummary summary = llmq::write_synthetic_model(written_to, spec);
+  if (quant != llmq::QuantMode::None) {
+    {
+      auto model = llmq::Model::load(written_to);
+      const llmq::QuantizedCheckpointSummary q =
+          llmq::write_quantized_checkpoint(*model, out, quant, nullptr, spec.threads);
+      fmt::print("quantized ({}) into {}: {} tensors\n", llmq::quant_mode_name(quant), out, q.tensors);
+    }
+    std::filesystem::remove_all(written_to);
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
   fmt::print("{} {}: hidden {}, intermediate {}, {} layers, {} heads / {} kv heads, vocab {}, {}{}\n",
              shape.empty() ? "custom" : shape, spec.architecture, spec.hidden_size, spec.intermediate_size,
              spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.vocab_size, llmq::dtype_name(spec.dtype),
              spec.tie_word_embeddings ? ", tied embeddings" : "");
-  for (const std::string& file : summary.files) fmt::print("  wrote {}\n", file);
+  if (quant == llmq::QuantMode::None)
+    for (const std::string& file : summary.files) fmt::print("  wrote {}\n", file);
   fmt::print("{} tensors, {} parameters, {} weight bytes ({:.2f} GiB), {} bytes on disk\n", summary.tensors,
              summary.parameters, summary.tensor_bytes, double(summary.tensor_bytes) / double(1ull << 30),
              summary.file_bytes);
