@@ -76,7 +76,8 @@ class Backend {
   // Whether FP8 weights and activations can run here; else the reason in *why.
   virtual bool supports_fp8(std::string* why) const { return true; }
   // The memory bandwidth (bytes/s) its weights and KV cache are read at, measured now with a large
-  // streaming read or copy: 100% model bandwidth utilization. Takes a fraction of a second.
+  // streaming read or copy: 100% model bandwidth utilization. Takes a fraction of a second; smaller
+  // buffers when memory is short (a GPU full of KV cache), and 0 when none can be allocated.
   virtual double measure_peak_bandwidth() = 0;
 
   virtual std::unique_ptr<Buffer> allocate(uint64_t bytes) = 0;

@@ -218,7 +218,7 @@ void Server::record(const StepInfo& info, const std::vector<RequestEvent>& event
     stats_.prompt_tokens += uint64_t(info.prefill_tokens);
     // Decode-only steps read every weight once plus each sequence's KV: that over the step time
     // is the bandwidth achieved (steps with prefill are compute-bound and not counted).
-    if (info.prefill_tokens == 0 && info.seconds > 0) {
+    if (info.prefill_tokens == 0 && info.seconds > 0 && stats_.peak_bandwidth > 0) {
       const double bytes = double(decode_weight_bytes_) + double(info.kv_tokens_read) * double(kv_bytes_per_token_);
       stats_.last_decode_mbu = bytes / info.seconds / stats_.peak_bandwidth;
       decode_bytes_ += bytes;

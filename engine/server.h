@@ -60,7 +60,7 @@ struct ServerStats {
   uint64_t generated_tokens = 0;
   uint64_t cached_tokens = 0;     // prompt tokens whose KV came from the prefix cache
   uint64_t steps = 0, preemptions = 0;
-  double peak_bandwidth = 0;      // bytes/s that count as 100% MBU
+  double peak_bandwidth = 0;      // bytes/s that count as 100% MBU (0: unmeasured, no MBU)
   double last_decode_mbu = 0;     // of the last decode-only step
   double mean_decode_mbu = 0;     // all decode-only steps: bytes read over time
   double decode_seconds = 0;      // time in decode-only steps

@@ -412,7 +412,9 @@ typedef struct llmq_server_params {
   int32_t own_thread;           /* nonzero (default): the server steps on its own thread; 0: the host calls
                                    llmq_server_step */
   double peak_bandwidth;        /* bytes/s taken as 100% model bandwidth utilization; 0 (default) =
-                                   measured once by llmq_server_create (a large read or copy, < 1 s) */
+                                   measured once by llmq_server_create (a large read or copy, < 1 s;
+                                   smaller when memory is short; if nothing can be allocated the
+                                   stats report peak_bandwidth 0 and no MBU) */
   llmq_event_callback on_event; /* NULL (default): events queue for llmq_server_poll */
   void* user_data;              /* passed to on_event */
 } llmq_server_params;

@@ -146,8 +146,15 @@ class CpuBackend final : public Backend {
 
   double measure_peak_bandwidth() override {
     // 1 GiB: past any last-level cache (some EPYCs hold 256 MiB or more); the best of 3 passes by the
-    // pool's thread count.
-    return measure_read_bandwidth(size_t(1) << 30, pool_.size(), 3).best_bytes_per_s;
+    // pool's thread count. Smaller when memory is short, else 0.
+    for (size_t bytes : {size_t(1) << 30, size_t(256) << 20, size_t(64) << 20}) {
+      try {
+        return measure_read_bandwidth(bytes, pool_.size(), 3).best_bytes_per_s;
+      } catch (const Error& e) {
+        if (e.status() != LLMQ_ERR_OUT_OF_MEMORY) throw;
+      }
+    }
+    return 0;
   }
 
   std::unique_ptr<Buffer> allocate(uint64_t bytes) override { return std::make_unique<HostBuffer>(bytes); }

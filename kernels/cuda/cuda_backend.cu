@@ -294,24 +294,36 @@ class CudaBackend final : public Backend {
 
   double measure_peak_bandwidth() override {
     // A device-to-device copy reads and writes each byte once: 2 x 512 MiB per copy, best of 5.
-    constexpr uint64_t kBytes = uint64_t(512) << 20;
-    DeviceBuffer src(kBytes), dst(kBytes);
-    cudaEvent_t start, stop;
-    check(cudaEventCreate(&start), "cudaEventCreate");
-    check(cudaEventCreate(&stop), "cudaEventCreate");
-    float best_ms = 0;
-    for (int pass = 0; pass < 6; ++pass) {
-      check(cudaEventRecord(start, stream_), "cudaEventRecord");
-      check(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpyAsync (bandwidth)");
-      check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-      float ms = 0;
-      check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-      if (pass > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;  // pass 0 warms up
+    // A GPU filled by its KV cache may not have that much free: smaller buffers then, else 0.
+    for (uint64_t bytes : {uint64_t(512) << 20, uint64_t(128) << 20, uint64_t(32) << 20}) {
+      std::unique_ptr<DeviceBuffer> src, dst;
+      try {
+        src = std::make_unique<DeviceBuffer>(bytes);
+        dst = std::make_unique<DeviceBuffer>(bytes);
+      } catch (const Error& e) {
+        if (e.status() != LLMQ_ERR_OUT_OF_MEMORY) throw;
+        cudaGetLastError();  // clear the failed allocation
+        continue;
+      }
+      cudaEvent_t start, stop;
+      check(cudaEventCreate(&start), "cudaEventCreate");
+      check(cudaEventCreate(&stop), "cudaEventCreate");
+      float best_ms = 0;
+      for (int pass = 0; pass < 6; ++pass) {
+        check(cudaEventRecord(start, stream_), "cudaEventRecord");
+        check(cudaMemcpyAsync(dst->data(), src->data(), bytes, cudaMemcpyDeviceToDevice, stream_),
+              "cudaMemcpyAsync (bandwidth)");
+        check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+        check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+        if (pass > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;  // pass 0 warms up
+      }
+      cudaEventDestroy(start);
+      cudaEventDestroy(stop);
+      return 2.0 * double(bytes) / (double(best_ms) * 1e-3);
     }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    return 2.0 * double(kBytes) / (double(best_ms) * 1e-3);
+    return 0;
   }
 
   std::unique_ptr<Buffer> allocate(uint64_t bytes) override { return std::make_unique<DeviceBuffer>(bytes); }
