@@ -180,7 +180,6 @@ LLMQ_API const char* llmq_status_string(llmq_status status) {
 }
 
 static void fill_model_params(llmq_model_params* params) {
-  if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
 }
@@ -259,7 +258,6 @@ LLMQ_API llmq_status llmq_detokenize(const llmq_model* model, const int32_t* ids
 }
 
 static void fill_engine_params(llmq_engine_params* params) {
-  if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
   llmq::EngineOptions defaults;
@@ -352,7 +350,6 @@ LLMQ_API llmq_status llmq_engine_saturation(llmq_engine* engine, uint64_t* count
 }
 
 static void fill_sampling_params(llmq_sampling_params* params) {
-  if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
   llmq::SamplingParams defaults;
@@ -365,7 +362,6 @@ static void fill_sampling_params(llmq_sampling_params* params) {
 }
 
 static void fill_generate_params(llmq_generate_params* params) {
-  if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
   params->max_new_tokens = llmq::GenerateOptions().max_new_tokens;
@@ -480,7 +476,6 @@ thread_local std::vector<llmq::ServerEvent> t_polled;
 }  // namespace
 
 static void fill_server_params(llmq_server_params* params) {
-  if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
   params->max_batched_tokens = 0;
@@ -531,7 +526,6 @@ LLMQ_API llmq_status llmq_server_create(llmq_engine* engine, const llmq_server_p
 LLMQ_API void llmq_server_destroy(llmq_server* server) { delete server; }
 
 static void fill_request_params(llmq_request_params* params) {
-  if (!params) return;
   std::memset(params, 0, sizeof *params);
   params->struct_size = sizeof *params;
   params->max_new_tokens = llmq::Request().max_new_tokens;

@@ -33,6 +33,7 @@
 #include "engine/text_data.h"
 #include "engine/error.h"
 #include "engine/model.h"
+#include "tools/tool_main.h"
 
 namespace llmq {
 namespace {
@@ -56,7 +57,7 @@ struct UsageError {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+using llmq::tool::seconds_since;
 
 // ---- Options ---------------------------------------------------------------------------------
 

@@ -34,15 +34,7 @@ const char* kUsage =
     "  --tp N                 tensor-parallel ranks (CUDA: GPUs 0 .. N-1; default 1)\n"
     "  --json PATH            also write the results as JSON\n";
 
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
+using tool::seconds_since;
 
 struct Row {
   std::string mode, phase;
@@ -77,10 +69,10 @@ int run(int argc, char** argv) {
     std::string value = argv[++i];
     if (flag == "--model") model_dir = value;
     else if (flag == "--backend") backend = value;
-    else if (flag == "--quant") modes = split(value);
+    else if (flag == "--quant") modes = tool::split_list(value);
     else if (flag == "--batches") {
       batches.clear();
-      for (const std::string& b : split(value)) batches.push_back(tool::parse_int(flag, b, 1, 4096));
+      for (const std::string& b : tool::split_list(value)) batches.push_back(tool::parse_int(flag, b, 1, 4096));
     } else if (flag == "--prompt-len") prompt_len = tool::parse_int(flag, value, 1, 1 << 20);
     else if (flag == "--decode-steps") decode_steps = tool::parse_int(flag, value, 1, 1 << 20);
     else if (flag == "--prefill") prefill = tool::parse_int(flag, value, 0, 65536);

@@ -48,15 +48,7 @@ const char* kUsage =
     "  --peak-tflops T           peak compute for MFU; 0 = measure on the CPU, none on CUDA (default 0)\n"
     "  --no-plot                 write sweep.gnuplot but do not run gnuplot\n";
 
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
+using tool::seconds_since;
 
 struct Mode {
   std::string name;
@@ -221,10 +213,10 @@ int run(int argc, char** argv) {
     if (flag == "--model") model_dir = value;
     else if (flag == "--out") out_dir = value;
     else if (flag == "--backend") backend = value;
-    else if (flag == "--modes") mode_names = split(value);
+    else if (flag == "--modes") mode_names = tool::split_list(value);
     else if (flag == "--batches") {
       batches.clear();
-      for (const std::string& b : split(value)) batches.push_back(tool::parse_int(flag, b, 1, 4096));
+      for (const std::string& b : tool::split_list(value)) batches.push_back(tool::parse_int(flag, b, 1, 4096));
     } else if (flag == "--input-len") input_len = tool::parse_int(flag, value, 1, 1 << 20);
     else if (flag == "--output-len") output_len = tool::parse_int(flag, value, 1, 1 << 20);
     else if (flag == "--memory-budget-mib") budget_mib = tool::parse_int(flag, value, 0, int64_t(1) << 30);

@@ -2,10 +2,13 @@
 #pragma once
 
 #include <charconv>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "engine/error.h"
 
@@ -32,6 +35,20 @@ inline double parse_double(const std::string& flag, const std::string& text, dou
   if (used == 0 || used != text.size() || !(value >= min && value <= max))
     fail(LLMQ_ERR_INVALID_ARGUMENT, "{} expects a number in [{}, {}], got '{}'", flag, min, max, text);
   return value;
+}
+
+// Seconds from `start` until now.
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// The non-empty items of a comma-separated list ("a,,b" -> {"a", "b"}).
+inline std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
 }
 
 // Runs the tool; an error is printed as "NAME: message" and exits with 1.
