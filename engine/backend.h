@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/quant.h"
+#include "engine/sampler.h"
 #include "engine/tensor.h"
 
 namespace llmq {
@@ -121,6 +122,9 @@ class Backend {
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // out[i] = x[plan.logit_rows[i]].
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
+  // tokens[i] (host memory) = the token engine/sampler.h's rule draws from row i of logits (F32
+  // [rows.size(), vocab]) with rows[i]; logits is scratch. Only the tokens leave the backend.
+  virtual void sample(Tensor& logits, const std::vector<SampleRow>& rows, int32_t* tokens) = 0;
   // Copies an F32 tensor to host memory, and host memory into an F32 tensor.
   virtual void to_host(const Tensor& x, float* host) = 0;
   virtual void from_host(const float* host, Tensor& x) = 0;

@@ -404,7 +404,7 @@ void Engine::check_token_ids(const int32_t* ids, size_t n, const char* what) con
       fail(LLMQ_ERR_INVALID_ARGUMENT, "{}[{}] = {} is outside the vocabulary [0, {})", what, i, ids[i], vocab_size());
 }
 
-void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* logits) {
+int32_t Engine::prepare_step(const std::vector<SequenceStep>& batch) {
   const ModelConfig& c = model_->config();
   int64_t total = 0;
   for (const SequenceStep& s : batch) total += s.n_tokens;
@@ -442,7 +442,12 @@ void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* lo
     plan_.block_ids.insert(plan_.block_ids.end(), s.kv->blocks().begin(), s.kv->blocks().end());
     plan_.block_offsets.push_back(int32_t(plan_.block_ids.size()));
   }
+  return int32_t(total);
+}
 
+void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* logits) {
+  const ModelConfig& c = model_->config();
+  const int32_t total = prepare_step(batch);
   const size_t rows = plan_.logit_rows.size();
   const size_t vocab = size_t(c.vocab_size);
   logits->resize(rows * vocab);
@@ -467,6 +472,37 @@ void Engine::step(const std::vector<SequenceStep>& batch, std::vector<float>* lo
         std::copy_n(block + m * size_t(s.vocab), size_t(s.vocab), logits->data() + m * vocab + size_t(s.first_vocab));
     }
   }
+}
+
+size_t logit_rows(const std::vector<SequenceStep>& batch) {
+  size_t rows = 0;
+  for (const SequenceStep& s : batch)
+    if (s.want_logits && s.n_tokens > 0) rows += s.all_logits ? size_t(s.n_tokens) : 1;
+  return rows;
+}
+
+void Engine::step(const std::vector<SequenceStep>& batch, const std::vector<SampleRow>& sample_rows,
+                  std::vector<int32_t>* tokens) {
+  const size_t rows = logit_rows(batch);
+  if (sample_rows.size() != rows)
+    fail(LLMQ_ERR_INVALID_ARGUMENT, "engine: the step has {} logits rows but {} sampling rows", rows, sample_rows.size());
+  tokens->resize(rows);
+  if (ranks_[0]->comm) {
+    // Tensor parallelism: the vocab-parallel logits are gathered to the host and sampled there.
+    step(batch, &host_logits_);
+    for (size_t i = 0; i < rows; ++i)
+      (*tokens)[i] = sample_row(host_logits_.data() + i * size_t(vocab_size()), vocab_size(), sample_rows[i],
+                                host_sample_scratch_);
+    return;
+  }
+  const int32_t total = prepare_step(batch);
+  for_each_rank([&](Rank& r) {  // the one rank, on its thread
+    forward(r, total, int32_t(rows));
+    if (rows == 0) return;
+    Tensor logits{r.logits_buffer->data(), DType::F32, int64_t(rows), int64_t(vocab_size())};
+    r.backend->sample(logits, sample_rows, tokens->data());
+  });
+  for (const SequenceStep& s : batch) s.kv->set_length(s.kv->length() + s.n_tokens);
 }
 
 std::vector<uint64_t> Engine::saturation(bool reset) {
@@ -591,18 +627,20 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, const Genera
   GenerateResult result;
   if (options.max_new_tokens == 0) return result;
   std::unique_ptr<SequenceKv> seq = new_sequence();
-  std::vector<float> logits;
+  std::vector<int32_t> history = prompt;
+  std::vector<int32_t> sampled;
   for (size_t done = 0; done < prompt.size();) {
     int32_t chunk = int32_t(std::min<size_t>(size_t(options_.max_batch_tokens), prompt.size() - done));
-    SequenceStep s{seq.get(), prompt.data() + done, chunk, false, done + size_t(chunk) == prompt.size()};
-    step({s}, &logits);
+    const bool last = done + size_t(chunk) == prompt.size();
+    SequenceStep s{seq.get(), prompt.data() + done, chunk, false, last};
+    step({s}, last ? std::vector<SampleRow>{sampler.next_row(history, vocab_size())} : std::vector<SampleRow>{},
+         &sampled);
     done += size_t(chunk);
   }
 
-  std::vector<int32_t> history = prompt;
+  int32_t token = sampled.at(0);
   Clock::time_point first_token;
   for (;;) {
-    int32_t token = sampler.sample(logits.data(), vocab_size(), history);
     if (history.size() == prompt.size()) {
       first_token = Clock::now();
       result.time_to_first_token_s = seconds_between(start, first_token);
@@ -626,7 +664,8 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, const Genera
       break;
     }
     try {
-      step({SequenceStep{seq.get(), &token, 1, false, true}}, &logits);
+      step({SequenceStep{seq.get(), &token, 1, false, true}}, {sampler.next_row(history, vocab_size())}, &sampled);
+      token = sampled[0];
     } catch (const Error& e) {
       if (e.status() != LLMQ_ERR_KV_CACHE_FULL) throw;
       result.finish_reason = FinishReason::Context;

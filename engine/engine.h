@@ -55,6 +55,9 @@ struct SequenceStep {
   bool want_logits = true;  // false for the leading chunks of a chunked prefill
 };
 
+// The number of logits rows a step over `batch` gives.
+size_t logit_rows(const std::vector<SequenceStep>& batch);
+
 // In the order of llmq_finish_reason.
 enum class FinishReason { Length, Stop, Cancelled, Context, Error };
 
@@ -107,6 +110,11 @@ class Engine {
   // The total number of tokens must not exceed max_batch_tokens(). Writes the logits rows in
   // sequence order ([rows, vocab]) into *logits.
   void step(const std::vector<SequenceStep>& batch, std::vector<float>* logits);
+  // The same step, then one token per logits row (in the same order) drawn with sample_rows[i]
+  // (engine/sampler.h's rule) on the backend, so that only the tokens leave it; with tensor
+  // parallelism the gathered logits are sampled on the host. A serving step.
+  void step(const std::vector<SequenceStep>& batch, const std::vector<SampleRow>& sample_rows,
+            std::vector<int32_t>* tokens);
 
   // Validates the prompt and options, prefills in chunks of max_batch_tokens(), then decodes.
   GenerateResult generate(const std::vector<int32_t>& prompt, const GenerateOptions& options);
@@ -131,6 +139,8 @@ class Engine {
  private:
   struct Rank;  // one rank's backend, weights, KV heads and activations (engine.cpp)
   void check_parallel_options();
+  // Reserves the batch's KV blocks and builds plan_; returns the step's token count.
+  int32_t prepare_step(const std::vector<SequenceStep>& batch);
   void init_rank(Rank& r);
   void upload_weights(Rank& r, const ModelWeights& w);
   void forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows);
@@ -157,6 +167,8 @@ class Engine {
   std::unique_ptr<RankThreads> threads_;
   std::vector<std::unique_ptr<Rank>> ranks_;  // local ranks; ranks_[0] returns the logits
   std::vector<float> gathered_;  // the ranks' logits as all-gathered: [rank][row][their vocab]
+  std::vector<float> host_logits_;  // tensor parallelism: the logits sampled on the host
+  SampleScratch host_sample_scratch_;
   // A rank failed while the group ran: the communicators are aborted and the engine is unusable.
   llmq_status failed_status_ = LLMQ_OK;
   std::string failed_;

@@ -185,7 +185,8 @@ bool Scheduler::step(std::vector<RequestEvent>* events) {
   }
   if (running_.empty()) return !waiting_.empty();
 
-  std::vector<float> logits;
+  std::vector<int32_t> tokens;
+  std::vector<SampleRow> sample_rows;
   std::vector<SequenceStep> batch;
   std::vector<Sequence*> in_batch;  // batch[i] is in_batch[i]'s part
   std::vector<Sequence*> sampled;   // the sequences whose last token's logits come back, in order
@@ -212,9 +213,13 @@ bool Scheduler::step(std::vector<RequestEvent>* events) {
       }
     const Clock::time_point start = Clock::now();
     try {
-      engine_.step(batch, &logits);
+      sample_rows.clear();
+      for (Sequence* seq : sampled) sample_rows.push_back(seq->sampler->next_row(seq->tokens, engine_.vocab_size()));
+      engine_.step(batch, sample_rows, &tokens);
     } catch (const Error& e) {
       if (e.status() != LLMQ_ERR_KV_CACHE_FULL) throw;
+      // Nothing ran: the draws are taken back, so that a sequence's tokens do not depend on retries.
+      for (Sequence* seq : sampled) seq->sampler->rewind();
       if (running_.size() < 2) {
         // Alone it fits the cache (validate() checked), so another user of the engine holds
         // blocks: this request fails with the reason; the waiting ones stay queued.
@@ -239,11 +244,10 @@ bool Scheduler::step(std::vector<RequestEvent>* events) {
     if (options_.prefix_caching) register_full_blocks(seq);
   }
 
-  const int32_t vocab = engine_.vocab_size();
   const Clock::time_point now = Clock::now();
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence* seq = sampled[i];
-    const int32_t token = seq->sampler->sample(logits.data() + i * size_t(vocab), vocab, seq->tokens);
+    const int32_t token = tokens[i];
     std::optional<FinishReason> reason;
     if (seq->stop.count(token)) {
       reason = FinishReason::Stop;

@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 
 #include "engine/error.h"
+#include "engine/sampling_rule.h"
+#include "sampling_cases.h"
 
 namespace llmq {
 namespace {
@@ -383,6 +385,96 @@ TEST(SamplerValidation, RejectsBadSampleArguments) {
   EXPECT_EQ(status_of([&] { sampler.sample(nullptr, 2, {}); }), LLMQ_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(status_of([&] { sampler.sample(logits.data(), 2, {2}); }), LLMQ_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(status_of([&] { sampler.sample(logits.data(), 2, {-1}); }), LLMQ_ERR_INVALID_ARGUMENT);
+}
+
+}  // namespace
+}  // namespace llmq
+
+// ---- The rule, against a naive implementation of engine/sampler.h's description ------------------
+
+namespace llmq {
+namespace {
+
+TEST(SamplingRule, ExpIsAccurateAndExactAtZero) {
+  EXPECT_EQ(sampling::exp_nonpositive(0.0f), 1.0f);
+  EXPECT_EQ(sampling::exp_nonpositive(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(sampling::exp_nonpositive(-31.0f), 0.0f);
+  double worst = 0.0;
+  for (float x = -30.0f; x <= 0.0f; x += 1.0f / 4096.0f) {
+    const double exact = std::exp(double(x));
+    worst = std::max(worst, std::fabs(double(sampling::exp_nonpositive(x)) - exact) / exact);
+  }
+  EXPECT_LT(worst, 4e-7);
+}
+
+TEST(SamplingRule, KeysOrderLogits) {
+  const std::vector<float> ordered = {-kInf, -1e30f, -2.0f, -1e-40f, 0.0f, 1e-40f, 0.5f, 3.0f, kInf};
+  for (size_t i = 0; i + 1 < ordered.size(); ++i)
+    EXPECT_LT(sampling::logit_key(ordered[i]), sampling::logit_key(ordered[i + 1])) << ordered[i];
+  EXPECT_EQ(sampling::logit_key(sampling::canonical_logit(-0.0f)), sampling::logit_key(0.0f));
+  for (float x : ordered) EXPECT_EQ(sampling::key_logit(sampling::logit_key(x)), x);
+}
+
+// The rule as written in engine/sampler.h, with a full sort and no shortcuts.
+int32_t naive_rule(std::vector<float> logits, const SampleRow& row) {
+  using namespace sampling;
+  const int32_t vocab = int32_t(logits.size());
+  for (int32_t j = 0; j < row.n_penalized; ++j) {
+    float& l = logits[size_t(row.penalized[j])];
+    l = l > 0.0f ? div(l, row.repetition_penalty) : mul(l, row.repetition_penalty);
+  }
+  for (float& l : logits) l = std::isnan(l) ? -kInf : l;
+  const int32_t best = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  if (row.temperature == 0.0f || !std::isfinite(logits[size_t(best)])) return best;
+  struct Token {
+    float p;
+    int32_t id;
+  };
+  std::vector<Token> ranked;
+  for (int32_t i = 0; i < vocab; ++i) {
+    const float p = probability(logits[size_t(i)], logits[size_t(best)], row.temperature);
+    if (mass(p) > 0) ranked.push_back({p, i});
+  }
+  std::sort(ranked.begin(), ranked.end(),
+            [](const Token& a, const Token& b) { return a.p > b.p || (a.p == b.p && a.id < b.id); });
+  if (row.top_k > 0 && size_t(row.top_k) < ranked.size()) ranked.resize(size_t(row.top_k));
+  uint64_t kept = 0;
+  for (const Token& t : ranked) kept += mass(t.p);
+  uint64_t prefix = 0;
+  for (size_t i = 0; i < ranked.size(); ++i) {
+    prefix += mass(ranked[i].p);
+    if (reaches(prefix, top_p_target(row.top_p, kept))) {
+      ranked.resize(i + 1);
+      break;
+    }
+  }
+  std::vector<uint64_t> survivor(size_t(vocab), 0);
+  for (const Token& t : ranked)
+    if (t.p >= row.min_p) survivor[size_t(t.id)] = mass(t.p);
+  uint64_t total = 0;
+  for (uint64_t m : survivor) total += m;
+  const uint64_t target = draw_target(row.draw, total);
+  uint64_t cum = 0;
+  for (int32_t i = 0; i < vocab; ++i)
+    if ((cum += survivor[size_t(i)]) > target) return i;
+  ADD_FAILURE() << "the draw fell off the end";
+  return -1;
+}
+
+TEST(SamplingRule, HostSamplerEqualsNaiveRule) {
+  SampleScratch scratch;
+  int sampled = 0;
+  for (const test::SamplingCase& c :
+       test::random_sampling_cases(2026, 3000, {1, 2, 3, 7, 19, 64, 733, 4099, 32000})) {
+    const SampleRow row = c.with_penalized();
+    std::vector<float> logits = c.logits;
+    const int32_t token = sample_row(logits.data(), int32_t(logits.size()), row, scratch);
+    ASSERT_EQ(token, naive_rule(c.logits, row))
+        << "vocab " << c.logits.size() << " T " << row.temperature << " top_k " << row.top_k << " top_p "
+        << row.top_p << " min_p " << row.min_p << " penalty " << row.repetition_penalty;
+    sampled += row.temperature > 0.0f;
+  }
+  EXPECT_GT(sampled, 2000);
 }
 
 }  // namespace

@@ -148,10 +148,14 @@ int run(int argc, char** argv) {
       }
       std::vector<int32_t> next(static_cast<size_t>(batch));
       for (int64_t b = 0; b < batch; ++b) next[size_t(b)] = int32_t(3 + b % (vocab - 3));
+      // A serving step: greedy sampling on the backend, its tokens fed back.
+      std::vector<int32_t> sampled;
+      const std::vector<SampleRow> greedy(static_cast<size_t>(batch));
       auto decode_step = [&] {
         std::vector<SequenceStep> step;
         for (int64_t b = 0; b < batch; ++b) step.push_back(SequenceStep{seqs[size_t(b)].get(), &next[size_t(b)], 1, false, true});
-        engine.step(step, &logits);
+        engine.step(step, greedy, &sampled);
+        next = sampled;
       };
       for (int w = 0; w < 2; ++w) decode_step();
       const int64_t context_start = seqs[0]->length();

@@ -98,7 +98,10 @@ Point run_batch(Engine& engine, const Mode& mode, int64_t batch, int64_t input_l
     for (int64_t i = 0; i < input_len; ++i) ids[size_t(i)] = int32_t(3 + (i * 7919 + b * 104729) % (vocab - 3));
     prompts.push_back(std::move(ids));
   }
-  std::vector<float> logits;
+  // Serving steps: greedy sampling on the backend (the synthetic model's tokens are not fed back,
+  // so that every mode decodes the same inputs).
+  std::vector<int32_t> sampled;
+  const std::vector<SampleRow> greedy(static_cast<size_t>(batch));
   std::vector<int64_t> done(static_cast<size_t>(batch), 0);
   const auto start = Clock::now();
   for (int64_t b = 0; b < batch;) {
@@ -111,7 +114,7 @@ Point run_batch(Engine& engine, const Mode& mode, int64_t batch, int64_t input_l
       done[size_t(s)] += n;
       budget -= n;
     }
-    engine.step(step, &logits);
+    engine.step(step, std::vector<SampleRow>(logit_rows(step)), &sampled);
     while (b < batch && done[size_t(b)] == input_len) ++b;
   }
   Point p{mode.name, batch};
@@ -125,7 +128,7 @@ Point run_batch(Engine& engine, const Mode& mode, int64_t batch, int64_t input_l
       step.push_back(SequenceStep{seqs[size_t(b)].get(), &next[size_t(b)], 1, false, true});
     }
     const auto step_start = Clock::now();
-    engine.step(step, &logits);
+    engine.step(step, greedy, &sampled);
     decode_s += seconds_since(step_start);
     bytes += double(engine.weight_bytes_per_step()) +
              double(batch) * double(input_len + t) * double(engine.kv_bytes_per_token());

@@ -316,6 +316,11 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void sample(Tensor& logits, const std::vector<SampleRow>& rows, int32_t* tokens) override {
+    for (size_t i = 0; i < rows.size(); ++i)
+      tokens[i] = sample_row(logits.as<float>() + int64_t(i) * logits.cols, int32_t(logits.cols), rows[i], sample_scratch_);
+  }
+
   void to_host(const Tensor& x, float* host) override { std::memcpy(host, x.data, x.nbytes()); }
   void from_host(const float* host, Tensor& x) override { std::memcpy(x.data, host, x.nbytes()); }
 
@@ -327,6 +332,8 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  SampleScratch sample_scratch_;
+
   template <typename Kv>
   void attend(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) {
     using Elem = typename Kv::Elem;

@@ -602,6 +602,42 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  void sample(Tensor& logits, const std::vector<SampleRow>& rows, int32_t* tokens) override {
+    if (rows.empty()) return;
+    // The rows' arguments and penalized ids go over in one copy; only the tokens come back.
+    std::vector<cuda::SampleArgs> args(rows.size());
+    sample_staging_.clear();
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const SampleRow& r = rows[i];
+      args[i] = cuda::SampleArgs{r.temperature, r.top_p, r.min_p, r.repetition_penalty, r.top_k,
+                                 int32_t(sample_staging_.size()), int32_t(sample_staging_.size()) + r.n_penalized, 0,
+                                 r.draw};
+      sample_staging_.insert(sample_staging_.end(), r.penalized, r.penalized + r.n_penalized);
+    }
+    const uint64_t args_bytes = args.size() * sizeof(cuda::SampleArgs);
+    const uint64_t ids_bytes = sample_staging_.size() * sizeof(int32_t);
+    const uint64_t tokens_bytes = rows.size() * sizeof(int32_t);
+    ensure(sample_buffer_, args_bytes + ids_bytes + tokens_bytes);
+    char* base = static_cast<char*>(sample_buffer_->data());
+    check(cudaMemcpyAsync(base, args.data(), args_bytes, cudaMemcpyHostToDevice, stream_), "sample (cudaMemcpyAsync)");
+    if (ids_bytes)
+      check(cudaMemcpyAsync(base + args_bytes, sample_staging_.data(), ids_bytes, cudaMemcpyHostToDevice, stream_),
+            "sample (cudaMemcpyAsync)");
+    int32_t* device_tokens = reinterpret_cast<int32_t*>(base + args_bytes + ids_bytes);
+    {
+      Profiler::Scope timer(profiler_, "sample", stream_);
+      cuda::sample(logits.as<float>(), logits.rows, logits.cols, reinterpret_cast<const cuda::SampleArgs*>(base),
+                   reinterpret_cast<const int32_t*>(base + args_bytes), device_tokens, stream_);
+      check(cudaGetLastError(), "sample kernel");
+    }
+    profiler_.step_enqueued();
+    check(cudaMemcpyAsync(tokens, device_tokens, tokens_bytes, cudaMemcpyDeviceToHost, stream_),
+          "sample (cudaMemcpyAsync)");
+    // Errors of any earlier kernel of the step surface here.
+    check(cudaStreamSynchronize(stream_), "step (cudaStreamSynchronize)");
+    profiler_.step_done();
+  }
+
   void to_host(const Tensor& x, float* host) override {
     profiler_.step_enqueued();
     check(cudaMemcpyAsync(host, x.data, x.nbytes(), cudaMemcpyDeviceToHost, stream_), "to_host (cudaMemcpyAsync)");
@@ -761,6 +797,8 @@ class CudaBackend final : public Backend {
   Tiles small_tiles_, large_tiles_;
   int32_t max_keys_ = 0, longest_run_ = 0;
   std::unique_ptr<Buffer> plan_buffer_;
+  std::unique_ptr<Buffer> sample_buffer_;  // a sampling step's arguments, penalized ids and tokens
+  std::vector<int32_t> sample_staging_;
   cuda::DevicePlan device_plan_;
 
   std::unique_ptr<Buffer> converted_, dequantized_, codes_, row_scales_, partial_o_, partial_ml_;

@@ -25,6 +25,7 @@
 #include "engine/error.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
+#include "sampling_cases.h"
 #include "test_util.h"
 
 namespace llmq {
@@ -489,6 +490,47 @@ TEST(GpuEndToEnd, ScoreLogitsMatchCpu) {
   std::printf("score fp8: GPU vs CPU relative error %.4f; CPU fp8 vs unquantized %.4f\n", backends, quantization);
 }
 
+// Seeded sampling on the device (the engine's serving step) draws exactly the tokens that the host
+// sampler draws from the same GPU's logits, copied to the host.
+TEST(GpuEndToEnd, DeviceSamplingEqualsHostSamplingOfTheSameLogits) {
+  REQUIRE_GPU();
+  auto model = Model::load(test::stories_dir());
+  const std::vector<int32_t> prompt = model->tokenizer()->encode("Once upon a time, there was a little", true);
+  SamplingParams params;
+  params.temperature = 0.9f;
+  params.top_k = 40;
+  params.top_p = 0.9f;
+  params.min_p = 0.02f;
+  params.repetition_penalty = 1.1f;
+  params.seed = 7;
+  for (bool plain : {true, false}) {
+    SamplingParams p = params;
+    if (plain) p = SamplingParams{1.0f, 0, 1.0f, 0.0f, 1.0f, 11};
+    EngineOptions o;
+    o.backend = LLMQ_BACKEND_CUDA;
+    Engine engine(model, o);
+    GenerateOptions g;
+    g.sampling = p;
+    g.max_new_tokens = 120;
+    g.ignore_eos = true;
+    const std::vector<int32_t> device = engine.generate(prompt, g).tokens;
+
+    Sampler sampler(p);
+    std::unique_ptr<SequenceKv> seq = engine.new_sequence();
+    std::vector<float> logits;
+    std::vector<int32_t> history = prompt, host;
+    engine.step({SequenceStep{seq.get(), prompt.data(), int32_t(prompt.size()), false, true}}, &logits);
+    while (host.size() < device.size()) {
+      int32_t token = sampler.sample(logits.data(), engine.vocab_size(), history);
+      host.push_back(token);
+      history.push_back(token);
+      engine.step({SequenceStep{seq.get(), &token, 1, false, true}}, &logits);
+    }
+    EXPECT_EQ(device.size(), 120u);
+    EXPECT_EQ(device, host) << (plain ? "temperature 1" : "top-k, top-p, min-p, penalty");
+  }
+}
+
 // Decode steps are recorded (CUDA graphs) from the second step of a shape on: the replayed steps
 // must give the same logits, bit for bit, as steps run op by op.
 TEST(GpuEndToEnd, RecordedDecodeStepsEqualEagerSteps) {
@@ -519,6 +561,34 @@ TEST(GpuEndToEnd, RecordedDecodeStepsEqualEagerSteps) {
   const std::vector<float> eager = run(false), recorded = run(true);
   ASSERT_EQ(eager.size(), recorded.size());
   EXPECT_EQ(0, std::memcmp(eager.data(), recorded.data(), eager.size() * sizeof(float)));
+}
+
+// The sampling kernel draws the host sampler's token for every row: random logits with ties, NaN
+// and infinities at odd and real vocabulary sizes, every parameter combination, 64 rows a launch.
+TEST_F(BackendPair, SamplingDrawsTheHostsTokens) {
+  SampleScratch scratch;
+  size_t rows_checked = 0;
+  for (int32_t vocab : {1, 3, 7, 19, 733, 4099, 32000, 128256}) {
+    const std::vector<test::SamplingCase> cases = test::random_sampling_cases(uint64_t(vocab), 64, {vocab});
+    std::vector<float> logits;
+    std::vector<SampleRow> rows;
+    std::vector<int32_t> expected;
+    for (const test::SamplingCase& c : cases) {
+      logits.insert(logits.end(), c.logits.begin(), c.logits.end());
+      rows.push_back(c.with_penalized());
+      std::vector<float> scratch_logits = c.logits;
+      expected.push_back(sample_row(scratch_logits.data(), vocab, rows.back(), scratch));
+    }
+    Both t = floats(logits, int64_t(cases.size()), vocab);
+    std::vector<int32_t> tokens(cases.size(), -1);
+    gpu_->sample(t.gpu, rows, tokens.data());
+    for (size_t i = 0; i < cases.size(); ++i)
+      EXPECT_EQ(tokens[i], expected[i]) << "vocab " << vocab << " row " << i << ": T " << rows[i].temperature
+                                        << " top_k " << rows[i].top_k << " top_p " << rows[i].top_p << " min_p "
+                                        << rows[i].min_p << " penalty " << rows[i].repetition_penalty;
+    rows_checked += cases.size();
+  }
+  EXPECT_EQ(rows_checked, 8u * 64u);
 }
 
 // ---- Errors ----------------------------------------------------------------------------------------
