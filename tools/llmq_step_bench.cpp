@@ -1,7 +1,8 @@
 // llmq-step-bench: what serving people read, per quantization mode: prefill tokens/s for one long
 // prompt, and decode tokens/s at several batch sizes (continuous-batching steps of one token per
 // sequence), with the bytes each decode step must read (weights + KV) over its time. Uses the
-// engine's step() directly; each timed step includes copying the logits to the host.
+// engine's step() directly; each timed decode step is a serving step: greedy sampling on the
+// backend, its tokens copied back and fed in.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

@@ -549,7 +549,7 @@ class CudaBackend final : public Backend {
     args.v_scale = cache.v_scale.as<float>();
     args.scale_per_token = cache.k.dtype == DType::I8;
     // Prefill (a run of more than 16 tokens of one sequence) goes to the tensor cores when the cache
-    // is 16-bit. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
+    // is not F32. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
     args.tensor_cores = longest_run_ > cuda::kAttentionTileQ &&
                         cuda::attention_has_tensor_core_kernel(cache.k.dtype, params.head_dim);
     const int64_t blocks = int64_t(device_plan_.small.n) * params.num_heads;

@@ -428,9 +428,10 @@ __global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* 
 //    key split). Decode uses it: with few (tile, head) blocks the keys are split and each split
 //    writes its unnormalized output with (m, l); attention_combine_kernel merges them
 //    (FlashDecoding).
-//  - attention_mma_kernel, on tensor cores for 16-bit caches: one block of 4 warps per (query
-//    tile of up to 64 tokens, head), each warp 16 query rows, S = Q.K^T and O += P.V with
-//    mma.sync (16-bit inputs, fp32 accumulation). Prefill uses it.
+//  - attention_mma_kernel, on tensor cores for 16-bit and 8-bit caches (codes dequantized to F16
+//    as a tile is loaded): one block of 4 warps per (query tile of up to 64 tokens, head), each
+//    warp 16 query rows, S = Q.K^T and O += P.V with mma.sync (16-bit inputs, fp32
+//    accumulation). Prefill uses it.
 
 constexpr int kTileQ = kAttentionTileQ;
 constexpr int kTileK = 64;
@@ -665,14 +666,20 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
 constexpr int kMmaTileQ = kAttentionTileQLarge;  // 4 warps x 16 rows
 constexpr int kMmaKPad = 8;                      // row padding of the smem tiles (conflict-free fragment loads)
 
+// 16-bit caches feed the tensor cores as stored. 8-bit codes are dequantized (code * scale, in fp32
+// as the CUDA-core kernel does) to F16 while the tile is loaded: F16's 11 bits keep them better
+// than BF16's 8.
 template <typename KvT, int D>
 __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int64_t q_cols, const KvT* k_cache,
                                                             const KvT* v_cache, AttentionArgs a, DevicePlan plan,
                                                             float* out) {
-  __shared__ __align__(16) KvT k_s[kTileK][D + kMmaKPad];   // K tile, [key][dim]
-  __shared__ __align__(16) KvT vt_s[D][kTileK + kMmaKPad];  // V tile transposed, [dim][key]
+  constexpr bool kCodes = sizeof(KvT) == 1;
+  using MmaT = std::conditional_t<kCodes, f16, KvT>;
+  __shared__ __align__(16) MmaT k_s[kTileK][D + kMmaKPad];   // K tile, [key][dim]
+  __shared__ __align__(16) MmaT vt_s[D][kTileK + kMmaKPad];  // V tile transposed, [dim][key]
   __shared__ int pos_s[kMmaTileQ];
   __shared__ int64_t offset_s[kTileK];
+  __shared__ float k_scale_s[kTileK], v_scale_s[kTileK];  // 8-bit caches: each key's scales
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
   const int tile = blockIdx.x, h = blockIdx.y;
@@ -697,20 +704,29 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
 #pragma unroll
   for (int c = 0; c < D / 16; ++c) {
     const int d = 16 * c + 2 * t4;
-    qa[c][0] = pack2(q_at(row0, d), q_at(row0, d + 1), KvT{});
-    qa[c][1] = pack2(q_at(row1, d), q_at(row1, d + 1), KvT{});
-    qa[c][2] = pack2(q_at(row0, d + 8), q_at(row0, d + 9), KvT{});
-    qa[c][3] = pack2(q_at(row1, d + 8), q_at(row1, d + 9), KvT{});
+    qa[c][0] = pack2(q_at(row0, d), q_at(row0, d + 1), MmaT{});
+    qa[c][1] = pack2(q_at(row1, d), q_at(row1, d + 1), MmaT{});
+    qa[c][2] = pack2(q_at(row0, d + 8), q_at(row0, d + 9), MmaT{});
+    qa[c][3] = pack2(q_at(row1, d + 8), q_at(row1, d + 9), MmaT{});
   }
   float o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l is this thread's part
 
-  constexpr int kVectors = D * int(sizeof(KvT)) / 16;  // 16-byte vectors per key row
+  constexpr int kPerVector = 16 / int(sizeof(KvT));
+  constexpr int kVectors = D / kPerVector;  // 16-byte vectors per key row
   for (int key0 = lo; key0 <= hi; key0 += kTileK) {
     __syncthreads();  // the previous tile is no longer read
     key_offsets(blocks, key0, hi + 1, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
+    if constexpr (kCodes) {
+      for (int j = tid; j < kTileK; j += blockDim.x) {  // key_offsets' own threads: offset_s[j] is theirs
+        const int64_t offset = offset_s[j];
+        const int64_t at = a.scale_per_token ? offset / D : 0;
+        k_scale_s[j] = offset < 0 ? 0.0f : a.k_scale[at];
+        v_scale_s[j] = offset < 0 ? 0.0f : a.v_scale[at];
+      }
+    }
     __syncthreads();
 #pragma unroll 4
     for (int i = tid; i < kTileK * kVectors; i += blockDim.x) {
@@ -721,10 +737,22 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
         kv = __ldg(reinterpret_cast<const uint4*>(k_cache + offset) + c);
         vv = __ldg(reinterpret_cast<const uint4*>(v_cache + offset) + c);
       }
-      *reinterpret_cast<uint4*>(&k_s[j][c * 8]) = kv;
-      const KvT* v8 = reinterpret_cast<const KvT*>(&vv);
+      if constexpr (kCodes) {
+        float kf[16], vf[16];
+        unpack_kv(kv, KvT{}, kf);
+        unpack_kv(vv, KvT{}, vf);
+        const float ks = k_scale_s[j], vs = v_scale_s[j];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) vt_s[c * 8 + e][j] = v8[e];
+        for (int e = 0; e < 16; ++e) {
+          k_s[j][c * 16 + e] = __float2half_rn(kf[e] * ks);
+          vt_s[c * 16 + e][j] = __float2half_rn(vf[e] * vs);
+        }
+      } else {
+        *reinterpret_cast<uint4*>(&k_s[j][c * 8]) = kv;
+        const KvT* v8 = reinterpret_cast<const KvT*>(&vv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) vt_s[c * 8 + e][j] = v8[e];
+      }
     }
     __syncthreads();
 
@@ -738,7 +766,7 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
         uint32_t b[2];
         b[0] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4]);
         b[1] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4 + 8]);
-        mma16816(s[j], qa[c], b, KvT{});
+        mma16816(s[j], qa[c], b, MmaT{});
       }
     }
     // Mask, then the online softmax per row (each row's 64 scores sit in the 4 threads of a quad).
@@ -782,16 +810,16 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
 #pragma unroll
     for (int c = 0; c < kTileK / 16; ++c) {
       uint32_t pa[4];
-      pa[0] = pack2(s[2 * c][0], s[2 * c][1], KvT{});
-      pa[1] = pack2(s[2 * c][2], s[2 * c][3], KvT{});
-      pa[2] = pack2(s[2 * c + 1][0], s[2 * c + 1][1], KvT{});
-      pa[3] = pack2(s[2 * c + 1][2], s[2 * c + 1][3], KvT{});
+      pa[0] = pack2(s[2 * c][0], s[2 * c][1], MmaT{});
+      pa[1] = pack2(s[2 * c][2], s[2 * c][3], MmaT{});
+      pa[2] = pack2(s[2 * c + 1][0], s[2 * c + 1][1], MmaT{});
+      pa[3] = pack2(s[2 * c + 1][2], s[2 * c + 1][3], MmaT{});
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         uint32_t b[2];
         b[0] = *reinterpret_cast<const uint32_t*>(&vt_s[8 * j + g][16 * c + 2 * t4]);
         b[1] = *reinterpret_cast<const uint32_t*>(&vt_s[8 * j + g][16 * c + 2 * t4 + 8]);
-        mma16816(o[j], pa, b, KvT{});
+        mma16816(o[j], pa, b, MmaT{});
       }
     }
   }
@@ -922,7 +950,7 @@ void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t k
 }
 
 bool attention_has_tensor_core_kernel(DType kv_dtype, int32_t head_dim) {
-  return (kv_dtype == DType::BF16 || kv_dtype == DType::F16) && (head_dim == 64 || head_dim == 128);
+  return kv_dtype != DType::F32 && (head_dim == 64 || head_dim == 128);
 }
 
 void attention(const float* q, int64_t q_cols, const void* k_cache, const void* v_cache, DType kv_dtype,
@@ -942,10 +970,10 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
     };
     using D64 = std::integral_constant<int, 64>;
     using D128 = std::integral_constant<int, 128>;
-    if (kv_dtype == DType::BF16)
-      args.head_dim == 64 ? launch(Tag<bf16>{}, D64{}) : launch(Tag<bf16>{}, D128{});
-    else
-      args.head_dim == 64 ? launch(Tag<f16>{}, D64{}) : launch(Tag<f16>{}, D128{});
+    with_kv_type(kv_dtype, [&](auto tag) {
+      if constexpr (!std::is_same_v<typename decltype(tag)::type, float>)
+        args.head_dim == 64 ? launch(tag, D64{}) : launch(tag, D128{});
+    });
     return;
   }
   const size_t smem = attention_smem_bytes(args.head_dim);

@@ -88,7 +88,7 @@ struct AttentionArgs {
   const float* v_scale = nullptr;
   bool scale_per_token = false;
 };
-// Whether the tensor-core (mma) kernel handles this cache: 16-bit KV, head_dim 64 or 128.
+// Whether the tensor-core (mma) kernel handles this cache: 16-bit or 8-bit KV, head_dim 64 or 128.
 bool attention_has_tensor_core_kernel(DType kv_dtype, int32_t head_dim);
 // Paged causal attention for every query tile; partial_o [T * H * n_splits * D] and
 // partial_ml [T * H * n_splits * 2] are scratch when n_splits > 1.

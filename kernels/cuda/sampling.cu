@@ -225,12 +225,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(float* logits, int voc
   const int begin = min(vocab, int(threadIdx.x) * chunk), end = min(vocab, begin + chunk);
   u64 mine = 0;
   for (int i = begin; i < end; ++i) mine += survivor_mass(i);
+  if (threadIdx.x == 0) tokens[blockIdx.x] = best;  // unreachable fallback: the max always survives
   u64 total;
-  const u64 before = block_scan(sh, mine, &total);
-  if (total == 0) {  // unreachable: the max token (mass 2^40) always survives
-    if (threadIdx.x == 0) tokens[blockIdx.x] = best;
-    return;
-  }
+  const u64 before = block_scan(sh, mine, &total);  // its barriers order the write above
+  if (total == 0) return;
   const u64 target = draw_target(row.draw, total);
   if (before <= target && target < before + mine) {
     u64 cum = before;
