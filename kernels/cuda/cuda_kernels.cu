@@ -663,6 +663,17 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// ldmatrix .x4 .trans: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of
+// matrix m addressed by lane 8m + r) and transposed, so that register m of lane l holds
+// M_m[2 (l % 4)][l / 4] and M_m[2 (l % 4) + 1][l / 4]: with the rows being keys and the columns
+// dims, that is an mma B fragment (B[k][n] = V[key k][dim n]) of a row-major V tile.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
 constexpr int kMmaTileQ = kAttentionTileQLarge;  // 4 warps x 16 rows
 constexpr int kMmaKPad = 8;                      // row padding of the smem tiles (conflict-free fragment loads)
 
@@ -676,7 +687,7 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   constexpr bool kCodes = sizeof(KvT) == 1;
   using MmaT = std::conditional_t<kCodes, f16, KvT>;
   __shared__ __align__(16) MmaT k_s[kTileK][D + kMmaKPad];   // K tile, [key][dim]
-  __shared__ __align__(16) MmaT vt_s[D][kTileK + kMmaKPad];  // V tile transposed, [dim][key]
+  __shared__ __align__(16) MmaT v_s[kTileK][D + kMmaKPad];  // V tile, [key][dim]: ldmatrix.trans reads it
   __shared__ int pos_s[kMmaTileQ];
   __shared__ int64_t offset_s[kTileK];
   __shared__ float k_scale_s[kTileK], v_scale_s[kTileK];  // 8-bit caches: each key's scales
@@ -742,16 +753,19 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
         unpack_kv(kv, KvT{}, kf);
         unpack_kv(vv, KvT{}, vf);
         const float ks = k_scale_s[j], vs = v_scale_s[j];
+        uint4 kh[2], vh[2];  // 16 F16 values each, stored as two 16-byte vectors
 #pragma unroll
-        for (int e = 0; e < 16; ++e) {
-          k_s[j][c * 16 + e] = __float2half_rn(kf[e] * ks);
-          vt_s[c * 16 + e][j] = __float2half_rn(vf[e] * vs);
+        for (int e = 0; e < 16; e += 2) {
+          reinterpret_cast<uint32_t*>(kh)[e / 2] = pack2(kf[e] * ks, kf[e + 1] * ks, f16{});
+          reinterpret_cast<uint32_t*>(vh)[e / 2] = pack2(vf[e] * vs, vf[e + 1] * vs, f16{});
         }
+        *reinterpret_cast<uint4*>(&k_s[j][c * 16]) = kh[0];
+        *reinterpret_cast<uint4*>(&k_s[j][c * 16 + 8]) = kh[1];
+        *reinterpret_cast<uint4*>(&v_s[j][c * 16]) = vh[0];
+        *reinterpret_cast<uint4*>(&v_s[j][c * 16 + 8]) = vh[1];
       } else {
         *reinterpret_cast<uint4*>(&k_s[j][c * 8]) = kv;
-        const KvT* v8 = reinterpret_cast<const KvT*>(&vv);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) vt_s[c * 8 + e][j] = v8[e];
+        *reinterpret_cast<uint4*>(&v_s[j][c * 8]) = vv;
       }
     }
     __syncthreads();
@@ -814,12 +828,15 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
       pa[1] = pack2(s[2 * c][2], s[2 * c][3], MmaT{});
       pa[2] = pack2(s[2 * c + 1][0], s[2 * c + 1][1], MmaT{});
       pa[3] = pack2(s[2 * c + 1][2], s[2 * c + 1][3], MmaT{});
+      // B fragments of V (keys 16c.., dims 8j..) for two j at once: lane l addresses row l % 8 of
+      // 8x8 matrix l / 8, which is keys +0 / +8 (bit 0) of dims 8j / 8(j + 1) (bit 1).
+      const int mat = lane / 8;
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        uint32_t b[2];
-        b[0] = *reinterpret_cast<const uint32_t*>(&vt_s[8 * j + g][16 * c + 2 * t4]);
-        b[1] = *reinterpret_cast<const uint32_t*>(&vt_s[8 * j + g][16 * c + 2 * t4 + 8]);
+      for (int j = 0; j < D / 8; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, &v_s[16 * c + (mat & 1) * 8 + lane % 8][8 * (j + (mat >> 1))]);
         mma16816(o[j], pa, b, MmaT{});
+        mma16816(o[j + 1], pa, b + 2, MmaT{});
       }
     }
   }
