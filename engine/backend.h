@@ -120,6 +120,15 @@ class Backend {
   virtual void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) = 0;
   // out = silu(gate) * up, elementwise.
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // out = linear(silu(gate) * up, weight) (+ bias): the MLP's down projection. act (F32, gate's
+  // shape; may be gate itself) is scratch: afterwards it holds silu(gate) * up, unless the backend
+  // fused the product into the weight's activation quantization (CUDA, FP8 weights), and then its
+  // contents are unspecified. Either way out has exactly the bits of silu_mul then linear.
+  virtual void silu_mul_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
+                               const Tensor* bias, Tensor& out) {
+    silu_mul(gate, up, act);
+    linear(act, weight, bias, out);
+  }
   // out[i] = x[plan.logit_rows[i]].
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // tokens[i] (host memory) = the token engine/sampler.h's rule draws from row i of logits (F32

@@ -555,9 +555,12 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
   // Row-parallel layers (o, down): each rank's partial product over its slice of the inputs,
   // summed over the ranks.
   Tensor amax;
+  auto needs_row_amax = [&](const LinearWeight& w) {
+    return comm && w.w.dtype == DType::F8_E4M3 && w.input_scale.empty();
+  };
   auto row_parallel = [&](const Tensor& in, const LinearWeight& w, const Tensor* b_, Tensor& out) {
     const Tensor* row_amax = nullptr;
-    if (comm && w.w.dtype == DType::F8_E4M3 && w.input_scale.empty()) {
+    if (needs_row_amax(w)) {
       // Dynamic per-token FP8 scales come from the whole row, as with one rank.
       amax = r.row_amax.row_slice(0, in.rows);
       b.row_absmax(in, amax);
@@ -591,9 +594,17 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
     observe(l, "mlp_in", h);
     b.linear(h, w.w_gate, nullptr, gate);
     b.linear(h, w.w_up, nullptr, up);
-    b.silu_mul(gate, up, gate);
-    observe(l, "down_in", gate);
-    row_parallel(gate, w.w_down, nullptr, proj);
+    if (observer_ || needs_row_amax(w.w_down)) {
+      // The fp32 product itself is needed: calibration observes it, or tensor parallelism takes its
+      // per-token amax over the ranks before the FP8 quantization.
+      b.silu_mul(gate, up, gate);
+      observe(l, "down_in", gate);
+      row_parallel(gate, w.w_down, nullptr, proj);
+    } else {
+      // The backend may fuse the product into the down projection's input quantization.
+      b.silu_mul_linear(gate, up, gate, w.w_down, nullptr, proj);
+      all_reduce(proj);
+    }
   }
   if (n_logit_rows > 0) {
     b.add_rmsnorm(x, proj, r.final_norm, eps, h);

@@ -2,7 +2,9 @@
 // chunked prefill, the paged KV cache running out, context limits and argument errors.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <numeric>
+#include <string>
 
 #include "engine/device.h"
 #include "engine/engine.h"
@@ -37,6 +39,24 @@ std::vector<float> logits_alone(Engine& engine, const std::vector<int32_t>& ids)
   std::vector<float> logits(ids.size() * 512);
   engine.score(ids, logits.data());
   return logits;
+}
+
+// The MLP's down projection runs as silu_mul_linear, or as silu_mul then linear when the fp32
+// product is needed (a calibration observer sees "down_in"): the same logits to the bit, in every
+// weight mode, and the observer sees the product once per layer.
+TEST(Engine, DownProjectionPathsGiveTheSameLogits) {
+  const std::vector<int32_t> ids = story_tokens(23, 4);
+  for (QuantMode quant : {QuantMode::None, QuantMode::Int8WeightOnly, QuantMode::Fp8}) {
+    EngineOptions o = options_with(2);
+    o.quant = quant;
+    Engine fused(stories(), o), observed(stories(), o);
+    int down_in = 0;
+    observed.set_observer([&](int32_t, const char* site, const Tensor&) { down_in += std::string(site) == "down_in"; });
+    const std::vector<float> a = logits_alone(fused, ids), b = logits_alone(observed, ids);
+    EXPECT_EQ(down_in, int(stories()->config().num_layers)) << quant_mode_name(quant);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << quant_mode_name(quant);
+  }
 }
 
 TEST(Engine, BatchInvarianceIsBitwise) {

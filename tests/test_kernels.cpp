@@ -40,6 +40,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -633,6 +634,70 @@ TEST(CpuKernels, SiluMulMatchesFloat64Reference) {
       Tensor gate_inout = f32_tensor(g, rows, cols);
       cpu(threads).silu_mul(gate_inout, ut, gate_inout);
       if (!same_bits(g.data(), out.data(), n)) log.add(name.str() + ": in place differs from out of place");
+    }
+  }
+}
+
+// silu_mul_linear (the MLP's down projection) is, on the CPU, silu_mul then linear: the same output
+// bits, act left holding the product (also when act is gate itself, as the engine calls it), and the
+// same saturation counts, for every kind of weight: 16/32-bit, int8wo, FP8 with dynamic per-token
+// scales and FP8 with a static input scale small enough to clip.
+TEST(CpuKernels, SiluMulLinearEqualsSiluMulThenLinear) {
+  FailureLog log("silu_mul_linear");
+  Rng rng(0x51f8);
+  Backend& b = cpu(3);
+  for (auto [M, K, N] : {std::tuple<int64_t, int64_t, int64_t>{1, 733, 19}, {3, 64, 48}, {19, 7, 5}, {9, 2111, 33}}) {
+    const size_t mk = size_t(M * K);
+    std::vector<float> gate = rng.floats(mk, -6, 6), up = rng.floats(mk, -3, 3);
+    Stored w16 = make_stored(DType::BF16, size_t(N * K), rng, -1, 1);
+    std::vector<float> bias = rng.floats(size_t(N), -1, 1);
+    std::vector<float> input_scale = {1.0f / 448.0f};  // |silu(g) * u| > 1 clips
+    QuantizedWeight int8 = quantize_weight(w16.tensor(N, K), QuantMode::Int8WeightOnly, 1);
+    QuantizedWeight fp8 = quantize_weight(w16.tensor(N, K), QuantMode::Fp8, 1);
+    struct Case {
+      const char* name;
+      LinearWeight w;
+    };
+    std::vector<Case> cases(5);
+    cases[0] = {"bf16", LinearWeight{}};
+    cases[0].w.w = w16.tensor(N, K);
+    cases[1] = {"int8wo", int8.view(DType::BF16)};
+    cases[2] = {"fp8 dynamic", fp8.view(DType::BF16)};
+    cases[3] = {"fp8 static", cases[2].w};
+    cases[3].w.input_scale = f32_tensor(input_scale, 1, 1);
+    cases[4] = {"f32", LinearWeight{}};
+    std::vector<float> w32(w16.value.begin(), w16.value.end());
+    cases[4].w.w = f32_tensor(w32, N, K);
+    for (Case& c : cases) {
+      c.w.layer = 0;
+      for (bool with_bias : {false, true}) {
+        std::ostringstream name;
+        name << c.name << " M=" << M << " K=" << K << " N=" << N << (with_bias ? " +bias" : "");
+        Tensor bt = f32_tensor(bias, 1, N);
+        const Tensor* bp = with_bias ? &bt : nullptr;
+        Tensor gt = f32_tensor(gate, M, K), ut = f32_tensor(up, M, K);
+        b.saturation(1, /*reset=*/true);
+        std::vector<float> act_ref = poisoned(mk), out_ref = poisoned(size_t(M * N));
+        Tensor act_ref_t = f32_tensor(act_ref, M, K), out_ref_t = f32_tensor(out_ref, M, N);
+        b.silu_mul(gt, ut, act_ref_t);
+        b.linear(act_ref_t, c.w, bp, out_ref_t);
+        const std::vector<uint64_t> counts_ref = b.saturation(1, true);
+
+        std::vector<float> act = poisoned(mk), out = poisoned(size_t(M * N));
+        Tensor act_t = f32_tensor(act, M, K), out_t = f32_tensor(out, M, N);
+        b.silu_mul_linear(gt, ut, act_t, c.w, bp, out_t);
+        if (!same_bits(out.data(), out_ref.data(), out.size())) log.add(name.str() + ": output differs");
+        if (!same_bits(act.data(), act_ref.data(), act.size())) log.add(name.str() + ": act is not the product");
+        if (b.saturation(1, true) != counts_ref) log.add(name.str() + ": saturation counts differ");
+
+        std::vector<float> gate_inout = gate, out2 = poisoned(size_t(M * N));
+        Tensor g2 = f32_tensor(gate_inout, M, K), out2_t = f32_tensor(out2, M, N);
+        b.silu_mul_linear(g2, ut, g2, c.w, bp, out2_t);
+        if (!same_bits(out2.data(), out_ref.data(), out2.size())) log.add(name.str() + ": in place: output differs");
+        if (std::string(c.name) == "fp8 static" &&
+            (counts_ref[kActivationsClipped] == 0 || counts_ref[kActivationsStatic] != uint64_t(M * K)))
+          log.add(name.str() + ": the static scale clipped nothing, or not every value was counted");
+      }
     }
   }
 }

@@ -498,34 +498,35 @@ class CudaBackend final : public Backend {
         gemm(dequantized_->data(), weight.act_dtype, xs, weight.act_dtype, M, N, K, y);
         break;
       }
-      case DType::F8_E4M3: {
-        ensure(codes_, uint64_t(M) * uint64_t(K));
-        ensure(row_scales_, uint64_t(M) * sizeof(float));
-        float* row_scales = static_cast<float*>(row_scales_->data());
+      case DType::F8_E4M3:
+        fp8_scratch(M, K);
         cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(),
                                 row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
-                                row_scales, layer_counters(weight.layer), stream_);
+                                static_cast<float*>(row_scales_->data()), layer_counters(weight.layer), stream_);
         check(cudaGetLastError(), "quantize_fp8_rows kernel");
-        if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
-            gemm(weight.w.data, DType::F8_E4M3, codes_->data(), DType::F8_E4M3, M, N, K, y, /*required=*/false)) {
-          cuda::linear_epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype, stream_);
-          check(cudaGetLastError(), "linear epilogue kernel");
-          return;
-        }
-        for (int64_t m0 = 0; m0 < M; m0 += cuda::kGemvMaxM) {
-          const int64_t rows = std::min(cuda::kGemvMaxM, M - m0);
-          cuda::gemv(static_cast<const uint8_t*>(codes_->data()) + m0 * K, DType::F8_E4M3, weight.w.data,
-                               DType::F8_E4M3, rows, N, K, row_scales + m0, w_scale, per_channel, bias_data, bias_dtype,
-                               y + m0 * N, stream_);
-          check(cudaGetLastError(), "quantized_gemv kernel (fp8)");
-        }
+        fp8_linear(weight, bias, M, K, out);
         return;
-      }
       default:
         fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: linear weights of dtype {} are not supported", dtype_name(w_dtype));
     }
     cuda::linear_epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype, stream_);
     check(cudaGetLastError(), "linear epilogue kernel");
+  }
+
+  // FP8 weights: silu(gate) * up goes straight into the FP8 codes and row scales (one kernel, no
+  // fp32 product in memory), then the same GEMM / GEMV as linear. Other weights: silu_mul, linear.
+  void silu_mul_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
+                       const Tensor* bias, Tensor& out) override {
+    if (weight.w.dtype != DType::F8_E4M3) return Backend::silu_mul_linear(gate, up, act, weight, bias, out);
+    const int64_t M = gate.rows, K = gate.cols;
+    Profiler::Scope timer(profiler_, profiler_.enabled() ? fmt::format("silu_mul_linear F8_E4M3 {}", rows_bucket(M)) : "",
+                          stream_);
+    fp8_scratch(M, K);
+    cuda::silu_mul_quantize_fp8(gate.as<float>(), up.as<float>(), M, K, weight.input_scale.as<float>(),
+                                static_cast<uint8_t*>(codes_->data()), static_cast<float*>(row_scales_->data()),
+                                layer_counters(weight.layer), stream_);
+    check(cudaGetLastError(), "silu_mul_quantize_fp8 kernel");
+    fp8_linear(weight, bias, M, K, out);
   }
 
   void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) override {
@@ -682,6 +683,37 @@ class CudaBackend final : public Backend {
   unsigned long long* layer_counters(int32_t layer) {
     if (layer < 0 || layer >= kMaxCountedLayers) return nullptr;
     return static_cast<unsigned long long*>(counters_->data()) + size_t(layer) * kSaturationCounters;
+  }
+
+  // FP8 activations: room for M x K codes in codes_ and M row scales in row_scales_.
+  void fp8_scratch(int64_t M, int64_t K) {
+    ensure(codes_, uint64_t(M) * uint64_t(K));
+    ensure(row_scales_, uint64_t(M) * sizeof(float));
+  }
+
+  // out = codes_ . weight^T, scaled by row_scales_ and the weight's scale (+ bias): the FP8 linear
+  // once its input is quantized. cuBLASLt for more rows than the GEMV takes, the GEMV otherwise.
+  void fp8_linear(const LinearWeight& weight, const Tensor* bias, int64_t M, int64_t K, Tensor& out) {
+    const int64_t N = weight.w.rows;
+    const void* bias_data = bias ? bias->data : nullptr;
+    const DType bias_dtype = bias ? bias->dtype : DType::F32;
+    const float* w_scale = weight.scale.as<float>();
+    const bool per_channel = weight.scale.cols > 1;
+    const float* row_scales = static_cast<const float*>(row_scales_->data());
+    const uint8_t* codes = static_cast<const uint8_t*>(codes_->data());
+    float* y = out.as<float>();
+    if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
+        gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false)) {
+      cuda::linear_epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype, stream_);
+      check(cudaGetLastError(), "linear epilogue kernel");
+      return;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += cuda::kGemvMaxM) {
+      const int64_t rows = std::min(cuda::kGemvMaxM, M - m0);
+      cuda::gemv(codes + m0 * K, DType::F8_E4M3, weight.w.data, DType::F8_E4M3, rows, N, K, row_scales + m0, w_scale,
+                 per_channel, bias_data, bias_dtype, y + m0 * N, stream_);
+      check(cudaGetLastError(), "quantized_gemv kernel (fp8)");
+    }
   }
 
   // x rounded to `dtype` in scratch memory (F32: x itself).

@@ -157,11 +157,16 @@ __global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, floa
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = __fmul_rn(src[i], inv) * to_f32(w[i]);
 }
 
+// silu(g) * u as the CPU computes it, g / (1 + exp(-g)) * u, each operation rounded on its own:
+// the _rn intrinsics are never contracted into an FMA, so silu_mul and the fused quantization
+// below, which inline this in different code, get the same bits.
+__device__ __forceinline__ float silu_mul_value(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
-  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = silu_mul_value(gate[i], up[i]);
 }
 
 __global__ void gather_rows_kernel(const float* x, int64_t cols, const int32_t* rows, float* out) {
@@ -176,11 +181,24 @@ __global__ void convert_kernel(const float* x, int64_t n, T* out) {
     out[i] = from_f32<T>(x[i]);
 }
 
-__global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const float* static_scale,
-                                         const float* row_amax, uint8_t* codes, float* row_scales,
-                                         unsigned long long* counters) {
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * cols;
+// The activations quantize_fp8_rows_kernel reads, by element index: a tensor, or silu(gate) * up
+// computed on the fly (the fused SiLU-mul + quantization; nothing fp32 is written).
+struct ActivationsOf {
+  const float* x;
+  __device__ __forceinline__ float operator()(int64_t i) const { return x[i]; }
+};
+struct SiluMulOf {
+  const float *gate, *up;
+  __device__ __forceinline__ float operator()(int64_t i) const { return silu_mul_value(gate[i], up[i]); }
+};
+
+// One block per row. The dynamic scale's amax takes a first pass over the row; the second pass
+// reads (or recomputes, for SiluMulOf: the same bits) each value again to quantize it.
+template <typename Src>
+__global__ void __launch_bounds__(1024)
+    quantize_fp8_rows_kernel(Src src, int64_t cols, const float* static_scale, const float* row_amax, uint8_t* codes,
+                             float* row_scales, unsigned long long* counters) {
+  const int64_t row = blockIdx.x, base = row * cols;
   float inv, scale;
   if (static_scale) {
     scale = static_scale[0];
@@ -190,7 +208,7 @@ __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const flo
     if (row_amax) {
       amax = row_amax[row];  // given: the whole row's, over the tensor-parallel ranks
     } else {
-      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
+      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(src(base + i)));
       amax = block_reduce<true>(amax);
     }
     inv = amax > 0.0f ? 448.0f / amax : 0.0f;
@@ -198,9 +216,9 @@ __global__ void quantize_fp8_rows_kernel(const float* x, int64_t cols, const flo
   }
   unsigned clipped = 0;
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float v = __fmul_rn(xr[i], inv);
+    const float v = __fmul_rn(src(base + i), inv);
     clipped += fabsf(v) > 448.0f;
-    codes[row * cols + i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    codes[base + i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
   }
   if (threadIdx.x == 0) row_scales[row] = scale;
   if (static_scale && counters) {
@@ -895,8 +913,17 @@ void convert_activations(const float* x, int64_t n, DType dtype, void* out, cuda
 
 void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, const float* row_amax,
                        uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream) {
-  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(x, cols, static_scale, row_amax, codes, row_scales,
-                                                               counters);
+  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(ActivationsOf{x}, cols, static_scale, row_amax, codes,
+                                                               row_scales, counters);
+}
+
+void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t cols, const float* static_scale,
+                           uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream) {
+  // A decode step has a row or a few, each computed by one block: wide rows get more threads, so
+  // that each thread's share of the exp work stays small.
+  const int threads = cols >= 4096 ? 1024 : cols >= 1024 ? 512 : 256;
+  quantize_fp8_rows_kernel<<<unsigned(rows), threads, 0, stream>>>(SiluMulOf{gate, up}, cols, static_scale, nullptr,
+                                                                   codes, row_scales, counters);
 }
 
 void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream) {

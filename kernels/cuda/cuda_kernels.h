@@ -52,6 +52,12 @@ void convert_activations(const float* x, int64_t n, DType dtype, void* out, cuda
 // added at [0] and [1] (engine/quant.h's kActivationsClipped, kActivationsStatic).
 void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, const float* row_amax,
                        uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream);
+// quantize_fp8_rows of silu(gate) * up ([rows, cols] each), computed in the kernel: the codes, scales
+// and counts that silu_mul followed by quantize_fp8_rows gives, bit for bit, without the fp32
+// product in memory. Dynamic scales use each row's own amax (no row_amax: tensor parallelism needs
+// the product itself).
+void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t cols, const float* static_scale,
+                           uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream);
 // out[r] = max |x[r, :]|.
 void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream);
 // INT8 codes to BF16 or F16 (exact), n elements.

@@ -23,10 +23,17 @@
 #include "engine/device.h"
 #include "engine/engine.h"
 #include "engine/error.h"
+#include "engine/fp8.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
 #include "sampling_cases.h"
 #include "test_util.h"
+
+#ifdef LLMQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#endif
 
 namespace llmq {
 namespace {
@@ -223,6 +230,172 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
       for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {733, 64}, {48, 4096}, {17, 7}, {64, 64},
                           {32, 64}, {4096, 4096}})
         check(c, M, N, K, /*with_bias=*/M == 3 || M == 19);
+}
+
+// ---- SiLU-mul fused with the FP8 quantization of the down projection's input --------------------
+
+#ifdef LLMQ_HAVE_CUDA
+// The fused kernel (cuda::silu_mul_quantize_fp8) called directly, so that its codes, row scales and
+// saturation counts can be read:
+//  - against the GPU's own silu_mul then quantize_fp8_rows: bit for bit (codes, scales, counts);
+//  - against the CPU's silu_mul then engine/quant.h's row quantization: the same up to silu's exp,
+//    which differs by an ulp or two between the backends (see EmbedSiluGather): a code may then be
+//    its neighbour (one E4M3 step apart) when the value sat at a rounding boundary, rarely; a row's
+//    dynamic scale (amax / 448) within 1e-6 relative; a clip count by a value at the boundary.
+// Outputs are poisoned first (codes 0x7f, an E4M3 NaN; scales NaN).
+TEST_F(BackendPair, SiluMulQuantizeFp8EqualsSiluMulThenQuantize) {
+  Random rnd(13);
+  cudaStream_t stream = static_cast<cudaStream_t>(gpu_->stream());
+  auto device = [&](uint64_t bytes) { return gpu_->allocate(bytes); };
+  auto fetch = [&](Buffer& b, void* host, size_t bytes) {
+    ASSERT_EQ(cudaMemcpy(host, b.data(), bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  };
+  for (int64_t rows : {1, 3, 7, 19, 733})
+    for (int64_t cols : {7, 733, 4096, 11008}) {
+      const size_t n = size_t(rows * cols);
+      Both gate = floats(rnd.floats(n, -6, 6), rows, cols), up = floats(rnd.floats(n, -3, 3), rows, cols);
+      std::vector<float> product(n);
+      Tensor product_t{product.data(), DType::F32, rows, cols};
+      cpu_->silu_mul(gate.cpu, up.cpu, product_t);
+      float amax = 0.0f;
+      for (float v : product) amax = std::max(amax, std::fabs(v));
+      // Dynamic per-token scales; a static scale that nothing reaches; one that clips (|x| > 1).
+      for (int mode = 0; mode < 3; ++mode) {
+        const float static_scale = mode == 0 ? 0.0f : mode == 1 ? 2.0f * amax / 448.0f : 1.0f / 448.0f;
+        const std::string what = fmt::format("rows={} cols={} {}", rows, cols,
+                                             mode == 0 ? "dynamic" : mode == 1 ? "static, no clipping" : "static, clipping");
+        Both scale = floats({static_scale}, 1, 1);
+        const float* scale_gpu = static_scale == 0.0f ? nullptr : scale.gpu.as<float>();
+        std::unique_ptr<Buffer> codes[2] = {device(n), device(n)};
+        std::unique_ptr<Buffer> row_scales[2] = {device(uint64_t(rows) * 4), device(uint64_t(rows) * 4)};
+        std::unique_ptr<Buffer> counters = device(4 * sizeof(unsigned long long)), act = device(n * 4);
+        for (int i = 0; i < 2; ++i) {
+          ASSERT_EQ(cudaMemset(codes[i]->data(), 0x7f, n), cudaSuccess);
+          ASSERT_EQ(cudaMemset(row_scales[i]->data(), 0xff, uint64_t(rows) * 4), cudaSuccess);
+        }
+        ASSERT_EQ(cudaMemset(counters->data(), 0, counters->size()), cudaSuccess);
+        auto* counts = static_cast<unsigned long long*>(counters->data());
+        cuda::silu_mul_quantize_fp8(gate.gpu.as<float>(), up.gpu.as<float>(), rows, cols, scale_gpu,
+                                    static_cast<uint8_t*>(codes[0]->data()), static_cast<float*>(row_scales[0]->data()),
+                                    counts, stream);
+        cuda::silu_mul(gate.gpu.as<float>(), up.gpu.as<float>(), int64_t(n), static_cast<float*>(act->data()), stream);
+        cuda::quantize_fp8_rows(static_cast<float*>(act->data()), rows, cols, scale_gpu, nullptr,
+                                static_cast<uint8_t*>(codes[1]->data()), static_cast<float*>(row_scales[1]->data()),
+                                counts + 2, stream);
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << what;
+        ASSERT_EQ(cudaGetLastError(), cudaSuccess) << what;
+        std::vector<uint8_t> fused(n), unfused(n);
+        std::vector<float> fused_scales(static_cast<size_t>(rows)), unfused_scales(static_cast<size_t>(rows));
+        unsigned long long count[4] = {};
+        fetch(*codes[0], fused.data(), n);
+        fetch(*codes[1], unfused.data(), n);
+        fetch(*row_scales[0], fused_scales.data(), size_t(rows) * 4);
+        fetch(*row_scales[1], unfused_scales.data(), size_t(rows) * 4);
+        fetch(*counters, count, sizeof count);
+
+        // Fused = unfused on the GPU, bit for bit.
+        EXPECT_EQ(fused, unfused) << what << ": codes";
+        EXPECT_EQ(std::memcmp(fused_scales.data(), unfused_scales.data(), size_t(rows) * 4), 0) << what << ": scales";
+        EXPECT_EQ(count[0], count[2]) << what << ": clipped";
+        EXPECT_EQ(count[1], count[3]) << what << ": counted";
+
+        // Against the CPU's quantization of its own silu * up.
+        std::vector<float> ref(n);
+        int64_t ref_clipped = 0;
+        size_t mismatched = 0, far = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* x = product.data() + r * cols;
+          float* q = ref.data() + r * cols;
+          if (static_scale == 0.0f) {
+            const float ref_scale = quantize_row_fp8(x, cols, q);
+            EXPECT_NEAR(fused_scales[size_t(r)], ref_scale, 1e-6 * ref_scale) << what << " row " << r;
+          } else {
+            ref_clipped += quantize_row_fp8_static(x, cols, static_scale, q);
+            EXPECT_EQ(fused_scales[size_t(r)], static_scale) << what << " row " << r;
+          }
+        }
+        for (size_t i = 0; i < n; ++i) {
+          const float got = fp8_e4m3_to_f32(fused[i]);
+          if (f32_bits(got) == f32_bits(ref[i])) continue;
+          ++mismatched;
+          // One E4M3 step: an eighth of the value, or 2^-9 among the subnormals.
+          if (!(std::fabs(got - ref[i]) <= std::max(std::fabs(got), std::fabs(ref[i])) / 8 + 0x1p-9f)) ++far;
+        }
+        EXPECT_EQ(far, 0u) << what << ": codes further than one step from the CPU's";
+        EXPECT_LE(double(mismatched), 1e-4 * double(n) + 2) << what << ": codes unlike the CPU's";
+        if (static_scale != 0.0f) {
+          EXPECT_EQ(count[1], uint64_t(n)) << what;
+          EXPECT_LE(std::llabs((long long)count[0] - (long long)ref_clipped), 2) << what << ": clipped vs the CPU";
+          if (mode == 1) {
+            EXPECT_EQ(count[0], 0u) << what;
+          } else if (n >= 733) {
+            EXPECT_GT(count[0], uint64_t(n / 8)) << what << ": the scale should clip";
+          }
+        } else {
+          EXPECT_EQ(count[0] + count[1], 0u) << what << ": dynamic scales count nothing";
+        }
+      }
+    }
+}
+#endif
+
+// Backend::silu_mul_linear on the GPU: for FP8 weights (fused) exactly the output of the GPU's
+// silu_mul then linear (the same codes and scales into the same GEMM / GEMV plan) and the same
+// saturation counts; against the CPU's silu_mul_linear within the FP8 linear tolerance (kLinearCases).
+// BF16 weights take the default (silu_mul, then linear), act holding the product.
+TEST_F(GpuLinear, SiluMulLinearEqualsSiluMulThenLinear) {
+  Random rnd(17);
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{64, 733}, {48, 4096}})
+    for (int64_t M : {1, 7, 19})
+      for (int variant = 0; variant < 3; ++variant) {  // fp8 dynamic, fp8 static (clipping), bf16
+        const std::string what = fmt::format("{} M={} N={} K={}",
+                                             variant == 0 ? "fp8 dynamic" : variant == 1 ? "fp8 static" : "bf16", M, N, K);
+        // |silu(g) * u| < 2, smaller than kLinearCases' uniform(-1, 1) inputs on average, so that their
+        // tolerances hold; the static scale 1/448 clips the few values beyond 1.
+        Both gate = floats(rnd.floats(size_t(M * K), -4, 4), M, K), up = floats(rnd.floats(size_t(M * K), -0.5f, 0.5f), M, K);
+        std::vector<uint8_t> w_bytes = encode(rnd.floats(size_t(N * K)), DType::BF16);
+        LinearWeight w_cpu, w_gpu;
+        Both input_scale = floats({1.0f / 448.0f}, 1, 1);
+        if (variant < 2) {
+          quantized_.push_back(quantize_weight(Tensor{w_bytes.data(), DType::BF16, N, K}, QuantMode::Fp8, 2));
+          w_cpu = quantized_.back().view(DType::BF16);
+          w_gpu = w_cpu;
+          w_gpu.w = gpu_->upload(w_cpu.w);
+          w_gpu.scale = gpu_->upload(w_cpu.scale);
+          if (variant == 1) {
+            w_cpu.input_scale = input_scale.cpu;
+            w_gpu.input_scale = input_scale.gpu;
+          }
+        } else {
+          Both w = tensor(w_bytes, DType::BF16, N, K);
+          w_cpu.w = w.cpu;
+          w_gpu.w = w.gpu;
+        }
+        w_cpu.layer = w_gpu.layer = 0;
+        Both bias = floats(rnd.floats(size_t(N)), 1, N, DType::BF16);
+        const bool with_bias = M == 7;
+        Both act = output(M, K), out = output(M, N), act_ref = output(M, K), out_ref = output(M, N);
+        cpu_->saturation(1, true);
+        gpu_->saturation(1, true);
+        cpu_->silu_mul_linear(gate.cpu, up.cpu, act.cpu, w_cpu, with_bias ? &bias.cpu : nullptr, out.cpu);
+        gpu_->silu_mul_linear(gate.gpu, up.gpu, act.gpu, w_gpu, with_bias ? &bias.gpu : nullptr, out.gpu);
+        const std::vector<uint64_t> cpu_counts = cpu_->saturation(1, true), fused_counts = gpu_->saturation(1, true);
+        gpu_->silu_mul(gate.gpu, up.gpu, act_ref.gpu);
+        gpu_->linear(act_ref.gpu, w_gpu, with_bias ? &bias.gpu : nullptr, out_ref.gpu);
+        const std::vector<uint64_t> unfused_counts = gpu_->saturation(1, true);
+        expect_close(read(*gpu_, out_ref.gpu), read(*gpu_, out.gpu), {0, 0}, what + ": fused vs unfused on the GPU");
+        EXPECT_EQ(fused_counts, unfused_counts) << what;
+        const Tolerance tol = variant == 2 ? Tolerance{8e-3, 0.2} : Tolerance{5e-4, 0.05};
+        expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), tol, what + ": GPU vs CPU");
+        if (variant == 1) {
+          EXPECT_EQ(fused_counts[kActivationsStatic], uint64_t(M * K)) << what;
+          EXPECT_GT(cpu_counts[kActivationsClipped], 0u) << what;
+          EXPECT_LE(std::llabs((long long)fused_counts[kActivationsClipped] - (long long)cpu_counts[kActivationsClipped]), 2)
+              << what;
+        }
+        if (variant == 2)  // the default keeps the product in act
+          expect_close(read(*cpu_, act.cpu), read(*gpu_, act.gpu), {1e-6, 1e-5}, what + ": act");
+      }
 }
 
 // ---- Norms, embedding, SiLU, gather ---------------------------------------------------------------
