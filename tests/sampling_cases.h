@@ -64,4 +64,17 @@ inline std::vector<SamplingCase> random_sampling_cases(uint64_t seed, int n, con
   return cases;
 }
 
+// Each case again with `n` draws: the lowest and the highest point (the first and the last survivor
+// in id order), then random ones, so that a wrong cut shows in the tokens drawn.
+inline std::vector<SamplingCase> with_draws(const std::vector<SamplingCase>& cases, int n, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<SamplingCase> out;
+  for (const SamplingCase& c : cases)
+    for (int d = 0; d < n; ++d) {
+      out.push_back(c);
+      out.back().row.draw = d == 0 ? 0 : d == 1 ? (uint64_t(1) << 53) - 1 : rng.next() >> 11;
+    }
+  return out;
+}
+
 }  // namespace llmq::test

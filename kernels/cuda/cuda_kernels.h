@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "engine/dtype.h"
+#include "kernels/cuda/sample_args.h"
 
 namespace llmq::cuda {
 
@@ -102,13 +103,6 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
                const AttentionArgs& args, const DevicePlan& plan, int64_t n_tokens, float* partial_o,
                float* partial_ml, float* out, cudaStream_t stream);
 
-// One row of a sampling step (engine/sampler.h's SampleRow); its penalized ids are
-// penalized[penalized_begin, penalized_end).
-struct SampleArgs {
-  float temperature, top_p, min_p, repetition_penalty;
-  int32_t top_k, penalized_begin, penalized_end, unused;
-  unsigned long long draw;
-};
 // tokens[r] = the token engine/sampler.h's rule draws from logits row r ([rows, vocab], scratch:
 // it ends holding probabilities) with args[r]; all pointers are device memory.
 void sample(float* logits, int64_t rows, int64_t vocab, const SampleArgs* args, const int32_t* penalized,
