@@ -1,8 +1,9 @@
 // The CUDA backend: the ops of engine/backend.h on one GPU, on one stream. Activations are fp32
 // on the device as in the CPU backend; GEMMs go through cuBLASLt (fp32, 16-bit and FP8 inputs,
-// fp32 accumulation and output) or the quantized GEMV for a few rows; the other ops are the
-// kernels of cuda_kernels.cu. cuBLASLt is opened with dlopen when a backend is created, so that
-// libllmq.so loads on machines without the CUDA libraries.
+// fp32 accumulation and output), the quantized GEMV for a few rows, or the INT8 weight-only
+// tensor-core GEMM (w8a16_gemm.cu) for more; the other ops are the kernels of cuda_kernels.cu.
+// cuBLASLt is opened with dlopen when a backend is created, so that libllmq.so loads on machines
+// without the CUDA libraries.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
@@ -491,7 +492,23 @@ class CudaBackend final : public Backend {
           check(cudaGetLastError(), "quantized_gemv kernel (int8)");
           return;
         }
-        // Tensor cores for many rows: the weights dequantized exactly to 16-bit, scales after.
+        // Tensor cores for many rows: the INT8 codes become 16-bit in registers (w8a16_gemm.cu).
+        if (cuda::w8a16_supported(M, N, K, xs, weight.w.data)) {
+          const cuda::W8A16Plan plan = cuda::w8a16_plan(M, N, K, num_sms_);
+          float* partial = nullptr;
+          unsigned* counters = nullptr;
+          if (plan.splits > 1) {
+            ensure(split_partial_, uint64_t(plan.partial_floats) * sizeof(float));
+            ensure_zeroed(split_counters_, uint64_t(plan.counters) * sizeof(unsigned));
+            partial = static_cast<float*>(split_partial_->data());
+            counters = static_cast<unsigned*>(split_counters_->data());
+          }
+          cuda::w8a16_gemm(xs, weight.act_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data,
+                           bias_dtype, y, plan, partial, counters, stream_);
+          check(cudaGetLastError(), "w8a16_gemm kernel");
+          return;
+        }
+        // Other shapes (K not a multiple of 64, unaligned pointers): the weights dequantized exactly to 16-bit, scales after.
         ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
         cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, weight.act_dtype, dequantized_->data(), stream_);
         check(cudaGetLastError(), "dequantize_i8 kernel");
@@ -668,6 +685,13 @@ class CudaBackend final : public Backend {
     buffer = std::make_unique<DeviceBuffer>(std::max<uint64_t>(bytes, 1 << 20));
   }
 
+  // ensure() for a buffer that must hold zeros when it is first used (the split-K tile counters).
+  void ensure_zeroed(std::unique_ptr<Buffer>& buffer, uint64_t bytes) {
+    if (buffer && buffer->size() >= bytes) return;
+    ensure(buffer, bytes);
+    check(cudaMemsetAsync(buffer->data(), 0, buffer->size(), stream_), "scratch (cudaMemsetAsync)");
+  }
+
   // Ends a recording left open by a step that failed, and never records that shape again.
   void abandon_capture() {
     if (!capturing_) return;
@@ -834,6 +858,7 @@ class CudaBackend final : public Backend {
   cuda::DevicePlan device_plan_;
 
   std::unique_ptr<Buffer> converted_, dequantized_, codes_, row_scales_, partial_o_, partial_ml_;
+  std::unique_ptr<Buffer> split_partial_, split_counters_;  // the W8A16 GEMM's split-K scratch
   Profiler profiler_;
 
   // Recorded decode steps: (tokens, logit rows, keys split or not) -> graph (null: not recordable).

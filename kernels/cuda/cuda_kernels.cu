@@ -1,7 +1,5 @@
 // The CUDA backend's kernels. Arithmetic is fp32 throughout, in the order the CPU backend uses
 // where it matters for agreement (engine/quant.h's quantize-then-multiply-then-scale).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -10,6 +8,7 @@
 #include <type_traits>
 
 #include "engine/error.h"
+#include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace llmq::cuda {
@@ -18,15 +17,10 @@ namespace {
 
 // ---- Element types ------------------------------------------------------------------------
 
-using bf16 = __nv_bfloat16;
-using f16 = __half;
 struct fp8 {  // one FP8 E4M3 code
   uint8_t bits;
 };
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(int8_t v) { return float(v); }
 __device__ __forceinline__ float fp8_to_f32(uint32_t code) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(code), __NV_E4M3)));
@@ -256,34 +250,6 @@ __global__ void dequantize_i8_scalar_kernel(const int8_t* q, int64_t n, T* out) 
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = from_f32<T>(float(q[i]));
 }
-
-struct Epilogue {
-  const float* row_scale = nullptr;
-  const float* w_scale = nullptr;
-  bool per_channel = false;
-  const void* bias = nullptr;
-  DType bias_dtype = DType::F32;
-
-  __device__ __forceinline__ float apply(float acc, int64_t m, int64_t n) const {
-    if (w_scale) {
-      const float ws = w_scale[per_channel ? n : 0];
-      acc *= row_scale ? row_scale[m] * ws : ws;
-    }
-    if (bias) {
-      switch (bias_dtype) {
-        case DType::BF16:
-          acc += to_f32(static_cast<const bf16*>(bias)[n]);
-          break;
-        case DType::F16:
-          acc += to_f32(static_cast<const f16*>(bias)[n]);
-          break;
-        default:
-          acc += static_cast<const float*>(bias)[n];
-      }
-    }
-    return acc;
-  }
-};
 
 __global__ void epilogue_kernel(float* out, int64_t M, int64_t N, Epilogue e) {
   const int64_t total = M * N;
@@ -653,12 +619,7 @@ __global__ void attention_combine_kernel(const float* partial_o, const float* pa
   }
 }
 
-// ---- Tensor-core attention (mma.sync m16n8k16, 16-bit inputs, fp32 accumulation) --------------
-//
-// Fragment layouts (PTX ISA, mma.m16n8k16 with .row.col): with g = lane / 4 and t = lane % 4,
-// A (16 x 16, row-major) registers hold A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..];
-// B (16 x 8, "col") holds B[2t..2t+1][g] and B[2t+8..2t+9][g]; C (16 x 8, fp32) holds C[g][2t],
-// C[g][2t+1], C[g+8][2t], C[g+8][2t+1]. Two 16-bit values share a register, lower column first.
+// ---- Tensor-core attention (mma16816 of common.cuh: its fragment layouts) --------------------
 
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, bf16) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -667,18 +628,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, bf16) {
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, f16) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, bf16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, f16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // ldmatrix .x4 .trans: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of

@@ -77,6 +77,26 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
                     const float* row_scale, const float* w_scale, bool per_channel, const void* bias,
                     DType bias_dtype, float* out, cudaStream_t stream);
 
+// INT8 weight-only GEMM on tensor cores (w8a16_gemm.cu), for M > kGemvMaxM: out[M, N] = (x[M, K]
+// in BF16/F16 . w[N, K]^T in INT8 codes, fp32 accumulation) * w_scale[per_channel ? n : 0] + bias[n].
+// It takes K a multiple of kW8A16KMultiple and 16-byte aligned x and w (any M, N); callers use
+// dequantize_i8 + a 16-bit GEMM for the rest.
+constexpr int64_t kW8A16KMultiple = 64;
+bool w8a16_supported(int64_t M, int64_t N, int64_t K, const void* x, const void* w);
+// How the GEMM splits K over blocks on a GPU of num_sms multiprocessors, and the scratch it then needs:
+// partial_floats fp32 values, and `counters` uint32 tile counters that are zero before the first
+// launch (each launch leaves them zero again).
+struct W8A16Plan {
+  int splits = 1;
+  int k_tiles_per_split = 0;
+  int64_t partial_floats = 0;
+  int64_t counters = 0;
+};
+W8A16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int num_sms);
+void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
+                bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan, float* partial,
+                unsigned* counters, cudaStream_t stream);
+
 // RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
 // caches: codes and scales as engine/backend.h's KvLayer defines).
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,

@@ -104,7 +104,7 @@ class BackendPair : public ::testing::Test {
   void SetUp() override {
     std::string why;
     if (cuda_device_count(&why) == 0) GTEST_SKIP() << "no GPU: " << why;
-    cpu_ = make_cpu_backend(CpuBackendOptions{2});
+    cpu_ = make_cpu_backend(CpuBackendOptions{0});  // a thread per core: the large reference GEMMs
     gpu_ = make_cuda_backend(CudaBackendOptions{});
   }
 
@@ -154,11 +154,22 @@ struct LinearCase {
   Tolerance tol;
 };
 
+struct LinearOptions {
+  bool bias = false;
+  DType bias_dtype = DType::BF16;
+  DType act_dtype = DType::BF16;  // int8wo: the 16-bit type of the activations
+  bool per_tensor = false;        // int8wo: one scale for the whole weight (the first row's)
+  bool twice = false;             // run the GPU op a second time: the same bits (split-K leaves its counters reset)
+};
+
 class GpuLinear : public BackendPair {
  protected:
-  void check(const LinearCase& c, int64_t M, int64_t N, int64_t K, bool with_bias) {
+  void check(const LinearCase& c, int64_t M, int64_t N, int64_t K, const LinearOptions& o) {
     Random rnd(uint64_t(M * 1000003 + N * 1009 + K));
-    const std::string what = fmt::format("{} {} M={} N={} K={}", dtype_name(c.dtype), quant_mode_name(c.quant), M, N, K);
+    const std::string what =
+        fmt::format("{} {} M={} N={} K={}{}{}{}", dtype_name(c.dtype), quant_mode_name(c.quant), M, N, K,
+                    c.quant == QuantMode::Int8WeightOnly ? fmt::format(" act={}", dtype_name(o.act_dtype)) : "",
+                    o.per_tensor ? " per-tensor" : "", o.bias ? fmt::format(" bias={}", dtype_name(o.bias_dtype)) : "");
     Both x = floats(rnd.floats(size_t(M * K)), M, K);
     std::vector<uint8_t> w_bytes = encode(rnd.floats(size_t(N * K)), c.dtype);
     Tensor w_host{w_bytes.data(), c.dtype, N, K};
@@ -169,30 +180,41 @@ class GpuLinear : public BackendPair {
       w_gpu.w = w.gpu;
     } else {
       quantized_.push_back(quantize_weight(w_host, c.quant, 2));
-      w_cpu = quantized_.back().view(DType::BF16);
+      if (o.per_tensor) quantized_.back().scale.resize(1);
+      w_cpu = quantized_.back().view(c.quant == QuantMode::Int8WeightOnly ? o.act_dtype : DType::BF16);
       w_gpu = w_cpu;
       w_gpu.w = gpu_->upload(w_cpu.w);
       w_gpu.scale = gpu_->upload(w_cpu.scale);
     }
-    Both bias = floats(rnd.floats(size_t(N)), 1, N, DType::BF16);
+    Both bias = floats(rnd.floats(size_t(N)), 1, N, o.bias_dtype);
     Both out = output(M, N);
-    cpu_->linear(x.cpu, w_cpu, with_bias ? &bias.cpu : nullptr, out.cpu);
-    gpu_->linear(x.gpu, w_gpu, with_bias ? &bias.gpu : nullptr, out.gpu);
-    expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), c.tol, what);
+    cpu_->linear(x.cpu, w_cpu, o.bias ? &bias.cpu : nullptr, out.cpu);
+    gpu_->linear(x.gpu, w_gpu, o.bias ? &bias.gpu : nullptr, out.gpu);
+    const std::vector<float> got = read(*gpu_, out.gpu);
+    expect_close(read(*cpu_, out.cpu), got, c.tol, what);
+    if (o.twice) {
+      gpu_->linear(x.gpu, w_gpu, o.bias ? &bias.gpu : nullptr, out.gpu);
+      EXPECT_EQ(0, std::memcmp(got.data(), read(*gpu_, out.gpu).data(), got.size() * sizeof(float)))
+          << what << ": a second run differs";
+    }
+    quantized_.clear();  // the CPU backend reads them in place until here
   }
   std::vector<QuantizedWeight> quantized_;
 };
 
 // Tolerances: F32 differs only in summation order. BF16/F16 weights: the GPU rounds activations to
 // the weight type for the tensor cores while the CPU keeps them fp32 (2^-9 / 2^-12 relative per
-// product). int8wo: both round activations to BF16 and the products are exact, so only the order
-// differs. fp8: the same codes on both; Hopper's FP8 tensor cores add in a narrower accumulator
-// between promotions, hence the looser bound.
+// product). int8wo: both round activations to the 16-bit type and the products are exact, so only
+// the summation differs; the tensor cores add in fp32 truncating (a model that truncates to fp32
+// after every 16 products gives 1.7e-6 relative at K = 4096 and 5.7e-6 at K = 11008 on these
+// inputs, hence 1e-5). fp8: the same codes on both; Hopper's FP8 tensor cores add in a narrower
+// accumulator between promotions, hence the looser bound.
+const Tolerance kInt8Tolerance{1e-5, 5e-3};
 const LinearCase kLinearCases[] = {
     {DType::F32, QuantMode::None, {2e-6, 2e-3}},
     {DType::BF16, QuantMode::None, {8e-3, 0.2}},
     {DType::F16, QuantMode::None, {1e-3, 0.03}},
-    {DType::BF16, QuantMode::Int8WeightOnly, {2e-6, 2e-3}},
+    {DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance},
     {DType::BF16, QuantMode::Fp8, {5e-4, 0.05}},
 };
 
@@ -229,7 +251,34 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
     for (int64_t M : {1, 3, 7, 8, 9, 19, 733})
       for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {733, 64}, {48, 4096}, {17, 7}, {64, 64},
                           {32, 64}, {4096, 4096}})
-        check(c, M, N, K, /*with_bias=*/M == 3 || M == 19);
+        check(c, M, N, K, {/*bias=*/M == 3 || M == 19});
+}
+
+// The INT8 weight-only tensor-core GEMM (kernels/cuda/w8a16_gemm.cu), which takes M > 8 when K is
+// a multiple of 64: its tile shapes (16/32/64 rows for decode batches, 128 for prefill), N and M
+// not tile multiples, split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its
+// repeatability, both activation types, per-channel and per-tensor scales, BF16 and F32 biases;
+// and a shape it leaves to dequantize + cuBLASLt (K = 96).
+TEST_F(GpuLinear, Int8TensorCoreGemm) {
+  const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
+  int i = 0;
+  for (DType act : {DType::BF16, DType::F16})
+    for (int64_t M : {9, 16, 17, 33, 64, 65, 128, 733, 2048})
+      for (auto [N, K] : {std::pair<int64_t, int64_t>{64, 128}, {19, 64}, {733, 64}, {48, 96}, {4096, 4096},
+                          {11008, 4096}, {4096, 11008}}) {
+        // The CPU reference's time: the widest layers at decode-batch and 128-row sizes, BF16 only.
+        const bool wide = N * K > 4096 * 4096;
+        if (wide && (act == DType::F16 || (M != 16 && M != 64 && M != 65 && M != 128))) continue;
+        if (M == 2048 && (act == DType::F16 || N * K < 4096 * 4096)) continue;
+        LinearOptions o;
+        o.act_dtype = act;
+        o.bias = i % 2 == 1;
+        o.bias_dtype = i % 4 == 3 ? DType::F32 : DType::BF16;
+        o.per_tensor = (i / 2) % 3 == 2;
+        o.twice = N * K >= 4096 * 4096 && M <= 128;
+        ++i;
+        check(c, M, N, K, o);
+      }
 }
 
 // ---- SiLU-mul fused with the FP8 quantization of the down projection's input --------------------
