@@ -5,8 +5,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "engine/dtype.h"
 
@@ -59,6 +61,24 @@ struct Epilogue {
 // C[g][2t+1], C[g+8][2t], C[g+8][2t+1]. Two 16-bit values share a register, lower column first.
 // (Checked on an H200 by the tensor-core attention kernel.)
 
+// Two values rounded to 16 bits in one register, lo in the lower half.
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, bf16) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, f16) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+}
+
+// ---- PTX instructions. A CPU emulation for tests (tests/emulated/cuda_emulation.h) defines
+// LLMQ_CUDA_EMULATION and gives its own definitions of these, of the same names and meaning.
+#ifndef LLMQ_CUDA_EMULATION
+
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, bf16) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -70,6 +90,114 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ldmatrix .x4 .trans: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of
+// matrix m addressed by lane 8m + r) and transposed, so that register m of lane l holds
+// M_m[2 (l % 4)][l / 4] and M_m[2 (l % 4) + 1][l / 4]: with the rows being keys and the columns
+// dims, that is an mma B fragment (B[k][n] = V[key k][dim n]) of a row-major V tile.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// 16 bytes global -> shared, or 16 zero bytes when !valid (src is not read then, but stays a valid address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* src, bool valid) {
+  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The kernel's dynamic shared memory, as an array of `type` (16-byte aligned for uint4).
+#define LLMQ_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+
+#endif  // LLMQ_CUDA_EMULATION
+
+// ---- KV cache elements -------------------------------------------------------------------------
+
+struct fp8 {  // one FP8 E4M3 code
+  uint8_t bits;
+};
+
+__device__ __forceinline__ float to_f32(int8_t v) { return float(v); }
+__device__ __forceinline__ float fp8_to_f32(uint32_t code) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(code), __NV_E4M3)));
+}
+__device__ __forceinline__ float to_f32(fp8 v) { return fp8_to_f32(v.bits); }
+
+// 16 one-byte codes or 8 two-byte values of a 16-byte vector, as fp32 (exact).
+__device__ __forceinline__ void unpack16(uint4 v, int8_t, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) out[i] = float(int8_t(words[i / 4] >> (8 * (i % 4))));
+}
+__device__ __forceinline__ void unpack16(uint4 v, fp8, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) out[i] = fp8_to_f32((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+}
+__device__ __forceinline__ void unpack8(uint4 v, bf16, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(uint4 v, f16, float* out) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __half2float(__ushort_as_half(uint16_t(words[i] & 0xffffu)));
+    out[2 * i + 1] = __half2float(__ushort_as_half(uint16_t(words[i] >> 16)));
+  }
+}
+
+// Attention's key tiles: kTileK keys at a time.
+constexpr int kTileK = 64;
+
+// Element offset of each key of a tile in the cache (-1 past key_end), for kTileK keys from key0.
+__device__ __forceinline__ void key_offsets(const int32_t* blocks, int key0, int key_end, int block_size,
+                                            int num_kv_heads, int kv_head, int head_dim, int64_t* offsets) {
+  for (int j = threadIdx.x; j < kTileK; j += blockDim.x) {
+    const int key = key0 + j;
+    offsets[j] = key < key_end
+                     ? ((int64_t(blocks[key / block_size]) * num_kv_heads + kv_head) * block_size + key % block_size) * head_dim
+                     : -1;
+  }
+}
+
+// 16 bytes of cache elements as fp32: 4 (F32) or 8 (16-bit) values.
+__device__ __forceinline__ int unpack_kv(uint4 v, float, float* out) {
+  out[0] = __uint_as_float(v.x);
+  out[1] = __uint_as_float(v.y);
+  out[2] = __uint_as_float(v.z);
+  out[3] = __uint_as_float(v.w);
+  return 4;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, bf16, float* out) {
+  unpack8(v, bf16{}, out);
+  return 8;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, f16, float* out) {
+  unpack8(v, f16{}, out);
+  return 8;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, int8_t, float* out) {
+  unpack16(v, int8_t{}, out);
+  return 16;
+}
+__device__ __forceinline__ int unpack_kv(uint4 v, fp8, float* out) {
+  unpack16(v, fp8{}, out);
+  return 16;
 }
 
 }  // namespace

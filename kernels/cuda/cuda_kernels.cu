@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "engine/error.h"
+#include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -16,16 +17,6 @@ namespace llmq::cuda {
 namespace {
 
 // ---- Element types ------------------------------------------------------------------------
-
-struct fp8 {  // one FP8 E4M3 code
-  uint8_t bits;
-};
-
-__device__ __forceinline__ float to_f32(int8_t v) { return float(v); }
-__device__ __forceinline__ float fp8_to_f32(uint32_t code) {
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(code), __NV_E4M3)));
-}
-__device__ __forceinline__ float to_f32(fp8 v) { return fp8_to_f32(v.bits); }
 
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
@@ -92,33 +83,6 @@ __device__ float block_reduce(float v) {
   return kMax ? warp_max(v) : warp_sum(v);
 }
 
-// 16 one-byte codes or 8 two-byte values of a 16-byte vector, as fp32 (exact).
-__device__ __forceinline__ void unpack16(uint4 v, int8_t, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) out[i] = float(int8_t(words[i / 4] >> (8 * (i % 4))));
-}
-__device__ __forceinline__ void unpack16(uint4 v, fp8, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) out[i] = fp8_to_f32((words[i / 4] >> (8 * (i % 4))) & 0xffu);
-}
-__device__ __forceinline__ void unpack8(uint4 v, bf16, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(words[i] << 16);
-    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void unpack8(uint4 v, f16, float* out) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __half2float(__ushort_as_half(uint16_t(words[i] & 0xffffu)));
-    out[2 * i + 1] = __half2float(__ushort_as_half(uint16_t(words[i] >> 16)));
-  }
-}
 // ---- Elementwise and per-row kernels --------------------------------------------------------
 
 template <typename T>
@@ -418,47 +382,10 @@ __global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* 
 //    accumulation). Prefill uses it.
 
 constexpr int kTileQ = kAttentionTileQ;
-constexpr int kTileK = 64;
 constexpr int kAttentionThreads = 128;
 
 size_t attention_smem_bytes(int head_dim) {
   return sizeof(float) * size_t(2 * kTileQ * head_dim + kTileK * (head_dim + 1) + kTileQ * kTileK + 3 * kTileQ);
-}
-
-// Element offset of each key of a tile in the cache (-1 past key_end), for kTileK keys from key0.
-__device__ __forceinline__ void key_offsets(const int32_t* blocks, int key0, int key_end, int block_size,
-                                            int num_kv_heads, int kv_head, int head_dim, int64_t* offsets) {
-  for (int j = threadIdx.x; j < kTileK; j += blockDim.x) {
-    const int key = key0 + j;
-    offsets[j] = key < key_end
-                     ? ((int64_t(blocks[key / block_size]) * num_kv_heads + kv_head) * block_size + key % block_size) * head_dim
-                     : -1;
-  }
-}
-
-// 16 bytes of cache elements as fp32: 4 (F32) or 8 (16-bit) values.
-__device__ __forceinline__ int unpack_kv(uint4 v, float, float* out) {
-  out[0] = __uint_as_float(v.x);
-  out[1] = __uint_as_float(v.y);
-  out[2] = __uint_as_float(v.z);
-  out[3] = __uint_as_float(v.w);
-  return 4;
-}
-__device__ __forceinline__ int unpack_kv(uint4 v, bf16, float* out) {
-  unpack8(v, bf16{}, out);
-  return 8;
-}
-__device__ __forceinline__ int unpack_kv(uint4 v, f16, float* out) {
-  unpack8(v, f16{}, out);
-  return 8;
-}
-__device__ __forceinline__ int unpack_kv(uint4 v, int8_t, float* out) {
-  unpack16(v, int8_t{}, out);
-  return 16;
-}
-__device__ __forceinline__ int unpack_kv(uint4 v, fp8, float* out) {
-  unpack16(v, fp8{}, out);
-  return 16;
 }
 
 template <typename KvT>
@@ -617,210 +544,6 @@ __global__ void attention_combine_kernel(const float* partial_o, const float* pa
     }
     out[t * out_cols + int64_t(h) * head_dim + d] = l > 0.0f ? o / l : 0.0f;
   }
-}
-
-// ---- Tensor-core attention (mma16816 of common.cuh: its fragment layouts) --------------------
-
-__device__ __forceinline__ uint32_t pack2(float lo, float hi, bf16) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi, f16) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// ldmatrix .x4 .trans: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of
-// matrix m addressed by lane 8m + r) and transposed, so that register m of lane l holds
-// M_m[2 (l % 4)][l / 4] and M_m[2 (l % 4) + 1][l / 4]: with the rows being keys and the columns
-// dims, that is an mma B fragment (B[k][n] = V[key k][dim n]) of a row-major V tile.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-constexpr int kMmaTileQ = kAttentionTileQLarge;  // 4 warps x 16 rows
-constexpr int kMmaKPad = 8;                      // row padding of the smem tiles (conflict-free fragment loads)
-
-// 16-bit caches feed the tensor cores as stored. 8-bit codes are dequantized (code * scale, in fp32
-// as the CUDA-core kernel does) to F16 while the tile is loaded: F16's 11 bits keep them better
-// than BF16's 8.
-template <typename KvT, int D>
-__global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int64_t q_cols, const KvT* k_cache,
-                                                            const KvT* v_cache, AttentionArgs a, DevicePlan plan,
-                                                            float* out) {
-  constexpr bool kCodes = sizeof(KvT) == 1;
-  using MmaT = std::conditional_t<kCodes, f16, KvT>;
-  __shared__ __align__(16) MmaT k_s[kTileK][D + kMmaKPad];   // K tile, [key][dim]
-  __shared__ __align__(16) MmaT v_s[kTileK][D + kMmaKPad];  // V tile, [key][dim]: ldmatrix.trans reads it
-  __shared__ int pos_s[kMmaTileQ];
-  __shared__ int64_t offset_s[kTileK];
-  __shared__ float k_scale_s[kTileK], v_scale_s[kTileK];  // 8-bit caches: each key's scales
-
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
-  const int tile = blockIdx.x, h = blockIdx.y;
-  const int t0 = plan.large.first[tile], count = plan.large.count[tile];
-  const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
-  const int kv_head = h / (a.num_heads / a.num_kv_heads);
-
-  int lo = INT_MAX, hi = -1;
-  for (int r = 0; r < count; ++r) {
-    const int p = plan.positions[t0 + r];
-    hi = max(hi, p);
-    lo = min(lo, a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0);
-  }
-  for (int r = tid; r < kMmaTileQ; r += blockDim.x) pos_s[r] = r < count ? plan.positions[t0 + r] : -1;
-
-  // This warp's 16 query rows as A fragments, pre-scaled and rounded to 16 bits.
-  const int row0 = warp * 16 + g, row1 = row0 + 8;
-  uint32_t qa[D / 16][4];
-  auto q_at = [&](int row, int d) {
-    return row < count ? q[int64_t(t0 + row) * q_cols + int64_t(h) * D + d] * a.scale : 0.0f;
-  };
-#pragma unroll
-  for (int c = 0; c < D / 16; ++c) {
-    const int d = 16 * c + 2 * t4;
-    qa[c][0] = pack2(q_at(row0, d), q_at(row0, d + 1), MmaT{});
-    qa[c][1] = pack2(q_at(row1, d), q_at(row1, d + 1), MmaT{});
-    qa[c][2] = pack2(q_at(row0, d + 8), q_at(row0, d + 9), MmaT{});
-    qa[c][3] = pack2(q_at(row1, d + 8), q_at(row1, d + 9), MmaT{});
-  }
-  float o[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l is this thread's part
-
-  constexpr int kPerVector = 16 / int(sizeof(KvT));
-  constexpr int kVectors = D / kPerVector;  // 16-byte vectors per key row
-  for (int key0 = lo; key0 <= hi; key0 += kTileK) {
-    __syncthreads();  // the previous tile is no longer read
-    key_offsets(blocks, key0, hi + 1, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
-    if constexpr (kCodes) {
-      for (int j = tid; j < kTileK; j += blockDim.x) {  // key_offsets' own threads: offset_s[j] is theirs
-        const int64_t offset = offset_s[j];
-        const int64_t at = a.scale_per_token ? offset / D : 0;
-        k_scale_s[j] = offset < 0 ? 0.0f : a.k_scale[at];
-        v_scale_s[j] = offset < 0 ? 0.0f : a.v_scale[at];
-      }
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int i = tid; i < kTileK * kVectors; i += blockDim.x) {
-      const int j = i / kVectors, c = i % kVectors;
-      const int64_t offset = offset_s[j];
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end (never NaN)
-      if (offset >= 0) {
-        kv = __ldg(reinterpret_cast<const uint4*>(k_cache + offset) + c);
-        vv = __ldg(reinterpret_cast<const uint4*>(v_cache + offset) + c);
-      }
-      if constexpr (kCodes) {
-        float kf[16], vf[16];
-        unpack_kv(kv, KvT{}, kf);
-        unpack_kv(vv, KvT{}, vf);
-        const float ks = k_scale_s[j], vs = v_scale_s[j];
-        uint4 kh[2], vh[2];  // 16 F16 values each, stored as two 16-byte vectors
-#pragma unroll
-        for (int e = 0; e < 16; e += 2) {
-          reinterpret_cast<uint32_t*>(kh)[e / 2] = pack2(kf[e] * ks, kf[e + 1] * ks, f16{});
-          reinterpret_cast<uint32_t*>(vh)[e / 2] = pack2(vf[e] * vs, vf[e + 1] * vs, f16{});
-        }
-        *reinterpret_cast<uint4*>(&k_s[j][c * 16]) = kh[0];
-        *reinterpret_cast<uint4*>(&k_s[j][c * 16 + 8]) = kh[1];
-        *reinterpret_cast<uint4*>(&v_s[j][c * 16]) = vh[0];
-        *reinterpret_cast<uint4*>(&v_s[j][c * 16 + 8]) = vh[1];
-      } else {
-        *reinterpret_cast<uint4*>(&k_s[j][c * 8]) = kv;
-        *reinterpret_cast<uint4*>(&v_s[j][c * 8]) = vv;
-      }
-    }
-    __syncthreads();
-
-    // S = Q.K^T for this warp's 16 rows and the tile's 64 keys.
-    float s[kTileK / 8][4];
-#pragma unroll
-    for (int j = 0; j < kTileK / 8; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        uint32_t b[2];
-        b[0] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4]);
-        b[1] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4 + 8]);
-        mma16816(s[j], qa[c], b, MmaT{});
-      }
-    }
-    // Mask, then the online softmax per row (each row's 64 scores sit in the 4 threads of a quad).
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kTileK / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + 8 * j + 2 * t4 + (e & 1);
-        const int p = pos_s[e < 2 ? row0 : row1];
-        const int window_lo = a.sliding_window > 0 ? p - a.sliding_window + 1 : 0;
-        if (key > hi || key > p || key < window_lo) s[j][e] = -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-      }
-    float correction[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);
-      correction[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);
-      m[r] = m_new;
-      l[r] *= correction[r];
-    }
-#pragma unroll
-    for (int j = 0; j < kTileK / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        s[j][e] = m[r] == -INFINITY ? 0.0f : expf(s[j][e] - m[r]);
-        l[r] += s[j][e];
-      }
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[j][0] *= correction[0];
-      o[j][1] *= correction[0];
-      o[j][2] *= correction[1];
-      o[j][3] *= correction[1];
-    }
-    // O += P.V: P's C fragments become A fragments (rounded to 16 bits), V^T rows give B.
-#pragma unroll
-    for (int c = 0; c < kTileK / 16; ++c) {
-      uint32_t pa[4];
-      pa[0] = pack2(s[2 * c][0], s[2 * c][1], MmaT{});
-      pa[1] = pack2(s[2 * c][2], s[2 * c][3], MmaT{});
-      pa[2] = pack2(s[2 * c + 1][0], s[2 * c + 1][1], MmaT{});
-      pa[3] = pack2(s[2 * c + 1][2], s[2 * c + 1][3], MmaT{});
-      // B fragments of V (keys 16c.., dims 8j..) for two j at once: lane l addresses row l % 8 of
-      // 8x8 matrix l / 8, which is keys +0 / +8 (bit 0) of dims 8j / 8(j + 1) (bit 1).
-      const int mat = lane / 8;
-#pragma unroll
-      for (int j = 0; j < D / 8; j += 2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, &v_s[16 * c + (mat & 1) * 8 + lane % 8][8 * (j + (mat >> 1))]);
-        mma16816(o[j], pa, b, MmaT{});
-        mma16816(o[j + 1], pa, b + 2, MmaT{});
-      }
-    }
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = e / 2, row = r == 0 ? row0 : row1;
-      if (row < count)
-        out[int64_t(t0 + row) * q_cols + int64_t(h) * D + 8 * j + 2 * t4 + (e & 1)] = l[r] > 0.0f ? o[j][e] / l[r] : 0.0f;
-    }
 }
 
 }  // namespace

@@ -1,273 +1,33 @@
-// INT8 weight-only GEMM on tensor cores (W8A16): out[M, N] (fp32) = x[M, K] (BF16/F16) . W[N, K]^T
-// (INT8 codes), then the weight scale per column and the bias (engine/quant.h). The codes travel as
-// one byte each and become 16-bit values in registers (exactly: |code| <= 128), so the weights cost
-// a fifth of the bytes of dequantizing them to memory first and half of a 16-bit GEMM's.
-//
-// Shape of the kernel (all tiles in elements):
-//  - a block computes a BM x 128 tile of out over a range of K; a warp a (BM / WM) x (128 / WN) part
-//    of it as m16 x n8 MMA tiles (mma16816, fp32 accumulators);
-//  - K goes in steps of 64 through a kStages-deep cp.async pipeline: the x tile (BM x 64 16-bit
-//    values, 16-byte chunks XOR-swizzled by row) and the W tile (128 x 64 bytes, plain rows);
-//  - few rows (M <= 64: decode batches) read the weights once, with BM = 16/32/64 and 4 warps side by
-//    side along N; when the N tiles cannot fill the GPU, K is split over blocks (split-K) and the last
-//    block of a tile adds the partial sums in split order (deterministic) before the epilogue;
-//  - more rows (prefill) use 128 x 128 tiles and 8 warps (2 x 4), each warp 64 x 32.
-//
-// The k order inside a 64-wide step is permuted, identically for x and W, so that every fragment is
-// one 16-byte shared-memory load: lane (g, t) loads x[row][16t .. 16t+15] and W[col][16t .. 16t+15]
-// and uses elements 16t + 4s .. 16t + 4s + 3 in the s-th MMA (s = 0..3) as the fragment's k = 2t, 2t+1,
-// 2t+8, 2t+9. A dot product does not depend on the order of k, and each MMA still sees 16 distinct k.
+// Plans and launches the W8A16 GEMM of w8a16_kernel.cuh.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
 
 #include "engine/error.h"
-#include "kernels/cuda/common.cuh"
-#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/w8a16_kernel.cuh"
 
 namespace llmq::cuda {
 
 namespace {
 
-constexpr int kBK = 64;  // K per pipeline stage (kW8A16KMultiple)
-constexpr int kBN = 128;
-constexpr int kStages = 4;
-static_assert(kBK == kW8A16KMultiple, "the K step is the K multiple the kernel requires");
-
-// ---- PTX: asynchronous copies ----------------------------------------------------------------
-
-// 16 bytes global -> shared, or 16 zero bytes when !valid (src is not read then, but stays a valid address).
-__device__ __forceinline__ void cp_async16(void* smem, const void* src, bool valid) {
-  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most `kPending` of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// ---- INT8 codes to 16-bit pairs, exact ----------------------------------------------------------
-
-// Four codes (bytes 0..3 of q) as two registers of two 16-bit values: lo = codes 0, 1 and hi = codes
-// 2, 3, the lower code in the lower half. Bias trick: u = code + 128 (flip the sign bit), put u in
-// the low mantissa bits of a power of two, subtract that power of two plus 128.
-__device__ __forceinline__ void i8x4_to_pairs(uint32_t q, uint32_t& lo, uint32_t& hi, f16) {
-  const uint32_t u = q ^ 0x80808080u;
-  // f16 0x64XX = 1024 + XX; 0x6480 = 1152 = 1024 + 128.
-  const __half2 magic = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));
-  const uint32_t l = __byte_perm(u, 0x64646464u, 0x4140), h = __byte_perm(u, 0x64646464u, 0x4342);
-  const __half2 lo2 = __hsub2(*reinterpret_cast<const __half2*>(&l), magic);
-  const __half2 hi2 = __hsub2(*reinterpret_cast<const __half2*>(&h), magic);
-  lo = *reinterpret_cast<const uint32_t*>(&lo2);
-  hi = *reinterpret_cast<const uint32_t*>(&hi2);
-}
-__device__ __forceinline__ void i8x4_to_pairs(uint32_t q, uint32_t& lo, uint32_t& hi, bf16) {
-  const uint32_t u = q ^ 0x80808080u;
-  // fp32 0x4B0000XX = 2^23 + XX, so (2^23 + XX) - (2^23 + 128) = code; a small integer's fp32 has
-  // zero low 16 bits, so its upper 16 bits are its bf16.
-  float f[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 | i)) - 8388736.0f;
-  lo = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);
-  hi = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-
-// ---- The kernel -------------------------------------------------------------------------------
-
-// Shared memory: kStages x (x tile [BM][kBK] of T, 16-byte chunk c of row r at chunk c ^ (r % 8);
-// W tile [kBN][kBK] bytes).
-template <typename T, int BM>
-constexpr int smem_bytes() {
-  return kStages * (BM * kBK * int(sizeof(T)) + kBN * kBK);
-}
-
-// (Asking for two 8-warp blocks per multiprocessor, i.e. 128 registers, spills about 200 bytes.)
-template <typename T, int BM, int WM, int WN>
-__global__ void __launch_bounds__(WM * WN * 32)
-    w8a16_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, int k_tiles_per_split,
-                 Epilogue e, float* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ counters) {
-  constexpr int kThreads = WM * WN * 32;
-  constexpr int kWarpM = BM / WM, kWarpN = kBN / WN;       // a warp's tile
-  constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;  // its MMA tiles
-  constexpr int kAChunks = BM * kBK * int(sizeof(T)) / 16;  // 16-byte copies per stage: 8 per x row
-  constexpr int kBChunks = kBN * kBK / 16;                  // 4 per W row
-  static_assert(sizeof(T) == 2 && kBK == 64, "the swizzle and the fragment loads assume 8 chunks of 8 values per x row");
-  static_assert(kWarpM % 16 == 0 && kWarpN % 8 == 0, "whole MMA tiles per warp");
-  static_assert(kAChunks % kThreads == 0 && kBChunks % kThreads == 0, "whole copies per thread");
-
-  extern __shared__ uint4 smem[];  // uint4: 16-byte aligned, one declaration for every instantiation
-  T* const a_s = reinterpret_cast<T*>(smem);
-  int8_t* const b_s = reinterpret_cast<int8_t*>(smem) + kStages * BM * kBK * int(sizeof(T));
-
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-  const int warp_m0 = (warp / WN) * kWarpM, warp_n0 = (warp % WN) * kWarpN;  // within the block tile
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kBN;
-  const int kt_begin = blockIdx.z * k_tiles_per_split;
-  const int n_k = min(K / kBK - kt_begin, k_tiles_per_split);  // >= 1: the launcher leaves no split empty
-
-  // Copies K tile kt into pipeline stage `stage`; rows past M or N are zero-filled.
-  auto load_stage = [&](int stage, int kt) {
-    const int k0 = kt * kBK;
-    T* as = a_s + stage * BM * kBK;
-#pragma unroll
-    for (int i = 0; i < kAChunks / kThreads; ++i) {
-      const int q = tid + i * kThreads, r = q / 8, c = q % 8;
-      const bool valid = m0 + r < M;
-      cp_async16(as + r * kBK + (c ^ (r % 8)) * 8, x + int64_t(valid ? m0 + r : 0) * K + k0 + c * 8, valid);
-    }
-    int8_t* bs = b_s + stage * kBN * kBK;
-#pragma unroll
-    for (int i = 0; i < kBChunks / kThreads; ++i) {
-      const int q = tid + i * kThreads, r = q / 4, c = q % 4;
-      const bool valid = n0 + r < N;
-      cp_async16(bs + r * kBK + c * 16, w + int64_t(valid ? n0 + r : 0) * K + k0 + c * 16, valid);
-    }
-  };
-
-  float acc[kMTiles][kNTiles][4];
-#pragma unroll
-  for (int i = 0; i < kMTiles; ++i)
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
-
-  // One commit group per K tile, empty past the end, so that "tile i has landed" is always
-  // "at most kStages - 2 groups pending" at iteration i.
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_k) load_stage(s, kt_begin + s);
-    cp_async_commit();
-  }
-  for (int i = 0; i < n_k; ++i) {
-    cp_async_wait<kStages - 2>();
-    // Tile i is visible to all threads, and every warp is done with the stage read at i - 1,
-    // which the copy below refills.
-    __syncthreads();
-    if (i + kStages - 1 < n_k) load_stage((i + kStages - 1) % kStages, kt_begin + i + kStages - 1);
-    cp_async_commit();
-
-    const T* as = a_s + (i % kStages) * BM * kBK;
-    const int8_t* bs = b_s + (i % kStages) * kBN * kBK;
-    // W: 16 codes per n8 tile, columns warp_n0 + 8j + g, k 16t .. 16t+15 (conflict-free: 8
-    // consecutive lanes read 128 consecutive bytes).
-    uint4 b_raw[kNTiles];
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
-      b_raw[j] = *reinterpret_cast<const uint4*>(bs + (warp_n0 + 8 * j + g) * kBK + 16 * t);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // x: rows warp_m0 + 16i + g and + 8 (both = g mod 8), k 16t + 8h .. +7: logical chunk 2t + h.
-      uint4 a_lo[kMTiles], a_hi[kMTiles];
-      const int chunk = ((2 * t + h) ^ g) * 8;
-#pragma unroll
-      for (int i2 = 0; i2 < kMTiles; ++i2) {
-        const int row = warp_m0 + 16 * i2 + g;
-        a_lo[i2] = *reinterpret_cast<const uint4*>(as + row * kBK + chunk);
-        a_hi[i2] = *reinterpret_cast<const uint4*>(as + (row + 8) * kBK + chunk);
-      }
-#pragma unroll
-      for (int s2 = 0; s2 < 2; ++s2) {
-        const int s = 2 * h + s2;  // the MMA: k 16t + 4s .. 16t + 4s + 3 of each lane
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j) {
-          uint32_t b[2];
-          i8x4_to_pairs(word(b_raw[j], s), b[0], b[1], T{});
-#pragma unroll
-          for (int i2 = 0; i2 < kMTiles; ++i2) {
-            const uint32_t a[4] = {word(a_lo[i2], 2 * s2), word(a_hi[i2], 2 * s2), word(a_lo[i2], 2 * s2 + 1),
-                                   word(a_hi[i2], 2 * s2 + 1)};
-            mma16816(acc[i2][j], a, b, T{});
-          }
-        }
-      }
-    }
-  }
-  cp_async_wait<0>();  // only empty groups remain; nothing is left in flight at exit
-
-  // C fragment element c of MMA tile (i, j): row 16i + g (+8 for c >= 2), column 8j + 2t + (c & 1).
-  auto for_outputs_of = [&](int i2, auto&& fn) {
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int m = m0 + warp_m0 + 16 * i2 + g + (c >= 2 ? 8 : 0);
-        const int n = n0 + warp_n0 + 8 * j + 2 * t + (c & 1);
-        if (m < M && n < N) fn(acc[i2][j][c], int64_t(m) * N + n, m, n);
-      }
-  };
-  if (gridDim.z > 1) {
-    // Split-K: partial sums to partial[split][M][N]; the last split block to arrive at this tile
-    // sums them in split order (the same bits whichever block is last), then resets the tile's
-    // counter for the next launch.
-    float* mine = partial + int64_t(blockIdx.z) * M * N;
-#pragma unroll
-    for (int i2 = 0; i2 < kMTiles; ++i2) for_outputs_of(i2, [&](float& v, int64_t at, int, int) { mine[at] = v; });
-    __threadfence();
-    __syncthreads();
-    __shared__ bool last;
-    if (tid == 0) {
-      unsigned* counter = counters + blockIdx.y * gridDim.x + blockIdx.x;
-      __threadfence();
-      last = atomicAdd(counter, 1u) == gridDim.z - 1;
-      if (last) *counter = 0;  // every split has arrived
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // One MMA row tile at a time: 4 x kNTiles loads in flight per split, few registers.
-#pragma unroll
-    for (int i2 = 0; i2 < kMTiles; ++i2)
-      for (unsigned s = 0; s < gridDim.z; ++s)
-        for_outputs_of(i2, [&](float& v, int64_t at, int, int) {
-          const float ps = __ldcg(partial + int64_t(s) * M * N + at);  // L2: written by other multiprocessors
-          v = s == 0 ? ps : v + ps;
-        });
-  }
-#pragma unroll
-  for (int i2 = 0; i2 < kMTiles; ++i2)
-    for_outputs_of(i2, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
-}
-
-// The block tile's rows for M rows: decode batches get the smallest of 16/32/64 that holds them.
-int block_m(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128; }
-
-template <typename T, int BM, int WM, int WN>
-void launch(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const W8A16Plan& plan, const Epilogue& e,
-            float* out, float* partial, unsigned* counters, cudaStream_t stream) {
-  auto kernel = w8a16_kernel<T, BM, WM, WN>;
-  constexpr int smem = smem_bytes<T, BM>();
-  // Over 48 KB of dynamic shared memory must be asked for, once per device (a device's first call
-  // is an eager step, never a graph capture).
-  static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  cudaGetDevice(&device);
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (smem > 48 * 1024 && !(configured.load() & bit) &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess)
-    configured.fetch_or(bit);
-  const dim3 grid(unsigned((N + kBN - 1) / kBN), unsigned((M + BM - 1) / BM), unsigned(plan.splits));
-  kernel<<<grid, WM * WN * 32, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K),
-                                                plan.k_tiles_per_split, e, out, partial, counters);
-}
-
 template <typename T>
 void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const W8A16Plan& plan,
                      const Epilogue& e, float* out, float* partial, unsigned* counters, cudaStream_t stream) {
-  switch (block_m(M)) {
-    case 16:
-      return launch<T, 16, 1, 4>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-    case 32:
-      return launch<T, 32, 1, 4>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-    case 64:
-      return launch<T, 64, 1, 4>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-    default:
-      return launch<T, 128, 2, 4>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-  }
+  w8a16_for_rows<T>(M, N, plan, [&](auto kernel, dim3 grid, int threads, int smem) {
+    // Over 48 KB of dynamic shared memory must be asked for, once per device and instantiation (a
+    // device's first call is an eager step, never a graph capture).
+    static std::atomic<uint64_t> configured[5]{};  // by block_m / 32: 16, 32, 64, 128 rows
+    const int slot = block_m(M) / 32;
+    int device = 0;
+    cudaGetDevice(&device);
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    if (smem > 48 * 1024 && !(configured[slot].load() & bit) &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess)
+      configured[slot].fetch_or(bit);
+    kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K),
+                                            plan.k_tiles_per_split, e, out, partial, counters);
+  });
 }
 
 }  // namespace

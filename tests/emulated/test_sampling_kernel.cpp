@@ -1,5 +1,5 @@
 // The CUDA sampling kernel (kernels/cuda/sampling_kernel.cuh) run on the CPU through
-// tests/cuda_emulation.h, against the host sampler: the same tokens, row for row. The GPU test
+// tests/emulated/cuda_emulation.h, against the host sampler: the same tokens, row for row. The GPU test
 // (tests/gpu, BackendPair.SamplingDrawsTheHostsTokens) runs the real kernel the same way.
 #include <gtest/gtest.h>
 
@@ -9,7 +9,7 @@
 #include "engine/sampler.h"
 #include "sampling_cases.h"
 
-#include "cuda_emulation.h"  // after every other header: it defines CUDA's keywords away
+#include "emulated/cuda_emulation.h"  // before the kernel: it stands in for CUDA
 #include "kernels/cuda/sampling_kernel.cuh"
 
 namespace llmq {
@@ -38,7 +38,7 @@ TEST(SamplingKernelEmulated, DrawsTheHostsTokens) {
     std::vector<int32_t> tokens(cases.size(), -1);
     // 64 threads (2 warps): the GPU runs 512, but the code is the same for any multiple of 32, and
     // OS threads are slow to synchronize.
-    emulation::launch(unsigned(cases.size()), 64, [&] {
+    emulation::launch(dim3(unsigned(cases.size())), 64, 0, [&] {
       cuda::sample_kernel(logits.data(), vocab, args.data(), penalized.data(), tokens.data());
     });
     for (size_t i = 0; i < cases.size(); ++i)

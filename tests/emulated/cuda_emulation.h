@@ -1,0 +1,291 @@
+// A CPU emulation of the part of CUDA that the kernels in kernels/cuda/*.cuh use, so that their
+// logic (indexing, barriers, warp collectives, tensor-core fragment layouts, copy pipelines) is
+// tested on machines without a GPU. Each block runs as blockDim std::threads, one block at a time:
+//  - __shared__ variables become function statics (one block at a time shares them); dynamic
+//    shared memory is a buffer filled with 0xff bytes before each block;
+//  - __syncthreads is a barrier that exited threads leave, as on the GPU;
+//  - warp collectives (shuffles, mma.sync, ldmatrix) exchange through per-warp slots between two
+//    warp barriers; mma.sync m16n8k16 reads its fragments by the PTX ISA's layouts and sums the
+//    16 products in double;
+//  - cp.async copies land when waited for (or at once, with eager_copies);
+//  - atomics take a lock.
+// Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
+// the tensor cores, and everything else CUDA has. Include it before any kernel header.
+#pragma once
+
+#include <cuda_runtime.h>
+#undef __launch_bounds__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define LLMQ_CUDA_EMULATION 1
+#undef __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
+
+namespace llmq::emulation {
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local Dim thread_index, block_index;
+inline Dim grid_dim, block_dim;
+
+// A reusable barrier for `count` threads; a thread that leaves lowers the count.
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ >= count_) return release();
+    cv_.wait(lock, [&] { return generation_ != generation; });
+  }
+  void leave() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    --count_;
+    if (arrived_ > 0 && arrived_ >= count_) release();
+  }
+
+ private:
+  void release() {
+    arrived_ = 0;
+    ++generation_;
+    cv_.notify_all();
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int count_, arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+struct Block {
+  explicit Block(int threads, size_t shared_bytes) : barrier(threads), exchange(size_t(threads) * 4) {
+    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Barrier>(32));
+    shared.assign(shared_bytes / 16 + 1, make_uint4(~0u, ~0u, ~0u, ~0u));
+  }
+  Barrier barrier;
+  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<uint64_t> exchange;  // four 64-bit slots per thread for warp collectives
+  std::vector<uint4> shared;       // dynamic shared memory
+};
+inline Block* current = nullptr;
+inline std::mutex atomics;
+inline bool eager_copies = false;
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<Copy> open_copies;
+inline thread_local std::deque<std::vector<Copy>> copy_groups;
+inline void land(const Copy& c) {
+  if (c.valid)
+    std::memcpy(c.dst, c.src, 16);
+  else
+    std::memset(c.dst, 0, 16);
+}
+
+// Runs fn() as every thread of every block of the grid, block after block.
+inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::function<void()>& fn) {
+  grid_dim = {grid.x, grid.y, grid.z};
+  block_dim = {threads, 1, 1};
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block block(int(threads), shared_bytes);
+        current = &block;
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            thread_index = {t, 0, 0};
+            block_index = {x, y, z};
+            open_copies.clear();
+            copy_groups.clear();
+            fn();
+            block.barrier.leave();
+          });
+        for (std::thread& t : pool) t.join();
+        current = nullptr;
+      }
+}
+
+inline int lane() { return int(thread_index.x) % 32; }
+inline Barrier& warp_barrier() { return *current->warps[thread_index.x / 32]; }
+inline uint64_t* slots(int lane_in_warp) {
+  return &current->exchange[size_t((int(thread_index.x) / 32 * 32 + lane_in_warp) * 4)];
+}
+
+template <typename T>
+T shuffle(T v, int source_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffle moves at most 64 bits");
+  std::memcpy(slots(lane()), &v, sizeof v);
+  warp_barrier().wait();
+  T out;
+  std::memcpy(&out, slots(source_lane), sizeof out);
+  warp_barrier().wait();  // nobody writes its slot again before everyone has read
+  return out;
+}
+
+inline float half_of(uint32_t reg, int high, __nv_bfloat16) {
+  const uint32_t bits = (high ? reg >> 16 : reg) & 0xffffu;
+  float f;
+  const uint32_t u = bits << 16;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float half_of(uint32_t reg, int high, __half) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>((high ? reg >> 16 : reg) & 0xffffu)));
+}
+
+}  // namespace llmq::emulation
+
+#define threadIdx (llmq::emulation::thread_index)
+#define blockIdx (llmq::emulation::block_index)
+#define blockDim (llmq::emulation::block_dim)
+#define gridDim (llmq::emulation::grid_dim)
+#define LLMQ_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(llmq::emulation::current->shared.data())
+
+inline void __syncthreads() { llmq::emulation::current->barrier.wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+T __shfl_down_sync(unsigned, T v, int offset) {
+  const int lane = llmq::emulation::lane();
+  return llmq::emulation::shuffle(v, lane + offset < 32 ? lane + offset : lane);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, int offset) {
+  const int lane = llmq::emulation::lane();
+  return llmq::emulation::shuffle(v, lane - offset >= 0 ? lane - offset : lane);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask) {
+  return llmq::emulation::shuffle(v, llmq::emulation::lane() ^ mask);
+}
+template <typename T>
+T atomicAdd(T* address, T v) {
+  std::lock_guard<std::mutex> lock(llmq::emulation::atomics);
+  const T old = *address;
+  *address = old + v;
+  return old;
+}
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t selector) {
+  const uint64_t bytes = (uint64_t(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned s = (selector >> (4 * i)) & 7u;  // the sign-replicating mode (bit 3) is not used
+    r |= uint32_t((bytes >> (8 * s)) & 0xffu) << (8 * i);
+  }
+  return r;
+}
+using std::isfinite;
+using std::max;
+using std::min;
+
+// ---- The PTX instructions of kernels/cuda/common.cuh ---------------------------------------
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D = A B + C for the warp, A 16 x 16, B 16 x 8.
+// A[row][k] is in lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2;
+// B[k][col] in lane 4 col + (k % 8) / 2, register k >= 8, half k % 2; C[row][col] in lane
+// 4 (row % 8) + col / 2, register 2 (row >= 8) + col % 2.
+template <typename T>
+void mma16816(float* c, const uint32_t* a, const uint32_t* b, T) {
+  using namespace llmq::emulation;
+  uint64_t* mine = slots(lane());
+  mine[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
+  mine[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
+  mine[2] = uint64_t(b[0]) | uint64_t(b[1]) << 32;
+  warp_barrier().wait();
+  auto reg = [&](int l, int i) { return uint32_t(slots(l)[i / 2] >> (32 * (i % 2))); };
+  auto A = [&](int row, int k) { return half_of(reg(4 * (row % 8) + (k % 8) / 2, (row >= 8) + 2 * (k >= 8)), k % 2, T{}); };
+  auto B = [&](int k, int col) { return half_of(reg(4 * col + (k % 8) / 2, 4 + (k >= 8)), k % 2, T{}); };
+  const int g = lane() / 4, t = lane() % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    double sum = 0;
+    for (int k = 0; k < 16; ++k) sum += double(A(row, k)) * double(B(k, col));
+    out[e] = float(double(c[e]) + sum);
+  }
+  warp_barrier().wait();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lane 8 m + r gives the address of row r of 8 x 8
+// matrix m (8 16-bit values); register m of lane l gets M_m[2 (l % 4)][l / 4] (low half) and
+// M_m[2 (l % 4) + 1][l / 4] (high half).
+inline void ldmatrix_x4_trans(uint32_t* r, const void* row) {
+  using namespace llmq::emulation;
+  std::memcpy(slots(lane()), &row, sizeof row);
+  warp_barrier().wait();
+  auto element = [&](int m, int i, int j) {
+    const void* p;
+    std::memcpy(&p, slots(8 * m + i), sizeof p);
+    uint16_t v;
+    std::memcpy(&v, static_cast<const char*>(p) + 2 * j, 2);
+    return uint32_t(v);
+  };
+  const int g = lane() / 4, t = lane() % 4;
+  uint32_t out[4];
+  for (int m = 0; m < 4; ++m) out[m] = element(m, 2 * t, g) | element(m, 2 * t + 1, g) << 16;
+  warp_barrier().wait();
+  for (int m = 0; m < 4; ++m) r[m] = out[m];
+}
+
+// cp.async.cg.shared.global 16 bytes (zeros when !valid), commit_group, wait_group.
+inline void cp_async16(void* shared, const void* src, bool valid) {
+  using namespace llmq::emulation;
+  if (eager_copies)
+    land({shared, src, valid});
+  else
+    open_copies.push_back({shared, src, valid});
+}
+inline void cp_async_commit() {
+  using namespace llmq::emulation;
+  copy_groups.push_back(std::move(open_copies));
+  open_copies.clear();
+}
+template <int kPending>
+void cp_async_wait() {
+  using namespace llmq::emulation;
+  while (int(copy_groups.size()) > kPending) {
+    for (const Copy& c : copy_groups.front()) land(c);
+    copy_groups.pop_front();
+  }
+}
