@@ -228,7 +228,7 @@ struct GemmPlan {
   cublasLtMatmulAlgo_t algo{};
   bool has_algo = false;
   int candidates = 0, chosen = 0;  // the heuristic's candidates, and which one was fastest
-  float first_ms = 0, best_ms = 0; // 3 runs of the heuristic's first choice and of the fastest
+  float first_ms = 0, best_ms = 0;  // one run of the heuristic's first choice and of the fastest
 };
 
 constexpr uint64_t kWorkspaceBytes = uint64_t(32) << 20;
@@ -267,12 +267,16 @@ class CudaBackend final : public Backend {
     profiler_.print(name_);
     const CublasLt& lt = cublas_lt();
     if (profiler_.enabled()) {
-      std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K: candidates, chosen, us for 3 runs (first choice -> chosen)\n");
+      std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K: candidates, chosen, us per run (first choice -> chosen)\n");
       for (auto& [key, plan] : plans_)
         std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
                      dtype_name(DType(std::get<1>(key))), dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key),
                      (long long)std::get<4>(key), (long long)std::get<5>(key), plan.candidates, plan.chosen,
                      1e3 * plan.first_ms, 1e3 * plan.best_ms);
+      for (auto& [key, choice] : w8a16_choices_)
+        std::fprintf(stderr, "  INT8 x %s M=%lld N=%lld K=%lld: W8A16 kernel %.1f us, dequantize + cuBLASLt %.1f us\n",
+                     dtype_name(DType(std::get<0>(key))), (long long)std::get<1>(key), (long long)std::get<2>(key),
+                     (long long)std::get<3>(key), 1e3 * choice.kernel_ms, 1e3 * choice.dequantized_ms);
     }
     for (auto& [key, plan] : plans_) {
       lt.cublasLtMatrixLayoutDestroy(plan.a);
@@ -492,8 +496,11 @@ class CudaBackend final : public Backend {
           check(cudaGetLastError(), "quantized_gemv kernel (int8)");
           return;
         }
-        // Tensor cores for many rows: the INT8 codes become 16-bit in registers (w8a16_gemm.cu).
-        if (cuda::w8a16_supported(M, N, K, xs, weight.w.data)) {
+        // Many rows: the W8A16 tensor-core kernel (the codes become 16-bit in registers), or the
+        // weights dequantized exactly to 16 bits and cuBLASLt, whichever was faster when the shape was
+        // first seen (the kernel takes K multiples of 64 and aligned pointers only).
+        auto tensor_cores = [&] {
+          Profiler::Scope part(profiler_, "  (in linear) W8A16 kernel", stream_);
           const cuda::W8A16Plan plan = cuda::w8a16_plan(M, N, K, num_sms_);
           float* partial = nullptr;
           unsigned* counters = nullptr;
@@ -506,14 +513,22 @@ class CudaBackend final : public Backend {
           cuda::w8a16_gemm(xs, weight.act_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data,
                            bias_dtype, y, plan, partial, counters, stream_);
           check(cudaGetLastError(), "w8a16_gemm kernel");
-          return;
+        };
+        auto dequantized = [&] {
+          ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
+          cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, weight.act_dtype, dequantized_->data(), stream_);
+          check(cudaGetLastError(), "dequantize_i8 kernel");
+          gemm(dequantized_->data(), weight.act_dtype, xs, weight.act_dtype, M, N, K, y);
+          epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
+        };
+        if (!cuda::w8a16_supported(M, N, K, xs, weight.w.data)) return dequantized();
+        const auto key = std::make_tuple(int(weight.act_dtype), M, N, K);
+        auto choice = w8a16_choices_.find(key);
+        if (choice == w8a16_choices_.end()) {
+          const float kernel_ms = time_ms(tensor_cores);
+          choice = w8a16_choices_.emplace(key, W8A16Choice{kernel_ms, time_ms(dequantized)}).first;
         }
-        // Other shapes (K not a multiple of 64, unaligned pointers): the weights dequantized exactly to 16-bit, scales after.
-        ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
-        cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, weight.act_dtype, dequantized_->data(), stream_);
-        check(cudaGetLastError(), "dequantize_i8 kernel");
-        gemm(dequantized_->data(), weight.act_dtype, xs, weight.act_dtype, M, N, K, y);
-        break;
+        return choice->second.kernel_ms <= choice->second.dequantized_ms ? tensor_cores() : dequantized();
       }
       case DType::F8_E4M3:
         fp8_scratch(M, K);
@@ -526,8 +541,7 @@ class CudaBackend final : public Backend {
       default:
         fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: linear weights of dtype {} are not supported", dtype_name(w_dtype));
     }
-    cuda::linear_epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype, stream_);
-    check(cudaGetLastError(), "linear epilogue kernel");
+    epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
   }
 
   // FP8 weights: silu(gate) * up goes straight into the FP8 codes and row scales (one kernel, no
@@ -709,6 +723,15 @@ class CudaBackend final : public Backend {
     return static_cast<unsigned long long*>(counters_->data()) + size_t(layer) * kSaturationCounters;
   }
 
+  // The scales and bias of a linear whose GEMM wrote y unscaled (nothing to do without either).
+  void epilogue(float* y, int64_t M, int64_t N, const float* row_scales, const float* w_scale, bool per_channel,
+                const void* bias, DType bias_dtype) {
+    if (!w_scale && !bias) return;
+    Profiler::Scope part(profiler_, "  (in linear) epilogue", stream_);
+    cuda::linear_epilogue(y, M, N, row_scales, w_scale, per_channel, bias, bias_dtype, stream_);
+    check(cudaGetLastError(), "linear epilogue kernel");
+  }
+
   // FP8 activations: room for M x K codes in codes_ and M row scales in row_scales_.
   void fp8_scratch(int64_t M, int64_t K) {
     ensure(codes_, uint64_t(M) * uint64_t(K));
@@ -728,8 +751,7 @@ class CudaBackend final : public Backend {
     float* y = out.as<float>();
     if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
         gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false)) {
-      cuda::linear_epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype, stream_);
-      check(cudaGetLastError(), "linear epilogue kernel");
+      epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
       return;
     }
     for (int64_t m0 = 0; m0 < M; m0 += cuda::kGemvMaxM) {
@@ -743,10 +765,31 @@ class CudaBackend final : public Backend {
   // x rounded to `dtype` in scratch memory (F32: x itself).
   const void* activations(const Tensor& x, DType dtype) {
     if (dtype == DType::F32) return x.data;
+    Profiler::Scope part(profiler_, "  (in linear) convert activations", stream_);
     ensure(converted_, uint64_t(x.numel()) * dtype_size(dtype));
     cuda::convert_activations(x.as<float>(), x.numel(), dtype, converted_->data(), stream_);
     check(cudaGetLastError(), "convert_activations kernel");
     return converted_->data();
+  }
+
+  // The mean GPU time of fn() over 3 runs after a warm-up, from events on the stream. Autotuning
+  // only: it synchronizes, so it runs in eager steps, never while a step is recorded.
+  template <typename Fn>
+  float time_ms(Fn&& fn) {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    check(cudaEventCreate(&start), "cudaEventCreate");
+    check(cudaEventCreate(&stop), "cudaEventCreate");
+    fn();
+    check(cudaEventRecord(start, stream_), "cudaEventRecord");
+    for (int r = 0; r < 3; ++r) fn();
+    check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+    const cudaError_t status = cudaEventSynchronize(stop);
+    float ms = 0.0f;
+    if (status == cudaSuccess) cudaEventElapsedTime(&ms, start, stop);
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    check(status, "autotune (cudaEventSynchronize)");
+    return ms / 3.0f;
   }
 
   // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation. In cuBLASLt's column-major terms
@@ -790,33 +833,21 @@ class CudaBackend final : public Backend {
       if (plan.has_algo) plan.algo = results[0].algo;
       plan.candidates = found;
       if (plan.has_algo && found > 1) {
-        cudaEvent_t start = nullptr, stop = nullptr;
-        check(cudaEventCreate(&start), "cudaEventCreate");
-        check(cudaEventCreate(&stop), "cudaEventCreate");
         const float alpha = 1.0f, beta = 0.0f;
-        float best = 0.0f;
         for (int i = 0; i < found; ++i) {
           auto run = [&] {
             return lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, d, plan.d, d, plan.d,
                                      &results[i].algo, workspace_->data(), kWorkspaceBytes, stream_);
           };
-          if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; an algorithm that fails is skipped
-          check(cudaEventRecord(start, stream_), "cudaEventRecord");
-          for (int r = 0; r < 3; ++r) run();
-          check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-          check(cudaEventSynchronize(stop), "GEMM autotune (cudaEventSynchronize)");
-          float ms = 0.0f;
-          check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+          if (run() != CUBLAS_STATUS_SUCCESS) continue;  // an algorithm that fails is skipped
+          const float ms = time_ms(run);
           if (i == 0) plan.first_ms = ms;
-          if (best == 0.0f || ms < best) {
-            best = ms;
+          if (plan.best_ms == 0.0f || ms < plan.best_ms) {
             plan.algo = results[i].algo;
             plan.chosen = i;
             plan.best_ms = ms;
           }
         }
-        cudaEventDestroy(start);
-        cudaEventDestroy(stop);
       }
       it = plans_.emplace(key, plan).first;
     }
@@ -827,6 +858,11 @@ class CudaBackend final : public Backend {
            dtype_name(w_dtype), dtype_name(x_dtype), M, K, N, K);
     }
     const float alpha = 1.0f, beta = 0.0f;
+    // The GEMM alone inside the linear's time: the profile's answer to "is it the GEMM or the rest".
+    Profiler::Scope part(profiler_,
+                         profiler_.enabled() ? fmt::format("  (in linear) cuBLASLt {} {}", dtype_name(w_dtype), rows_bucket(M))
+                                             : "",
+                         stream_);
     check(lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, d, plan.d, d, plan.d,
                             &plan.algo, workspace_->data(), kWorkspaceBytes, stream_),
           "cublasLtMatmul");
@@ -843,6 +879,11 @@ class CudaBackend final : public Backend {
   static constexpr int32_t kMaxCountedLayers = 1024;
   std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
+  // INT8 weights, (activation dtype, M, N, K): the two paths' times when the shape was first seen.
+  struct W8A16Choice {
+    float kernel_ms, dequantized_ms;
+  };
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, W8A16Choice> w8a16_choices_;
 
   std::vector<std::unique_ptr<Buffer>> uploads_;
 
