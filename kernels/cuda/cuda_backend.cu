@@ -251,6 +251,10 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
+    // LLMQ_W8A16=kernel|dequantize: the path INT8 weights take at more than 8 rows, instead of the
+    // faster one (tests and profiling).
+    const char* w8a16 = std::getenv("LLMQ_W8A16");
+    w8a16_path_ = w8a16 && std::string(w8a16) == "kernel" ? 1 : w8a16 && std::string(w8a16) == "dequantize" ? 2 : 0;
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
@@ -521,7 +525,8 @@ class CudaBackend final : public Backend {
           gemm(dequantized_->data(), weight.act_dtype, xs, weight.act_dtype, M, N, K, y);
           epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
         };
-        if (!cuda::w8a16_supported(M, N, K, xs, weight.w.data)) return dequantized();
+        if (!cuda::w8a16_supported(M, N, K, xs, weight.w.data) || w8a16_path_ == 2) return dequantized();
+        if (w8a16_path_ == 1) return tensor_cores();
         const auto key = std::make_tuple(int(weight.act_dtype), M, N, K);
         auto choice = w8a16_choices_.find(key);
         if (choice == w8a16_choices_.end()) {
@@ -884,6 +889,7 @@ class CudaBackend final : public Backend {
     float kernel_ms, dequantized_ms;
   };
   std::map<std::tuple<int, int64_t, int64_t, int64_t>, W8A16Choice> w8a16_choices_;
+  int w8a16_path_ = 0;  // 0: the faster, 1: the kernel, 2: dequantize + cuBLASLt (LLMQ_W8A16)
 
   std::vector<std::unique_ptr<Buffer>> uploads_;
 

@@ -260,6 +260,10 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
 // repeatability, both activation types, per-channel and per-tensor scales, BF16 and F32 biases;
 // and a shape it leaves to dequantize + cuBLASLt (K = 96).
 TEST_F(GpuLinear, Int8TensorCoreGemm) {
+  // The kernel itself, not whichever path was faster at a shape.
+  setenv("LLMQ_W8A16", "kernel", 1);
+  gpu_ = make_cuda_backend(CudaBackendOptions{});
+  unsetenv("LLMQ_W8A16");
   const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
   int i = 0;
   for (DType act : {DType::BF16, DType::F16})
