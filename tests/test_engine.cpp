@@ -113,6 +113,57 @@ TEST(Engine, GenerateIsDeterministicPerSeed) {
   EXPECT_EQ(engine.allocator().num_free(), engine.allocator().num_blocks());
 }
 
+// The serving step samples on the backend: the same tokens as copying the logits out and sampling
+// them on the host with the same samplers; a sampling row per logits row, or a named error.
+TEST(Engine, SampledStepEqualsLogitsThenHostSampling) {
+  Engine engine(stories(), options_with(2));
+  SamplingParams p;
+  p.temperature = 0.8f;
+  p.top_k = 20;
+  p.min_p = 0.05f;
+  p.repetition_penalty = 1.2f;
+  std::vector<Sampler> on_backend, on_host;
+  for (uint64_t seed : {1, 2, 3}) {
+    p.seed = seed;
+    on_backend.emplace_back(p);
+    on_host.emplace_back(p);
+  }
+  std::vector<std::unique_ptr<SequenceKv>> a, b;
+  std::vector<std::vector<int32_t>> history;
+  for (int s = 0; s < 3; ++s) {
+    a.push_back(engine.new_sequence());
+    b.push_back(engine.new_sequence());
+    history.push_back(story_tokens(5 + s, s));
+  }
+  std::vector<int32_t> tokens;
+  std::vector<float> logits;
+  for (int step = 0; step < 12; ++step) {
+    std::vector<SequenceStep> batch_a, batch_b;
+    std::vector<SampleRow> rows;
+    for (int s = 0; s < 3; ++s) {
+      const std::vector<int32_t>& h = history[size_t(s)];
+      const int32_t from = step == 0 ? 0 : int32_t(h.size()) - 1;
+      batch_a.push_back(SequenceStep{a[size_t(s)].get(), h.data() + from, int32_t(h.size()) - from, false, true});
+      batch_b.push_back(SequenceStep{b[size_t(s)].get(), h.data() + from, int32_t(h.size()) - from, false, true});
+      rows.push_back(on_backend[size_t(s)].next_row(h, engine.vocab_size()));
+    }
+    engine.step(batch_a, rows, &tokens);
+    engine.step(batch_b, &logits);
+    ASSERT_EQ(tokens.size(), 3u);
+    for (int s = 0; s < 3; ++s) {
+      const int32_t expected = on_host[size_t(s)].sample(logits.data() + size_t(s) * size_t(engine.vocab_size()),
+                                                         engine.vocab_size(), history[size_t(s)]);
+      EXPECT_EQ(tokens[size_t(s)], expected) << "step " << step << " sequence " << s;
+      history[size_t(s)].push_back(tokens[size_t(s)]);
+    }
+  }
+  std::unique_ptr<SequenceKv> c = engine.new_sequence();
+  const std::vector<int32_t> prompt = {1, 403};
+  test::expect_error([&] { engine.step({SequenceStep{c.get(), prompt.data(), 2, false, true}}, {}, &tokens); },
+                     LLMQ_ERR_INVALID_ARGUMENT, "1 logits rows but 0 sampling rows");
+  EXPECT_EQ(c->length(), 0);
+}
+
 TEST(Engine, StopIdsAndCallbackCancel) {
   Engine engine(stories(), options_with(1));
   GenerateOptions o;
