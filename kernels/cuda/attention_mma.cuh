@@ -18,20 +18,26 @@ namespace {
 constexpr int kMmaTileQ = kAttentionTileQLarge;  // 4 warps x 16 rows
 constexpr int kMmaKPad = 8;                      // row padding of the smem tiles (conflict-free fragment loads)
 
-// 16-bit caches feed the tensor cores as stored. 8-bit codes are dequantized (code * scale, in fp32
-// as the CUDA-core kernel does) to F16 while the tile is loaded: F16's 11 bits keep them better
-// than BF16's 8.
+// Dynamic shared memory of the kernel: two buffers of a K and a V tile, [key][dim] in 16 bits.
+constexpr int attention_mma_smem_bytes(int head_dim) { return 2 * 2 * kTileK * (head_dim + kMmaKPad) * 2; }
+
+// Key tiles are double-buffered: while the warps compute on one, the next is on its way. 16-bit
+// caches feed the tensor cores as stored and travel by cp.async. 8-bit codes are loaded and
+// dequantized (code * scale, in fp32 as the CUDA-core kernel does) to F16 when the tile is fetched:
+// F16's 11 bits keep them better than BF16's 8.
 template <typename KvT, int D>
 __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int64_t q_cols, const KvT* k_cache,
                                                             const KvT* v_cache, AttentionArgs a, DevicePlan plan,
                                                             float* out) {
   constexpr bool kCodes = sizeof(KvT) == 1;
   using MmaT = std::conditional_t<kCodes, f16, KvT>;
-  __shared__ __align__(16) MmaT k_s[kTileK][D + kMmaKPad];   // K tile, [key][dim]
-  __shared__ __align__(16) MmaT v_s[kTileK][D + kMmaKPad];  // V tile, [key][dim]: ldmatrix.trans reads it
+  using Tile = MmaT[kTileK][D + kMmaKPad];  // K or V tile, [key][dim] (V: ldmatrix.trans reads it)
+  LLMQ_DYNAMIC_SHARED(uint4, tiles_smem);  // a name of its own: extern shared arrays of one file alias
+  Tile* const k_tiles = reinterpret_cast<Tile*>(tiles_smem);  // [2]
+  Tile* const v_tiles = k_tiles + 2;                    // [2]
   __shared__ int pos_s[kMmaTileQ];
-  __shared__ int64_t offset_s[kTileK];
-  __shared__ float k_scale_s[kTileK], v_scale_s[kTileK];  // 8-bit caches: each key's scales
+  __shared__ int64_t offset_s[2][kTileK];
+  __shared__ float k_scale_s[2][kTileK], v_scale_s[2][kTileK];  // 8-bit caches: each key's scales
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
   const int tile = blockIdx.x, h = blockIdx.y;
@@ -68,48 +74,64 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
 
   constexpr int kPerVector = 16 / int(sizeof(KvT));
   constexpr int kVectors = D / kPerVector;  // 16-byte vectors per key row
-  for (int key0 = lo; key0 <= hi; key0 += kTileK) {
-    __syncthreads();  // the previous tile is no longer read
-    key_offsets(blocks, key0, hi + 1, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
+  // Starts bringing the key tile at key0 into buffer b: its offsets (and 8-bit scales), then its K
+  // and V rows. Commits a cp.async group either way (empty for 8-bit caches, loaded at once).
+  auto fetch = [&](int key0, int b) {
+    key_offsets(blocks, key0, hi + 1, a.block_size, a.num_kv_heads, kv_head, D, offset_s[b]);
     if constexpr (kCodes) {
-      for (int j = tid; j < kTileK; j += blockDim.x) {  // key_offsets' own threads: offset_s[j] is theirs
-        const int64_t offset = offset_s[j];
+      for (int j = tid; j < kTileK; j += blockDim.x) {  // key_offsets' own threads: offset_s[b][j] is theirs
+        const int64_t offset = offset_s[b][j];
         const int64_t at = a.scale_per_token ? offset / D : 0;
-        k_scale_s[j] = offset < 0 ? 0.0f : a.k_scale[at];
-        v_scale_s[j] = offset < 0 ? 0.0f : a.v_scale[at];
+        k_scale_s[b][j] = offset < 0 ? 0.0f : a.k_scale[at];
+        v_scale_s[b][j] = offset < 0 ? 0.0f : a.v_scale[at];
       }
     }
     __syncthreads();
 #pragma unroll 4
     for (int i = tid; i < kTileK * kVectors; i += blockDim.x) {
       const int j = i / kVectors, c = i % kVectors;
-      const int64_t offset = offset_s[j];
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end (never NaN)
-      if (offset >= 0) {
-        kv = __ldg(reinterpret_cast<const uint4*>(k_cache + offset) + c);
-        vv = __ldg(reinterpret_cast<const uint4*>(v_cache + offset) + c);
-      }
+      const int64_t offset = offset_s[b][j];
       if constexpr (kCodes) {
+        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end (never NaN)
+        if (offset >= 0) {
+          kv = __ldg(reinterpret_cast<const uint4*>(k_cache + offset) + c);
+          vv = __ldg(reinterpret_cast<const uint4*>(v_cache + offset) + c);
+        }
         float kf[16], vf[16];
         unpack_kv(kv, KvT{}, kf);
         unpack_kv(vv, KvT{}, vf);
-        const float ks = k_scale_s[j], vs = v_scale_s[j];
+        const float ks = k_scale_s[b][j], vs = v_scale_s[b][j];
         uint4 kh[2], vh[2];  // 16 F16 values each, stored as two 16-byte vectors
 #pragma unroll
         for (int e = 0; e < 16; e += 2) {
           reinterpret_cast<uint32_t*>(kh)[e / 2] = pack2(kf[e] * ks, kf[e + 1] * ks, f16{});
           reinterpret_cast<uint32_t*>(vh)[e / 2] = pack2(vf[e] * vs, vf[e + 1] * vs, f16{});
         }
-        *reinterpret_cast<uint4*>(&k_s[j][c * 16]) = kh[0];
-        *reinterpret_cast<uint4*>(&k_s[j][c * 16 + 8]) = kh[1];
-        *reinterpret_cast<uint4*>(&v_s[j][c * 16]) = vh[0];
-        *reinterpret_cast<uint4*>(&v_s[j][c * 16 + 8]) = vh[1];
+        *reinterpret_cast<uint4*>(&k_tiles[b][j][c * 16]) = kh[0];
+        *reinterpret_cast<uint4*>(&k_tiles[b][j][c * 16 + 8]) = kh[1];
+        *reinterpret_cast<uint4*>(&v_tiles[b][j][c * 16]) = vh[0];
+        *reinterpret_cast<uint4*>(&v_tiles[b][j][c * 16 + 8]) = vh[1];
       } else {
-        *reinterpret_cast<uint4*>(&k_s[j][c * 8]) = kv;
-        *reinterpret_cast<uint4*>(&v_s[j][c * 8]) = vv;
+        const bool valid = offset >= 0;  // else zeros (never NaN); the source address is then not read
+        cp_async16(&k_tiles[b][j][c * 8], valid ? static_cast<const void*>(k_cache + offset + c * 8) : k_cache, valid);
+        cp_async16(&v_tiles[b][j][c * 8], valid ? static_cast<const void*>(v_cache + offset + c * 8) : v_cache, valid);
       }
     }
-    __syncthreads();
+    cp_async_commit();
+  };
+
+  fetch(lo, 0);
+  for (int key0 = lo, b = 0; key0 <= hi; key0 += kTileK, b ^= 1) {
+    // The next tile goes into the other buffer (computed on last time round: see the barrier at
+    // the end); an empty group when there is none keeps the wait below the same.
+    if (key0 + kTileK <= hi)
+      fetch(key0 + kTileK, b ^ 1);
+    else
+      cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile b have landed
+    __syncthreads();     // and everyone's
+    const Tile& k_s = k_tiles[b];
+    const Tile& v_s = v_tiles[b];
 
     // S = Q.K^T for this warp's 16 rows and the tile's 64 keys.
     float s[kTileK / 8][4];
@@ -118,10 +140,10 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
       s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
-        uint32_t b[2];
-        b[0] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4]);
-        b[1] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4 + 8]);
-        mma16816(s[j], qa[c], b, MmaT{});
+        uint32_t frag[2];
+        frag[0] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4]);
+        frag[1] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4 + 8]);
+        mma16816(s[j], qa[c], frag, MmaT{});
       }
     }
     // Mask, then the online softmax per row (each row's 64 scores sit in the 4 threads of a quad).
@@ -174,12 +196,13 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
       const int mat = lane / 8;
 #pragma unroll
       for (int j = 0; j < D / 8; j += 2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, &v_s[16 * c + (mat & 1) * 8 + lane % 8][8 * (j + (mat >> 1))]);
-        mma16816(o[j], pa, b, MmaT{});
-        mma16816(o[j + 1], pa, b + 2, MmaT{});
+        uint32_t frag[4];
+        ldmatrix_x4_trans(frag, &v_s[16 * c + (mat & 1) * 8 + lane % 8][8 * (j + (mat >> 1))]);
+        mma16816(o[j], pa, frag, MmaT{});
+        mma16816(o[j + 1], pa, frag + 2, MmaT{});
       }
     }
+    __syncthreads();  // tile b is no longer read: the next round may fetch into it
   }
 
 #pragma unroll

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "engine/error.h"
@@ -550,6 +552,18 @@ __global__ void attention_combine_kernel(const float* partial_o, const float* pa
 
 // ---- Launchers ------------------------------------------------------------------------------
 
+void allow_shared_memory(const void* kernel, int bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
+  int device = 0;
+  cudaGetDevice(&device);
+  std::lock_guard<std::mutex> lock(mutex);
+  int& done = allowed[{kernel, device}];
+  if (done >= bytes) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess) done = bytes;
+}
+
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
            int64_t rows, float* out, cudaStream_t stream) {
   with_float_type(dtype, "embedding table", [&](auto tag) {
@@ -681,8 +695,11 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
     dim3 grid(unsigned(plan.large.n), unsigned(args.num_heads));
     auto launch = [&](auto tag, auto dim) {
       using T = typename decltype(tag)::type;
-      attention_mma_kernel<T, decltype(dim)::value><<<grid, 128, 0, stream>>>(
-          q, q_cols, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), args, plan, out);
+      auto kernel = attention_mma_kernel<T, decltype(dim)::value>;
+      const int smem = attention_mma_smem_bytes(decltype(dim)::value);
+      allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<grid, 128, smem, stream>>>(q, q_cols, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
+                                          args, plan, out);
     };
     using D64 = std::integral_constant<int, 64>;
     using D128 = std::integral_constant<int, 128>;
@@ -696,11 +713,7 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
   with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = attention_kernel<T>;
-    static size_t configured = 48 * 1024;  // per instantiation: the dynamic shared memory allowed so far
-    if (smem > configured) {
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      configured = smem;
-    }
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), int(smem));
     dim3 grid(unsigned(plan.small.n), unsigned(args.num_heads), unsigned(args.n_splits));
     kernel<<<grid, kAttentionThreads, smem, stream>>>(q, q_cols, static_cast<const T*>(k_cache),
                                                       static_cast<const T*>(v_cache), args, plan, partial_o,

@@ -2,7 +2,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "engine/error.h"
 #include "kernels/cuda/w8a16_kernel.cuh"
@@ -15,16 +14,7 @@ template <typename T>
 void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const W8A16Plan& plan,
                      const Epilogue& e, float* out, float* partial, unsigned* counters, cudaStream_t stream) {
   w8a16_for_rows<T>(M, N, plan, [&](auto kernel, dim3 grid, int threads, int smem) {
-    // Over 48 KB of dynamic shared memory must be asked for, once per device and instantiation (a
-    // device's first call is an eager step, never a graph capture).
-    static std::atomic<uint64_t> configured[5]{};  // by block_m / 32: 16, 32, 64, 128 rows
-    const int slot = block_m(M) / 32;
-    int device = 0;
-    cudaGetDevice(&device);
-    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-    if (smem > 48 * 1024 && !(configured[slot].load() & bit) &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess)
-      configured[slot].fetch_or(bit);
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K),
                                             plan.k_tiles_per_split, e, out, partial, counters);
   });

@@ -144,9 +144,11 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   args.v_scale = v_scale.empty() ? nullptr : v_scale.data();
   args.scale_per_token = c.kv == DType::I8;
   std::vector<float> got(q.size(), std::numeric_limits<float>::quiet_NaN());  // poisoned
+  emulation::eager_copies = false;  // cp.async copies land only when waited for
   auto run = [&](auto kv_tag, auto dim) {
     using KvT = typename decltype(kv_tag)::type;
-    emulation::launch(dim3(unsigned(tile_first.size()), unsigned(c.heads)), 128, 0, [&] {
+    emulation::launch(dim3(unsigned(tile_first.size()), unsigned(c.heads)), 128,
+                      size_t(cuda::attention_mma_smem_bytes(decltype(dim)::value)), [&] {
       cuda::attention_mma_kernel<KvT, decltype(dim)::value>(q.data(), q_cols, reinterpret_cast<const KvT*>(k_bytes.data()),
                                                             reinterpret_cast<const KvT*>(v_bytes.data()), args, device,
                                                             got.data());
