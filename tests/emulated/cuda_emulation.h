@@ -101,28 +101,35 @@ inline void land(const Copy& c) {
     std::memset(c.dst, 0, 16);
 }
 
-// Runs fn() as every thread of every block of the grid, block after block.
+// Runs fn() as every thread of every block of the grid, block after block (x fastest), on one
+// std::thread per CUDA thread kept for the whole launch.
 inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::function<void()>& fn) {
   grid_dim = {grid.x, grid.y, grid.z};
   block_dim = {threads, 1, 1};
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block block(int(threads), shared_bytes);
-        current = &block;
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            thread_index = {t, 0, 0};
-            block_index = {x, y, z};
-            open_copies.clear();
-            copy_groups.clear();
-            fn();
-            block.barrier.leave();
-          });
-        for (std::thread& t : pool) t.join();
-        current = nullptr;
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  Barrier between_blocks{int(threads)};
+  std::unique_ptr<Block> block = std::make_unique<Block>(int(threads), shared_bytes);
+  current = block.get();
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      thread_index = {t, 0, 0};
+      for (unsigned i = 0; i < blocks; ++i) {
+        block_index = {i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)};
+        open_copies.clear();
+        copy_groups.clear();
+        fn();
+        current->barrier.leave();
+        between_blocks.wait();
+        if (t == 0) {  // a fresh block: barriers at full count, shared memory filled with 0xff again
+          block = std::make_unique<Block>(int(threads), shared_bytes);
+          current = block.get();
+        }
+        between_blocks.wait();
       }
+    });
+  for (std::thread& t : pool) t.join();
+  current = nullptr;
 }
 
 inline int lane() { return int(thread_index.x) % 32; }
@@ -205,6 +212,8 @@ inline uint32_t __float_as_uint(float f) {
 }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t selector) {
   const uint64_t bytes = (uint64_t(y) << 32) | x;
   uint32_t r = 0;

@@ -1,0 +1,513 @@
+// The CUDA backend's elementwise, per-row, GEMV, RoPE + KV write and paged attention kernels
+// (cuda_kernels.cu launches them), in a header so that the CPU emulation of tests/emulated/ can run
+// them too. Arithmetic is fp32 throughout, in the order the CPU backend uses where it matters for
+// agreement (engine/quant.h's quantize-then-multiply-then-scale).
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace llmq::cuda {
+namespace {
+
+// ---- Element types ------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ f16 from_f32<f16>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum (or max) over the block; every thread gets the result. blockDim.x is a multiple of 32.
+template <bool kMax>
+__device__ float block_reduce(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // partial[] may still be read from a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < warps ? partial[lane] : (kMax ? 0.0f : 0.0f);
+  return kMax ? warp_max(v) : warp_sum(v);
+}
+
+// ---- Elementwise and per-row kernels --------------------------------------------------------
+
+template <typename T>
+__global__ void embed_kernel(const T* table, int64_t first_id, int64_t table_rows, int64_t dim, const int32_t* tokens,
+                             float* out) {
+  const int64_t row = blockIdx.x;
+  const int64_t id = int64_t(tokens[row]) - first_id;  // outside [0, table_rows): another rank's id
+  const bool here = id >= 0 && id < table_rows;
+  const T* src = table + (here ? id : 0) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = here ? to_f32(src[i]) : 0.0f;
+}
+
+template <typename T>
+__global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, float eps, int64_t dim, float* out) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * dim;
+  float* rr = residual ? residual + row * dim : nullptr;
+  float sum_squares = 0.0f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = xr[i];
+    if (rr) {
+      v = rr[i] + v;
+      rr[i] = v;
+    }
+    sum_squares += v * v;
+  }
+  sum_squares = block_reduce<false>(sum_squares);
+  const float inv = 1.0f / sqrtf(sum_squares / float(dim) + eps);
+  const float* src = rr ? rr : xr;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = __fmul_rn(src[i], inv) * to_f32(w[i]);
+}
+
+// silu(g) * u as the CPU computes it, g / (1 + exp(-g)) * u, each operation rounded on its own:
+// the _rn intrinsics are never contracted into an FMA, so silu_mul and the fused quantization
+// below, which inline this in different code, get the same bits.
+__device__ __forceinline__ float silu_mul_value(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
+__global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = silu_mul_value(gate[i], up[i]);
+}
+
+__global__ void gather_rows_kernel(const float* x, int64_t cols, const int32_t* rows, float* out) {
+  const int64_t i = blockIdx.x;
+  const float* src = x + int64_t(rows[i]) * cols;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+}
+
+template <typename T>
+__global__ void convert_kernel(const float* x, int64_t n, T* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_f32<T>(x[i]);
+}
+
+// The activations quantize_fp8_rows_kernel reads, by element index: a tensor, or silu(gate) * up
+// computed on the fly (the fused SiLU-mul + quantization; nothing fp32 is written).
+struct ActivationsOf {
+  const float* x;
+  __device__ __forceinline__ float operator()(int64_t i) const { return x[i]; }
+};
+struct SiluMulOf {
+  const float *gate, *up;
+  __device__ __forceinline__ float operator()(int64_t i) const { return silu_mul_value(gate[i], up[i]); }
+};
+
+// One block per row. The dynamic scale's amax takes a first pass over the row; the second pass
+// reads (or recomputes, for SiluMulOf: the same bits) each value again to quantize it.
+template <typename Src>
+__global__ void __launch_bounds__(1024)
+    quantize_fp8_rows_kernel(Src src, int64_t cols, const float* static_scale, const float* row_amax, uint8_t* codes,
+                             float* row_scales, unsigned long long* counters) {
+  const int64_t row = blockIdx.x, base = row * cols;
+  float inv, scale;
+  if (static_scale) {
+    scale = static_scale[0];
+    inv = 1.0f / scale;
+  } else {
+    float amax = 0.0f;
+    if (row_amax) {
+      amax = row_amax[row];  // given: the whole row's, over the tensor-parallel ranks
+    } else {
+      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(src(base + i)));
+      amax = block_reduce<true>(amax);
+    }
+    inv = amax > 0.0f ? 448.0f / amax : 0.0f;
+    scale = amax / 448.0f;
+  }
+  unsigned clipped = 0;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float v = __fmul_rn(src(base + i), inv);
+    clipped += fabsf(v) > 448.0f;
+    codes[base + i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  }
+  if (threadIdx.x == 0) row_scales[row] = scale;
+  if (static_scale && counters) {
+    const float total = block_reduce<false>(float(clipped));  // exact: far below 2^24 per row
+    if (threadIdx.x == 0) {
+      if (total > 0.0f) atomicAdd(&counters[0], (unsigned long long)total);
+      atomicAdd(&counters[1], (unsigned long long)cols);
+    }
+  }
+}
+
+__global__ void row_absmax_kernel(const float* x, int64_t cols, float* out) {
+  const float* xr = x + int64_t(blockIdx.x) * cols;
+  float amax = 0.0f;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
+  amax = block_reduce<true>(amax);
+  if (threadIdx.x == 0) out[blockIdx.x] = amax;
+}
+
+// 16 codes per thread per step: one 16-byte load, two 16-byte stores (n is a multiple of 16).
+template <typename T>
+__global__ void dequantize_i8_kernel(const int8_t* q, int64_t n, T* out) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 16; i < n; i += int64_t(gridDim.x) * blockDim.x * 16) {
+    float f[16];
+    unpack16(__ldg(reinterpret_cast<const uint4*>(q + i)), int8_t{}, f);
+    T converted[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) converted[j] = from_f32<T>(f[j]);
+    reinterpret_cast<uint4*>(out + i)[0] = reinterpret_cast<const uint4*>(converted)[0];
+    reinterpret_cast<uint4*>(out + i)[1] = reinterpret_cast<const uint4*>(converted)[1];
+  }
+}
+template <typename T>
+__global__ void dequantize_i8_scalar_kernel(const int8_t* q, int64_t n, T* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_f32<T>(float(q[i]));
+}
+
+__global__ void epilogue_kernel(float* out, int64_t M, int64_t N, Epilogue e) {
+  const int64_t total = M * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = e.apply(out[i], i / N, i % N);
+}
+
+// ---- Quantized GEMV: one warp per output channel, all M (<= 8) tokens at once ---------------
+
+// 16 consecutive elements of a stored type as fp32 (exact): one, two or four 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+  if constexpr (sizeof(T) == 1) {
+    unpack16(__ldg(v), T{}, out);
+  } else if constexpr (sizeof(T) == 2) {
+    unpack8(__ldg(v), T{}, out);
+    unpack8(__ldg(v + 1), T{}, out + 8);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 w = __ldg(v + i);
+      out[4 * i] = __uint_as_float(w.x);
+      out[4 * i + 1] = __uint_as_float(w.y);
+      out[4 * i + 2] = __uint_as_float(w.z);
+      out[4 * i + 3] = __uint_as_float(w.w);
+    }
+  }
+}
+
+// One warp per output channel, 8 warps per block; each lane keeps kGemvSteps 16-byte weight loads in
+// flight. Measured on an H200 (7B shapes, M = 1): 2 steps 28 us per GEMV on average; 4 steps, or
+// 4 channels per warp with 4 warps per block, 36-37 us.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvSteps = 2;
+
+template <typename W, typename X, bool kVector>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_kernel(const X* x, const W* w, int M, int64_t N, int64_t K, Epilogue e, float* out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = int64_t(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  if (n >= N) return;
+  const W* row = w + n * K;
+  float acc[kGemvMaxM];
+#pragma unroll
+  for (int m = 0; m < kGemvMaxM; ++m) acc[m] = 0.0f;
+  if constexpr (kVector) {
+    // Each lane streams 16 weights per step with 16-byte loads, dequantized in registers.
+    constexpr int64_t kStride = 32 * 16;
+    for (int64_t k0 = int64_t(lane) * 16; k0 < K; k0 += kStride * kGemvSteps) {
+      float wf[kGemvSteps][16];
+#pragma unroll
+      for (int u = 0; u < kGemvSteps; ++u)
+        if (k0 + u * kStride < K) load16(row + k0 + u * kStride, wf[u]);
+#pragma unroll
+      for (int u = 0; u < kGemvSteps; ++u) {
+        const int64_t k = k0 + u * kStride;
+        if (k < K) {
+#pragma unroll
+          for (int m = 0; m < kGemvMaxM; ++m) {
+            if (m < M) {
+              float xf[16];
+              load16(x + m * K + k, xf);
+#pragma unroll
+              for (int i = 0; i < 16; ++i) acc[m] = fmaf(xf[i], wf[u][i], acc[m]);
+            }
+          }
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += 32) {
+      const float wf = to_f32(row[k]);
+#pragma unroll
+      for (int m = 0; m < kGemvMaxM; ++m)
+        if (m < M) acc[m] = fmaf(to_f32(x[m * K + k]), wf, acc[m]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kGemvMaxM; ++m) {
+    if (m < M) {
+      const float sum = warp_sum(acc[m]);
+      if (lane == 0) out[m * N + n] = e.apply(sum, m, n);
+    }
+  }
+}
+
+// ---- RoPE + KV write ------------------------------------------------------------------------
+
+// One head's K or V row into the cache: converted (float types), or quantized (engine/backend.h's
+// KvLayer): INT8 with this token's scale amax / 127 (one warp per row), FP8 with the layer's scale.
+template <typename KvT>
+__device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* scale, int64_t head, int lane,
+                             unsigned long long* clipped_counter) {
+  if constexpr (std::is_same<KvT, int8_t>::value) {
+    float amax = 0.0f;
+    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src[d]));
+    amax = warp_max(amax);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    if (lane == 0) scale[head] = amax / 127.0f;
+    for (int d = lane; d < head_dim; d += 32)
+      dst[d] = int8_t(fminf(fmaxf(rintf(__fmul_rn(src[d], inv)), -127.0f), 127.0f));
+  } else if constexpr (std::is_same<KvT, fp8>::value) {
+    const float inv = 1.0f / scale[0];
+    unsigned clipped = 0;
+    for (int d = lane; d < head_dim; d += 32) {
+      const float v = __fmul_rn(src[d], inv);
+      clipped += fabsf(v) > 448.0f;
+      dst[d].bits = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    }
+    for (int o = 16; o > 0; o >>= 1) clipped += __shfl_xor_sync(0xffffffffu, clipped, o);
+    if (clipped_counter && lane == 0 && clipped) atomicAdd(clipped_counter, (unsigned long long)clipped);
+  } else {
+    for (int d = lane; d < head_dim; d += 32) dst[d] = from_f32<KvT>(src[d]);
+  }
+}
+
+template <typename KvT>
+__global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols,
+                               const float* inv_freq, int head_dim, int num_kv_heads, int block_size, KvT* k_cache,
+                               KvT* v_cache, float* k_scale, float* v_scale, const int32_t* positions,
+                               const int32_t* slots, unsigned long long* counters) {
+  const int64_t t = blockIdx.x;
+  const int half = head_dim / 2;
+  const int num_q_heads = int(q_cols / head_dim);
+  const float position = float(positions[t]);
+  // As the CPU backend (and Hugging Face): angle = position * inv_freq in fp32, then cos and sin.
+  for (int i = threadIdx.x; i < (num_q_heads + num_kv_heads) * half; i += blockDim.x) {
+    const int h = i / half, j = i % half;
+    float* head = h < num_q_heads ? q + t * q_cols + int64_t(h) * head_dim
+                                  : k + t * kv_cols + int64_t(h - num_q_heads) * head_dim;
+    const float angle = __fmul_rn(position, inv_freq[j]);
+    const float c = cosf(angle), s = sinf(angle);
+    const float x0 = head[j], x1 = head[j + half];
+    head[j] = __fmul_rn(x0, c) - __fmul_rn(x1, s);
+    head[j + half] = __fmul_rn(x1, c) + __fmul_rn(x0, s);
+  }
+  __syncthreads();  // the rotated k rows are read by other threads below
+  const int64_t slot = slots[t];
+  const int64_t block = slot / block_size, offset = slot % block_size;
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int item = threadIdx.x / 32; item < 2 * num_kv_heads; item += warps) {
+    const bool is_v = item >= num_kv_heads;
+    const int h = item % num_kv_heads;
+    const int64_t head = (block * num_kv_heads + h) * block_size + offset;  // the scale's index
+    const float* src = (is_v ? v : k) + t * kv_cols + int64_t(h) * head_dim;
+    write_kv_row(src, head_dim, (is_v ? v_cache : k_cache) + head * head_dim, is_v ? v_scale : k_scale, head, lane,
+                 counters ? counters + (is_v ? 3 : 2) : nullptr);  // kVClipped, kKClipped
+  }
+  if (std::is_same<KvT, fp8>::value && counters && threadIdx.x == 0)
+    atomicAdd(&counters[4], (unsigned long long)(num_kv_heads * head_dim));  // kKvStatic
+}
+
+// ---- Paged attention --------------------------------------------------------------------------
+//
+// Two kernels read the paged cache through the block table, both with an online softmax in fp32
+// (running max m, running sum l, output rescaled by exp(m_old - m_new)), so long contexts
+// accumulate P.V without overflow or loss:
+//  - attention_kernel, on CUDA cores in fp32: one block per (query tile of up to 16 tokens, head,
+//    key split). Decode uses it: with few (tile, head) blocks the keys are split and each split
+//    writes its unnormalized output with (m, l); attention_combine_kernel merges them
+//    (FlashDecoding).
+//  - attention_mma_kernel, on tensor cores for 16-bit and 8-bit caches (codes dequantized to F16
+//    as a tile is loaded): one block of 4 warps per (query tile of up to 64 tokens, head), each
+//    warp 16 query rows, S = Q.K^T and O += P.V with mma.sync (16-bit inputs, fp32
+//    accumulation). Prefill uses it.
+
+constexpr int kTileQ = kAttentionTileQ;
+constexpr int kAttentionThreads = 128;
+
+constexpr size_t attention_smem_bytes(int head_dim) {
+  return sizeof(float) * size_t(2 * kTileQ * head_dim + kTileK * (head_dim + 1) + kTileQ * kTileK + 3 * kTileQ);
+}
+
+template <typename KvT>
+__global__ void __launch_bounds__(kAttentionThreads)
+    attention_kernel(const float* q, int64_t q_cols, const KvT* k_cache, const KvT* v_cache, AttentionArgs a,
+                     DevicePlan plan, float* partial_o, float* partial_ml, float* out) {
+  LLMQ_DYNAMIC_SHARED(float, smem);
+  const int D = a.head_dim, Dp = D + 1;
+  float* q_s = smem;                 // [kTileQ][D], pre-scaled
+  float* o_s = q_s + kTileQ * D;     // [kTileQ][D]
+  float* kv_s = o_s + kTileQ * D;    // [kTileK][D + 1]: K, then V of the key tile
+  float* p_s = kv_s + kTileK * Dp;   // [kTileQ][kTileK]: scores, then probabilities
+  float* m_s = p_s + kTileQ * kTileK;
+  float* l_s = m_s + kTileQ;
+  float* c_s = l_s + kTileQ;
+  __shared__ int pos_s[kTileQ];
+  __shared__ int64_t offset_s[kTileK];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tile = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+  const int t0 = plan.small.first[tile], count = plan.small.count[tile];
+  const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
+  const int kv_head = h / (a.num_heads / a.num_kv_heads);
+
+  int lo = INT_MAX, hi = -1;
+  for (int r = 0; r < count; ++r) {
+    const int p = plan.positions[t0 + r];
+    hi = max(hi, p);
+    lo = min(lo, a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0);
+  }
+  const int range = hi + 1 - lo;
+  const int chunk = ((range + a.n_splits - 1) / a.n_splits + kTileK - 1) / kTileK * kTileK;
+  const int key_begin = lo + split * chunk, key_end = min(hi + 1, key_begin + chunk);
+
+  for (int i = tid; i < kTileQ * D; i += kAttentionThreads) {
+    const int r = i / D, d = i % D;
+    q_s[i] = r < count ? q[int64_t(t0 + r) * q_cols + int64_t(h) * D + d] * a.scale : 0.0f;
+    o_s[i] = 0.0f;
+  }
+  if (tid < kTileQ) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.0f;
+    pos_s[tid] = tid < count ? plan.positions[t0 + tid] : -1;
+  }
+  // One key tile of K or V into kv_s as fp32 (8-bit codes times their scale): 16-byte loads when
+  // rows allow, all in flight at once.
+  const bool vector = (D * int(sizeof(KvT))) % 16 == 0;
+  const int per_vector = 16 / int(sizeof(KvT));
+  auto scale_of = [&](const float* scale, int64_t offset) {
+    return scale ? scale[a.scale_per_token ? offset / D : 0] : 1.0f;
+  };
+  auto load_tile = [&](const KvT* cache, const float* scale) {
+    if (vector) {
+      const int vectors = D / per_vector;
+#pragma unroll 4
+      for (int i = tid; i < kTileK * vectors; i += kAttentionThreads) {
+        const int j = i / vectors, c = i % vectors;
+        const int64_t offset = offset_s[j];
+        float values[16];
+        uint4 raw = make_uint4(0, 0, 0, 0);
+        float s = 0.0f;
+        if (offset >= 0) {
+          raw = __ldg(reinterpret_cast<const uint4*>(cache + offset + c * per_vector));
+          s = scale_of(scale, offset);
+        }
+        const int n = unpack_kv(raw, KvT{}, values);
+        for (int e = 0; e < n; ++e) kv_s[j * Dp + c * per_vector + e] = values[e] * s;
+      }
+    } else {
+      for (int i = tid; i < kTileK * D; i += kAttentionThreads) {
+        const int j = i / D, d = i % D;
+        const int64_t offset = offset_s[j];
+        kv_s[j * Dp + d] = offset >= 0 ? to_f32(cache[offset + d]) * scale_of(scale, offset) : 0.0f;
+      }
+    }
+  };
+
+  for (int key0 = key_begin; key0 < key_end; key0 += kTileK) {
+    __syncthreads();  // the previous tile's V and offsets are no longer read
+    key_offsets(blocks, key0, key_end, a.block_size, a.num_kv_heads, kv_head, D, offset_s);
+    __syncthreads();
+    load_tile(k_cache, a.k_scale);
+    __syncthreads();
+    for (int i = tid; i < count * kTileK; i += kAttentionThreads) {
+      const int r = i / kTileK, j = i % kTileK, key = key0 + j, p = pos_s[r];
+      const int window_lo = a.sliding_window > 0 ? p - a.sliding_window + 1 : 0;
+      float s = -INFINITY;
+      if (key < key_end && key <= p && key >= window_lo) {
+        s = 0.0f;
+        for (int d = 0; d < D; ++d) s = fmaf(q_s[r * D + d], kv_s[j * Dp + d], s);
+      }
+      p_s[i] = s;
+    }
+    __syncthreads();
+    for (int r = warp; r < count; r += kAttentionThreads / 32) {
+      const float s0 = p_s[r * kTileK + lane], s1 = p_s[r * kTileK + lane + 32];
+      const float m_old = m_s[r];
+      const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+      const bool none = m_new == -INFINITY;  // every key so far is masked
+      const float p0 = none ? 0.0f : expf(s0 - m_new), p1 = none ? 0.0f : expf(s1 - m_new);
+      const float correction = none ? 1.0f : expf(m_old - m_new);
+      const float sum = warp_sum(p0 + p1);
+      p_s[r * kTileK + lane] = p0;
+      p_s[r * kTileK + lane + 32] = p1;
+      if (lane == 0) {
+        m_s[r] = m_new;
+        l_s[r] = l_s[r] * correction + sum;
+        c_s[r] = correction;
+      }
+    }
+    load_tile(v_cache, a.v_scale);  // K is no longer read after the barrier above
+    __syncthreads();
+    for (int i = tid; i < count * D; i += kAttentionThreads) {
+      const int r = i / D, d = i % D;
+      float o = o_s[i] * c_s[r];
+      for (int j = 0; j < kTileK; ++j) o = fmaf(p_s[r * kTileK + j], kv_s[j * Dp + d], o);
+      o_s[i] = o;
+    }
+  }
+  __syncthreads();
+
+  for (int i = tid; i < count * D; i += kAttentionThreads) {
+    const int r = i / D, d = i % D;
+    const int64_t t = t0 + r;
+    if (a.n_splits == 1) {
+      const float l = l_s[r];
+      out[t * q_cols + int64_t(h) * D + d] = l > 0.0f ? o_s[i] / l : 0.0f;
+    } else {
+      const int64_t part = (t * a.num_heads + h) * a.n_splits + split;
+      partial_o[part * D + d] = o_s[i];
+      if (d == 0) {
+        partial_ml[part * 2] = m_s[r];
+        partial_ml[part * 2 + 1] = l_s[r];
+      }
+    }
+  }
+}
+
+__global__ void attention_combine_kernel(const float* partial_o, const float* partial_ml, int num_heads, int n_splits,
+                                         int head_dim, int64_t out_cols, float* out) {
+  const int64_t t = blockIdx.x / num_heads;
+  const int h = blockIdx.x % num_heads;
+  const int64_t first = int64_t(blockIdx.x) * n_splits;
+  float m = -INFINITY;
+  for (int s = 0; s < n_splits; ++s) m = fmaxf(m, partial_ml[(first + s) * 2]);
+  float l = 0.0f;
+  for (int s = 0; s < n_splits; ++s) {
+    const float ms = partial_ml[(first + s) * 2];
+    if (ms != -INFINITY) l += partial_ml[(first + s) * 2 + 1] * expf(ms - m);
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < n_splits; ++s) {
+      const float ms = partial_ml[(first + s) * 2];
+      if (ms != -INFINITY) o += partial_o[(first + s) * head_dim + d] * expf(ms - m);
+    }
+    out[t * out_cols + int64_t(h) * head_dim + d] = l > 0.0f ? o / l : 0.0f;
+  }
+}
+
+}  // namespace
+}  // namespace llmq::cuda
