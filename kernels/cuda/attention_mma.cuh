@@ -45,12 +45,8 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
   const int kv_head = h / (a.num_heads / a.num_kv_heads);
 
-  int lo = INT_MAX, hi = -1;
-  for (int r = 0; r < count; ++r) {
-    const int p = plan.positions[t0 + r];
-    hi = max(hi, p);
-    lo = min(lo, a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0);
-  }
+  int lo, hi;
+  tile_key_range(plan.positions, t0, count, a.sliding_window, &lo, &hi);
   for (int r = tid; r < kMmaTileQ; r += blockDim.x) pos_s[r] = r < count ? plan.positions[t0 + r] : -1;
 
   // This warp's 16 query rows as A fragments, pre-scaled and rounded to 16 bits.

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -158,6 +159,18 @@ __device__ __forceinline__ void unpack8(uint4 v, f16, float* out) {
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = __half2float(__ushort_as_half(uint16_t(words[i] & 0xffffu)));
     out[2 * i + 1] = __half2float(__ushort_as_half(uint16_t(words[i] >> 16)));
+  }
+}
+
+// The keys [*lo, *hi] that a query tile (tokens t0 .. t0 + count - 1 of one sequence) attends to.
+__device__ __forceinline__ void tile_key_range(const int32_t* positions, int t0, int count, int sliding_window, int* lo,
+                                               int* hi) {
+  *lo = INT_MAX;
+  *hi = -1;
+  for (int r = 0; r < count; ++r) {
+    const int p = positions[t0 + r];
+    *hi = max(*hi, p);
+    *lo = min(*lo, sliding_window > 0 ? max(0, p - sliding_window + 1) : 0);
   }
 }
 

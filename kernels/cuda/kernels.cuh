@@ -373,12 +373,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
   const int kv_head = h / (a.num_heads / a.num_kv_heads);
 
-  int lo = INT_MAX, hi = -1;
-  for (int r = 0; r < count; ++r) {
-    const int p = plan.positions[t0 + r];
-    hi = max(hi, p);
-    lo = min(lo, a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0);
-  }
+  int lo, hi;
+  tile_key_range(plan.positions, t0, count, a.sliding_window, &lo, &hi);
   const int range = hi + 1 - lo;
   const int chunk = ((range + a.n_splits - 1) / a.n_splits + kTileK - 1) / kTileK * kTileK;
   const int key_begin = lo + split * chunk, key_end = min(hi + 1, key_begin + chunk);

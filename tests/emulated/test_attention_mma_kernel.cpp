@@ -13,9 +13,11 @@
 
 #include "engine/backend.h"
 #include "engine/rng.h"
+#include "paged_plan.h"
 
 #include "emulated/cuda_emulation.h"  // before the kernel: it stands in for CUDA
 #include "kernels/cuda/attention_mma.cuh"
+#include "emulated/device_plan.h"
 
 namespace llmq {
 namespace {
@@ -35,11 +37,8 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   auto uniform = [&] { return float(rng.uniform() * 2.0 - 1.0); };
 
   // The cache: every sequence's blocks scattered over it, every element random.
-  int32_t total_blocks = 0;
-  for (auto [cached, fresh] : seqs) total_blocks += (cached + fresh + block_size - 1) / block_size;
-  std::vector<int32_t> order(static_cast<size_t>(total_blocks));
-  std::iota(order.begin(), order.end(), 0);
-  for (int32_t i = total_blocks - 1; i > 0; --i) std::swap(order[size_t(i)], order[rng.next() % uint64_t(i + 1)]);
+  const std::vector<int32_t> order = test::scattered_blocks(seqs, block_size, rng);
+  const int32_t total_blocks = int32_t(order.size());
   const int64_t per_block = int64_t(c.kv_heads) * block_size * D;
   const size_t elements = size_t(total_blocks * per_block);
   std::vector<uint8_t> k_bytes(elements * dtype_size(c.kv)), v_bytes(k_bytes.size());
@@ -73,22 +72,7 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   }
 
   // The step: every sequence's new tokens.
-  BatchPlan plan;
-  plan.clear();
-  int32_t first_block = 0;
-  for (size_t s = 0; s < seqs.size(); ++s) {
-    const auto [cached, fresh] = seqs[s];
-    for (int32_t p = cached; p < cached + fresh; ++p) {
-      plan.tokens.push_back(0);
-      plan.positions.push_back(p);
-      plan.token_seq.push_back(int32_t(s));
-      plan.slots.push_back(order[size_t(first_block + p / block_size)] * block_size + p % block_size);
-    }
-    const int32_t blocks = (cached + fresh + block_size - 1) / block_size;
-    for (int32_t b = 0; b < blocks; ++b) plan.block_ids.push_back(order[size_t(first_block + b)]);
-    plan.block_offsets.push_back(int32_t(plan.block_ids.size()));
-    first_block += blocks;
-  }
+  const BatchPlan plan = test::paged_step(seqs, order, block_size, 1);
   const int64_t T = plan.n_tokens(), q_cols = int64_t(c.heads) * D;
   std::vector<float> q(size_t(T * q_cols));
   for (float& x : q) x = 2.0f * uniform();
@@ -112,45 +96,19 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   Tensor q_tensor{q.data(), DType::F32, T, q_cols}, expected_tensor{expected.data(), DType::F32, T, q_cols};
   cpu->attention(q_tensor, layer, params, expected_tensor);
 
-  // The kernel: query tiles of up to 64 consecutive tokens of one sequence, as the CUDA backend makes them.
-  std::vector<int32_t> tile_first, tile_count;
-  for (int32_t t = 0; t < T; ++t) {
-    const bool continues = t > 0 && plan.token_seq[size_t(t)] == plan.token_seq[size_t(t - 1)] &&
-                           plan.positions[size_t(t)] == plan.positions[size_t(t - 1)] + 1;
-    if (continues && tile_count.back() < cuda::kAttentionTileQLarge) {
-      ++tile_count.back();
-    } else {
-      tile_first.push_back(t);
-      tile_count.push_back(1);
-    }
-  }
-  cuda::DevicePlan device;
-  device.tokens = plan.tokens.data();
-  device.positions = plan.positions.data();
-  device.token_seq = plan.token_seq.data();
-  device.slots = plan.slots.data();
-  device.block_offsets = plan.block_offsets.data();
-  device.block_ids = plan.block_ids.data();
-  device.large = cuda::Tiles{tile_first.data(), tile_count.data(), int32_t(tile_first.size())};
-  cuda::AttentionArgs args;
-  args.num_heads = c.heads;
-  args.num_kv_heads = c.kv_heads;
-  args.head_dim = D;
-  args.block_size = block_size;
-  args.sliding_window = c.window;
-  args.scale = params.scale;
+  // The kernel, over the tiles of up to 64 tokens.
+  const test::HostDevicePlan device(plan);
+  cuda::AttentionArgs args = test::attention_args(params, block_size, c.kv, k_scale.empty() ? nullptr : k_scale.data(),
+                                                  v_scale.empty() ? nullptr : v_scale.data());
   args.tensor_cores = true;
-  args.k_scale = k_scale.empty() ? nullptr : k_scale.data();
-  args.v_scale = v_scale.empty() ? nullptr : v_scale.data();
-  args.scale_per_token = c.kv == DType::I8;
   std::vector<float> got(q.size(), std::numeric_limits<float>::quiet_NaN());  // poisoned
   emulation::eager_copies = false;  // cp.async copies land only when waited for
   auto run = [&](auto kv_tag, auto dim) {
     using KvT = typename decltype(kv_tag)::type;
-    emulation::launch(dim3(unsigned(tile_first.size()), unsigned(c.heads)), 128,
+    emulation::launch(dim3(unsigned(device.device.large.n), unsigned(c.heads)), 128,
                       size_t(cuda::attention_mma_smem_bytes(decltype(dim)::value)), [&] {
       cuda::attention_mma_kernel<KvT, decltype(dim)::value>(q.data(), q_cols, reinterpret_cast<const KvT*>(k_bytes.data()),
-                                                            reinterpret_cast<const KvT*>(v_bytes.data()), args, device,
+                                                            reinterpret_cast<const KvT*>(v_bytes.data()), args, device.device,
                                                             got.data());
     });
   };

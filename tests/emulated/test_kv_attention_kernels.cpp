@@ -15,9 +15,11 @@
 #include "engine/backend.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
+#include "paged_plan.h"
 
 #include "emulated/cuda_emulation.h"  // before the kernels: it stands in for CUDA
 #include "kernels/cuda/kernels.cuh"
+#include "emulated/device_plan.h"
 
 namespace llmq {
 namespace {
@@ -45,20 +47,6 @@ void with_kv(DType dtype, Fn&& fn) {
   }
 }
 
-// Query tiles as the CUDA backend makes them: runs of up to `limit` consecutive tokens of a sequence.
-void make_tiles(const BatchPlan& plan, int limit, std::vector<int32_t>* first, std::vector<int32_t>* count) {
-  for (int32_t t = 0; t < plan.n_tokens(); ++t) {
-    const bool continues = t > 0 && plan.token_seq[size_t(t)] == plan.token_seq[size_t(t - 1)] &&
-                           plan.positions[size_t(t)] == plan.positions[size_t(t - 1)] + 1;
-    if (continues && count->back() < limit) {
-      ++count->back();
-    } else {
-      first->push_back(t);
-      count->push_back(1);
-    }
-  }
-}
-
 void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) {
   SCOPED_TRACE(testing::Message() << "heads " << c.heads << "/" << c.kv_heads << " D " << c.head_dim << " window "
                                   << c.window << " kv " << dtype_name(c.kv) << " splits " << c.n_splits);
@@ -69,12 +57,8 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
     for (float& x : v) x = float(rng.uniform() * 4.0 - 2.0);
     return v;
   };
-  int32_t total_blocks = 0;
-  std::vector<int32_t> n_blocks;
-  for (auto [cached, fresh] : seqs) total_blocks += n_blocks.emplace_back((cached + fresh + block_size - 1) / block_size);
-  std::vector<int32_t> order(static_cast<size_t>(total_blocks));
-  std::iota(order.begin(), order.end(), 0);
-  for (int32_t i = total_blocks - 1; i > 0; --i) std::swap(order[size_t(i)], order[rng.next() % uint64_t(i + 1)]);
+  const std::vector<int32_t> order = test::scattered_blocks(seqs, block_size, rng);
+  const int32_t total_blocks = int32_t(order.size());
   const int64_t per_block = int64_t(c.kv_heads) * block_size * D;
   const size_t cache_bytes = size_t(total_blocks * per_block) * dtype_size(c.kv);
   // Two caches (CPU backend, emulated kernels), zeroed alike.
@@ -110,22 +94,7 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   emulation::eager_copies = false;
 
   for (int phase = 0; phase < 2; ++phase) {
-    BatchPlan plan;
-    plan.clear();
-    int32_t first_block = 0;
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      const auto [cached, fresh] = seqs[s];
-      const int32_t begin = phase == 0 ? 0 : cached, end = phase == 0 ? cached : cached + fresh;
-      for (int32_t p = begin; p < end; ++p) {
-        plan.tokens.push_back(0);
-        plan.positions.push_back(p);
-        plan.token_seq.push_back(int32_t(s));
-        plan.slots.push_back(order[size_t(first_block + p / block_size)] * block_size + p % block_size);
-      }
-      for (int32_t b = 0; b < n_blocks[s]; ++b) plan.block_ids.push_back(order[size_t(first_block + b)]);
-      plan.block_offsets.push_back(int32_t(plan.block_ids.size()));
-      first_block += n_blocks[s];
-    }
+    const BatchPlan plan = test::paged_step(seqs, order, block_size, phase);
     const int64_t T = plan.n_tokens();
     if (T == 0) continue;
     const int64_t q_cols = int64_t(c.heads) * D, kv_cols = int64_t(c.kv_heads) * D;
@@ -136,16 +105,7 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
     Tensor ft{inv_freq.data(), DType::F32, 1, int64_t(inv_freq.size())};
     cpu->rope_kv_write(qt, kt, vt, ft, layer);
 
-    std::vector<int32_t> small_first, small_count;
-    make_tiles(plan, cuda::kAttentionTileQ, &small_first, &small_count);
-    cuda::DevicePlan device;
-    device.tokens = plan.tokens.data();
-    device.positions = plan.positions.data();
-    device.token_seq = plan.token_seq.data();
-    device.slots = plan.slots.data();
-    device.block_offsets = plan.block_offsets.data();
-    device.block_ids = plan.block_ids.data();
-    device.small = cuda::Tiles{small_first.data(), small_count.data(), int32_t(small_first.size())};
+    const test::HostDevicePlan device(plan);
     with_kv(c.kv, [&](auto tag) {
       using KvT = decltype(tag);
       emulation::launch(dim3(unsigned(T)), 128, 0, [&] {
@@ -153,8 +113,8 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
                                   c.kv_heads, block_size, reinterpret_cast<KvT*>(emu_cache.k.data()),
                                   reinterpret_cast<KvT*>(emu_cache.v.data()),
                                   emu_cache.k_scale.empty() ? nullptr : emu_cache.k_scale.data(),
-                                  emu_cache.v_scale.empty() ? nullptr : emu_cache.v_scale.data(), device.positions,
-                                  device.slots, c.kv == DType::F8_E4M3 ? counters.data() : nullptr);
+                                  emu_cache.v_scale.empty() ? nullptr : emu_cache.v_scale.data(), device.device.positions,
+                                  device.device.slots, c.kv == DType::F8_E4M3 ? counters.data() : nullptr);
       });
     });
     ASSERT_EQ(q, q_emu) << "rotated q, phase " << phase;
@@ -168,26 +128,19 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
     std::vector<float> expected(q.size());
     Tensor et{expected.data(), DType::F32, T, q_cols};
     cpu->attention(qt, layer, params, et);
-    cuda::AttentionArgs args;
-    args.num_heads = c.heads;
-    args.num_kv_heads = c.kv_heads;
-    args.head_dim = D;
-    args.block_size = block_size;
-    args.sliding_window = c.window;
-    args.scale = params.scale;
+    cuda::AttentionArgs args =
+        test::attention_args(params, block_size, c.kv, emu_cache.k_scale.empty() ? nullptr : emu_cache.k_scale.data(),
+                             emu_cache.v_scale.empty() ? nullptr : emu_cache.v_scale.data());
     args.n_splits = c.n_splits;
-    args.k_scale = emu_cache.k_scale.empty() ? nullptr : emu_cache.k_scale.data();
-    args.v_scale = emu_cache.v_scale.empty() ? nullptr : emu_cache.v_scale.data();
-    args.scale_per_token = c.kv == DType::I8;
     std::vector<float> got(q.size(), std::numeric_limits<float>::quiet_NaN());  // poisoned
     std::vector<float> partial_o(size_t(T * c.heads * c.n_splits * D), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> partial_ml(size_t(T * c.heads * c.n_splits * 2), std::numeric_limits<float>::quiet_NaN());
     with_kv(c.kv, [&](auto tag) {
       using KvT = decltype(tag);
-      emulation::launch(dim3(unsigned(small_first.size()), unsigned(c.heads), unsigned(c.n_splits)),
+      emulation::launch(dim3(unsigned(device.device.small.n), unsigned(c.heads), unsigned(c.n_splits)),
                         cuda::kAttentionThreads, cuda::attention_smem_bytes(D), [&] {
                           cuda::attention_kernel<KvT>(q_emu.data(), q_cols, reinterpret_cast<const KvT*>(emu_cache.k.data()),
-                                                      reinterpret_cast<const KvT*>(emu_cache.v.data()), args, device,
+                                                      reinterpret_cast<const KvT*>(emu_cache.v.data()), args, device.device,
                                                       partial_o.data(), partial_ml.data(), got.data());
                         });
     });

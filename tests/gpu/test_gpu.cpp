@@ -26,6 +26,7 @@
 #include "engine/fp8.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
+#include "paged_plan.h"
 #include "sampling_cases.h"
 #include "test_util.h"
 
@@ -532,15 +533,9 @@ class GpuAttention : public BackendPair {
                                          c.window, dtype_name(c.kv_dtype));
     Random rnd(uint64_t(c.heads * 31 + c.head_dim * 7 + c.window + int(c.kv_dtype)));
     // Blocks of each sequence, scattered over the cache in a random order.
-    int32_t total_blocks = 0;
-    std::vector<int32_t> n_blocks;
-    for (auto [cached, fresh] : seqs) {
-      n_blocks.push_back((cached + fresh + block_size - 1) / block_size);
-      total_blocks += n_blocks.back();
-    }
-    std::vector<int32_t> order(static_cast<size_t>(total_blocks));
-    std::iota(order.begin(), order.end(), 0);
-    for (int32_t i = total_blocks - 1; i > 0; --i) std::swap(order[size_t(i)], order[size_t(rnd.below(i + 1))]);
+    Rng block_rng(uint64_t(c.heads * 31 + c.head_dim * 7 + c.window + int(c.kv_dtype)));
+    const std::vector<int32_t> order = test::scattered_blocks(seqs, block_size, block_rng);
+    const int32_t total_blocks = int32_t(order.size());
     const int64_t per_block = int64_t(c.kv_heads) * block_size * c.head_dim;
     const size_t kv_bytes = size_t(total_blocks * per_block) * dtype_size(c.kv_dtype);
     Both k_cache = tensor(std::vector<uint8_t>(kv_bytes), c.kv_dtype, total_blocks, per_block);
@@ -570,22 +565,7 @@ class GpuAttention : public BackendPair {
     AttentionParams params{c.heads, c.kv_heads, c.head_dim, float(1.0 / std::sqrt(double(c.head_dim))), c.window};
 
     for (int phase = 0; phase < 2; ++phase) {
-      BatchPlan plan;
-      plan.clear();
-      int32_t first_block = 0;
-      for (size_t s = 0; s < seqs.size(); ++s) {
-        const auto [cached, fresh] = seqs[s];
-        const int32_t begin = phase == 0 ? 0 : cached, end = phase == 0 ? cached : cached + fresh;
-        for (int32_t p = begin; p < end; ++p) {
-          plan.tokens.push_back(0);
-          plan.positions.push_back(p);
-          plan.token_seq.push_back(int32_t(s));
-          plan.slots.push_back(order[size_t(first_block + p / block_size)] * block_size + p % block_size);
-        }
-        for (int32_t b = 0; b < n_blocks[s]; ++b) plan.block_ids.push_back(order[size_t(first_block + b)]);
-        plan.block_offsets.push_back(int32_t(plan.block_ids.size()));
-        first_block += n_blocks[s];
-      }
+      const BatchPlan plan = test::paged_step(seqs, order, block_size, phase);
       const int64_t T = plan.n_tokens();
       if (T == 0) continue;
       begin(plan);
