@@ -278,7 +278,7 @@ class CudaBackend final : public Backend {
                      (long long)std::get<4>(key), (long long)std::get<5>(key), plan.candidates, plan.chosen,
                      1e3 * plan.first_ms, 1e3 * plan.best_ms);
       for (auto& [key, choice] : w8a16_choices_)
-        std::fprintf(stderr, "  INT8 x %s M=%lld N=%lld K=%lld: W8A16 kernel %.1f us, dequantize + cuBLASLt %.1f us\n",
+        std::fprintf(stderr, "  INT8 x %s M<=%lld N=%lld K=%lld: W8A16 kernel %.1f us, dequantize + cuBLASLt %.1f us\n",
                      dtype_name(DType(std::get<0>(key))), (long long)std::get<1>(key), (long long)std::get<2>(key),
                      (long long)std::get<3>(key), 1e3 * choice.kernel_ms, 1e3 * choice.dequantized_ms);
     }
@@ -501,8 +501,9 @@ class CudaBackend final : public Backend {
           return;
         }
         // Many rows: the W8A16 tensor-core kernel (the codes become 16-bit in registers), or the
-        // weights dequantized exactly to 16 bits and cuBLASLt, whichever was faster when the shape was
-        // first seen (the kernel takes K multiples of 64 and aligned pointers only).
+        // weights dequantized exactly to 16 bits and cuBLASLt, whichever was faster when a shape of
+        // the same row bucket was first seen (the kernel takes K multiples of 64 and aligned pointers
+        // only).
         auto tensor_cores = [&] {
           Profiler::Scope part(profiler_, "  (in linear) W8A16 kernel", stream_);
           const cuda::W8A16Plan plan = cuda::w8a16_plan(M, N, K, num_sms_);
@@ -527,7 +528,10 @@ class CudaBackend final : public Backend {
         };
         if (!cuda::w8a16_supported(M, N, K, xs, weight.w.data) || w8a16_path_ == 2) return dequantized();
         if (w8a16_path_ == 1) return tensor_cores();
-        const auto key = std::make_tuple(int(weight.act_dtype), M, N, K);
+        // One choice per power-of-two bucket of rows: serving steps vary M from step to step.
+        int64_t bucket = 16;
+        while (bucket < M) bucket *= 2;
+        const auto key = std::make_tuple(int(weight.act_dtype), bucket, N, K);
         auto choice = w8a16_choices_.find(key);
         if (choice == w8a16_choices_.end()) {
           const float kernel_ms = time_ms(tensor_cores);
@@ -781,6 +785,7 @@ class CudaBackend final : public Backend {
   // only: it synchronizes, so it runs in eager steps, never while a step is recorded.
   template <typename Fn>
   float time_ms(Fn&& fn) {
+    if (capturing_) fail(LLMQ_ERR_INTERNAL, "cuda backend: autotuning while a step was being recorded");
     cudaEvent_t start = nullptr, stop = nullptr;
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -884,7 +889,7 @@ class CudaBackend final : public Backend {
   static constexpr int32_t kMaxCountedLayers = 1024;
   std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
-  // INT8 weights, (activation dtype, M, N, K): the two paths' times when the shape was first seen.
+  // INT8 weights, (activation dtype, rows bucket, N, K): the two paths' times when first seen.
   struct W8A16Choice {
     float kernel_ms, dequantized_ms;
   };
