@@ -110,9 +110,8 @@ LLMQ_HOST_DEVICE float probability(float logit, float max_logit, float temperatu
 }
 
 // The probability in units of 2^-40, truncated: a vocabulary of up to 2^23 tokens sums below 2^64.
-constexpr int kMassBits = 40;
 LLMQ_HOST_DEVICE uint64_t mass(float probability) {
-  return static_cast<uint64_t>(mul(probability, 1099511627776.0f));  // 2^40, exact scaling
+  return static_cast<uint64_t>(mul(probability, float(uint64_t(1) << 40)));  // an exact scaling
 }
 
 // Top-p: a prefix of the ranking whose mass is `prefix` ends the nucleus once it reaches

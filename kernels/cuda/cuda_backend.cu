@@ -348,40 +348,17 @@ class CudaBackend final : public Backend {
     check(cudaSetDevice(device_), "cudaSetDevice");
     abandon_capture();  // a step that failed while being recorded
     profiler_.step_begin();
-    // Attention tiles: runs of consecutive tokens of one sequence, at most 16 (CUDA-core kernel)
-    // or 64 (tensor-core kernel) long.
+    cuda::make_query_tiles(plan.token_seq.data(), plan.positions.data(), plan.n_tokens(), &tiles_);
     max_keys_ = 0;
-    longest_run_ = 0;
-    for (Tiles& tiles : {std::ref(small_tiles_), std::ref(large_tiles_)}) {
-      tiles.first.clear();
-      tiles.count.clear();
-    }
-    int32_t run = 0;
-    for (int32_t t = 0; t < plan.n_tokens(); ++t) {
-      const size_t i = size_t(t);
-      max_keys_ = std::max(max_keys_, plan.positions[i] + 1);
-      const bool continues =
-          t > 0 && plan.token_seq[i] == plan.token_seq[i - 1] && plan.positions[i] == plan.positions[i - 1] + 1;
-      run = continues ? run + 1 : 1;
-      longest_run_ = std::max(longest_run_, run);
-      for (auto [tiles, limit] : {std::pair<Tiles*, int>{&small_tiles_, cuda::kAttentionTileQ},
-                                  {&large_tiles_, cuda::kAttentionTileQLarge}}) {
-        if (continues && tiles->count.back() < limit) {
-          ++tiles->count.back();
-        } else {
-          tiles->first.push_back(t);
-          tiles->count.push_back(1);
-        }
-      }
-    }
+    for (int32_t position : plan.positions) max_keys_ = std::max(max_keys_, position + 1);
     // All of the step's metadata goes over in one copy. The block table, whose length changes from
     // step to step, goes last, so that the other arrays keep their addresses for a given batch shape.
     staging_.clear();
     std::vector<size_t> offsets;
     const std::vector<int32_t>* arrays[] = {&plan.tokens,        &plan.positions,       &plan.token_seq,
                                             &plan.slots,         &plan.block_offsets,   &plan.logit_rows,
-                                            &small_tiles_.first, &small_tiles_.count,   &large_tiles_.first,
-                                            &large_tiles_.count, &plan.block_ids};
+                                            &tiles_.small_first, &tiles_.small_count,   &tiles_.large_first,
+                                            &tiles_.large_count, &plan.block_ids};
     for (const std::vector<int32_t>* v : arrays) {
       offsets.push_back(staging_.size());
       staging_.insert(staging_.end(), v->begin(), v->end());
@@ -398,8 +375,8 @@ class CudaBackend final : public Backend {
     device_plan_.slots = base + offsets[3];
     device_plan_.block_offsets = base + offsets[4];
     device_plan_.logit_rows = base + offsets[5];
-    device_plan_.small = cuda::Tiles{base + offsets[6], base + offsets[7], int32_t(small_tiles_.first.size())};
-    device_plan_.large = cuda::Tiles{base + offsets[8], base + offsets[9], int32_t(large_tiles_.first.size())};
+    device_plan_.small = cuda::Tiles{base + offsets[6], base + offsets[7], int32_t(tiles_.small_first.size())};
+    device_plan_.large = cuda::Tiles{base + offsets[8], base + offsets[9], int32_t(tiles_.large_first.size())};
     device_plan_.block_ids = base + offsets[10];
 
     // Decode steps (one token per sequence) are recorded as CUDA graphs, keyed by what fixes their
@@ -591,7 +568,7 @@ class CudaBackend final : public Backend {
     args.scale_per_token = cache.k.dtype == DType::I8;
     // Prefill (a run of more than 16 tokens of one sequence) goes to the tensor cores when the cache
     // is not F32. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
-    args.tensor_cores = longest_run_ > cuda::kAttentionTileQ &&
+    args.tensor_cores = tiles_.longest_run > cuda::kAttentionTileQ &&
                         cuda::attention_has_tensor_core_kernel(cache.k.dtype, params.head_dim);
     const int64_t blocks = int64_t(device_plan_.small.n) * params.num_heads;
     // The split count depends only on the batch shape and whether there is more than one key tile,
@@ -898,12 +875,9 @@ class CudaBackend final : public Backend {
 
   std::vector<std::unique_ptr<Buffer>> uploads_;
 
-  struct Tiles {
-    std::vector<int32_t> first, count;
-  };
   std::vector<int32_t> staging_;
-  Tiles small_tiles_, large_tiles_;
-  int32_t max_keys_ = 0, longest_run_ = 0;
+  cuda::QueryTiles tiles_;
+  int32_t max_keys_ = 0;
   std::unique_ptr<Buffer> plan_buffer_;
   std::unique_ptr<Buffer> sample_buffer_;  // a sampling step's arguments, penalized ids and tokens
   std::vector<int32_t> sample_staging_;

@@ -5,7 +5,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "engine/dtype.h"
 #include "kernels/cuda/sample_args.h"
@@ -34,6 +37,35 @@ struct DevicePlan {
 
 constexpr int kAttentionTileQ = 16;
 constexpr int kAttentionTileQLarge = 64;
+
+// The query tiles of a step in host memory (CudaBackend::begin_step copies them into DevicePlan;
+// the emulated tests use them as they are): runs of consecutive tokens of one sequence (the same
+// sequence, consecutive positions), at most kAttentionTileQ long (small) or kAttentionTileQLarge
+// long (large).
+struct QueryTiles {
+  std::vector<int32_t> small_first, small_count, large_first, large_count;
+  int32_t longest_run = 0;  // tokens in the step's longest run
+};
+inline void make_query_tiles(const int32_t* token_seq, const int32_t* positions, int32_t n_tokens, QueryTiles* tiles) {
+  for (std::vector<int32_t>* v : {&tiles->small_first, &tiles->small_count, &tiles->large_first, &tiles->large_count})
+    v->clear();
+  tiles->longest_run = 0;
+  int32_t run = 0;
+  for (int32_t t = 0; t < n_tokens; ++t) {
+    const bool continues = t > 0 && token_seq[t] == token_seq[t - 1] && positions[t] == positions[t - 1] + 1;
+    run = continues ? run + 1 : 1;
+    tiles->longest_run = std::max(tiles->longest_run, run);
+    for (auto [first, count, limit] : {std::tuple{&tiles->small_first, &tiles->small_count, kAttentionTileQ},
+                                       std::tuple{&tiles->large_first, &tiles->large_count, kAttentionTileQLarge}}) {
+      if (continues && count->back() < limit) {
+        ++count->back();
+      } else {
+        first->push_back(t);
+        count->push_back(1);
+      }
+    }
+  }
+}
 
 // out[t] = table[plan.tokens[t] - first_id], zero when outside the table's table_rows rows.
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,

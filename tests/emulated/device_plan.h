@@ -1,5 +1,6 @@
 // What the CUDA backend's begin_step and attention() hand the attention kernels, built in host
-// memory for the emulated kernels: the plan's arrays, its query tiles, the attention arguments.
+// memory for the emulated kernels: the plan's arrays, its query tiles (cuda::make_query_tiles, as
+// the backend makes them), the attention arguments.
 #pragma once
 
 #include <cstdint>
@@ -13,34 +14,17 @@ namespace llmq::test {
 struct HostDevicePlan {
   HostDevicePlan(const HostDevicePlan&) = delete;  // device points into its own vectors
   explicit HostDevicePlan(const BatchPlan& plan) {
-    // Query tiles: runs of consecutive tokens of one sequence, up to 16 (CUDA-core kernel) or 64
-    // (tensor-core kernel) long, as CudaBackend::begin_step makes them.
-    for (int32_t t = 0; t < plan.n_tokens(); ++t) {
-      const bool continues = t > 0 && plan.token_seq[size_t(t)] == plan.token_seq[size_t(t - 1)] &&
-                             plan.positions[size_t(t)] == plan.positions[size_t(t - 1)] + 1;
-      for (auto [tiles, limit] : {std::pair<Tiles*, int>{&small, cuda::kAttentionTileQ},
-                                  {&large, cuda::kAttentionTileQLarge}}) {
-        if (continues && tiles->count.back() < limit) {
-          ++tiles->count.back();
-        } else {
-          tiles->first.push_back(t);
-          tiles->count.push_back(1);
-        }
-      }
-    }
+    cuda::make_query_tiles(plan.token_seq.data(), plan.positions.data(), plan.n_tokens(), &tiles);
     device.tokens = plan.tokens.data();
     device.positions = plan.positions.data();
     device.token_seq = plan.token_seq.data();
     device.slots = plan.slots.data();
     device.block_offsets = plan.block_offsets.data();
     device.block_ids = plan.block_ids.data();
-    device.small = cuda::Tiles{small.first.data(), small.count.data(), int32_t(small.first.size())};
-    device.large = cuda::Tiles{large.first.data(), large.count.data(), int32_t(large.first.size())};
+    device.small = cuda::Tiles{tiles.small_first.data(), tiles.small_count.data(), int32_t(tiles.small_first.size())};
+    device.large = cuda::Tiles{tiles.large_first.data(), tiles.large_count.data(), int32_t(tiles.large_first.size())};
   }
-  struct Tiles {
-    std::vector<int32_t> first, count;
-  };
-  Tiles small, large;
+  cuda::QueryTiles tiles;
   cuda::DevicePlan device;
 };
 
