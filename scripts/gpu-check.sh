@@ -57,7 +57,7 @@ run() {
   fi
 
   echo "== 1. gpu tests"
-  LLMQ_SHARED_DIR=$carry/shared "$carry/bin/llmq_gpu_tests" --gtest_brief=1 2>&1 | tee "$out/gpu_tests.log" || status=1
+  LLMQ_SHARED_DIR=$carry/shared timeout 240 "$carry/bin/llmq_gpu_tests" --gtest_brief=1 2>&1 | tee "$out/gpu_tests.log" || status=1
   echo "   ($((SECONDS - start)) s so far)"
 
   echo "== 2. Llama-2-7B-shaped synthetic model"
@@ -69,12 +69,12 @@ run() {
   echo "== 3. llmq step benchmark"
   local steps=32
   [ $quick = 1 ] && steps=8
-  "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,16,64 \
+  timeout 240 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,16,64 \
     --prompt-len 128 --decode-steps $steps --prefill 2048 --json "$out/llmq_bench.json" >/dev/null || status=1
   echo "   ($((SECONDS - start)) s so far)"
 
   echo "== 3b. where the time goes (LLMQ_PROFILE=1: GPU time per op, GEMM plans, W8A16 choices)"
-  LLMQ_PROFILE=1 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,64 \
+  LLMQ_PROFILE=1 timeout 120 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,64 \
     --prompt-len 128 --decode-steps 4 --prefill 2048 >/dev/null 2>"$out/profile.log" || status=1
   grep -A14 "llmq profile" "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"
@@ -106,7 +106,7 @@ sweep() {
     local model=$dir/llmq-$name
     [ -f "$model/config.json" ] || "$carry/bin/llmq-synth" --out "$model" --shape "$name" >/dev/null
     echo "== sweep $name (budget $budget MiB; $((SECONDS - start)) s so far)"
-    "$carry/bin/llmq-sweep" --model "$model" --backend cuda --out "$out/sweep-$name" --input-len 128 \
+    timeout 300 "$carry/bin/llmq-sweep" --model "$model" --backend cuda --out "$out/sweep-$name" --input-len 128 \
       --output-len 32 --batches 1,2,4,8,16,32,64,128 --memory-budget-mib "$budget" --peak-tflops 989 \
       --no-plot | tee "$out/sweep-$name.txt" || status=1
     rm -rf "$model"

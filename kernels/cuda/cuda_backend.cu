@@ -43,8 +43,12 @@ llmq_status status_of(cudaError_t e) {
   }
 }
 
+// Clears the error as well: a non-sticky error (a failed allocation or launch) left set would be
+// reported again by the next launch's cudaGetLastError.
 void check(cudaError_t e, const char* call) {
-  if (e != cudaSuccess) fail(status_of(e), "cuda backend: {}: {} ({})", call, cudaGetErrorString(e), cudaGetErrorName(e));
+  if (e == cudaSuccess) return;
+  cudaGetLastError();
+  fail(status_of(e), "cuda backend: {}: {} ({})", call, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
 // ---- cuBLASLt, opened at run time ---------------------------------------------------------
@@ -107,8 +111,10 @@ class DeviceBuffer final : public Buffer {
  public:
   explicit DeviceBuffer(uint64_t bytes) : size_(bytes) {
     cudaError_t e = cudaMalloc(&data_, std::max<uint64_t>(bytes, 256));
-    if (e != cudaSuccess)
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it, or the next kernel launch's check reports it
       fail(status_of(e), "cuda backend: cudaMalloc({} bytes): {} ({})", bytes, cudaGetErrorString(e), cudaGetErrorName(e));
+    }
   }
   ~DeviceBuffer() override { cudaFree(data_); }
   void* data() override { return data_; }
@@ -311,7 +317,6 @@ class CudaBackend final : public Backend {
         dst = std::make_unique<DeviceBuffer>(bytes);
       } catch (const Error& e) {
         if (e.status() != LLMQ_ERR_OUT_OF_MEMORY) throw;
-        cudaGetLastError();  // clear the failed allocation
         continue;
       }
       cudaEvent_t start, stop;

@@ -58,7 +58,8 @@ int blocks_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threa
 // ---- Launchers ------------------------------------------------------------------------------
 
 void allow_shared_memory(const void* kernel, int bytes) {
-  if (bytes <= 48 * 1024) return;
+  // Without the opt-in a block gets 48 KiB of shared memory in all: dynamic bytes plus the
+  // kernel's static __shared__ variables (so 48 KiB of dynamic memory alone may not launch).
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
   int device = 0;
@@ -66,7 +67,13 @@ void allow_shared_memory(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(mutex);
   int& done = allowed[{kernel, device}];
   if (done >= bytes) return;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess) done = bytes;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it for the next launch's check
+    fail(LLMQ_ERR_DEVICE, "cuda backend: a kernel cannot have {} bytes of dynamic shared memory: {} ({})", bytes,
+         cudaGetErrorString(e), cudaGetErrorName(e));
+  }
+  done = bytes;
 }
 
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,

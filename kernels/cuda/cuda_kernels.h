@@ -160,8 +160,8 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
 void sample(float* logits, int64_t rows, int64_t vocab, const SampleArgs* args, const int32_t* penalized,
             int32_t* tokens, cudaStream_t stream);
 
-// Lets `kernel` use `bytes` of dynamic shared memory when that is over the default 48 KB: once per
-// kernel and device (a kernel's first launch on a device comes from an eager step, never from a
+// Lets `kernel` use `bytes` of dynamic shared memory (the default allows 48 KB less the kernel's
+// static shared memory), or fails with LLMQ_ERR_DEVICE: once per kernel and device (a kernel's first launch on a device comes from an eager step, never from a
 // step being recorded).
 void allow_shared_memory(const void* kernel, int bytes);
 

@@ -88,8 +88,9 @@ std::string describe(ncclResult_t r, ncclComm_t comm) {
 }
 
 void check_cuda(cudaError_t e, const char* call) {
-  if (e != cudaSuccess)
-    fail(e == cudaErrorInvalidDevice || e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // not sticky errors would be reported again by the next launch's check
+  fail(e == cudaErrorInvalidDevice || e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver
              ? LLMQ_ERR_BACKEND_UNAVAILABLE
              : LLMQ_ERR_DEVICE,
          "NCCL: {}: {} ({})", call, cudaGetErrorString(e), cudaGetErrorName(e));
