@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Nsight Compute on the GPU machine (its CUDA 13 has ncu): the decode-path kernels of a 2-layer
+# Llama-2-7B-shaped model, one CSV per case in $OUT (or /tmp/llmq-ncu), for reading here.
+#   bash scripts/gpu-ncu.sh            # needs .gpu-carry (gpu-check.sh prepare)
+# Each case: quant mode, decode batch, kernel name regex, how many launches to profile.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+carry=$PWD/.gpu-carry
+out=${OUT:-/tmp/llmq-ncu}
+mkdir -p "$out"
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+model=/dev/shm/llmq-ncu-2layer
+[ -f "$model/config.json" ] || "$carry/bin/llmq-synth" --out "$model" --shape llama2-7b --layers 2 >/dev/null
+export LLMQ_W8A16=kernel  # the W8A16 kernel itself, whichever path would be faster
+profile() {
+  local name=$1 quant=$2 batch=$3 regex=$4 count=$5
+  timeout 120 "$ncu" --target-processes all --kernel-name "regex:$regex" --launch-count "$count" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis -f -o "/tmp/ncu-$name" \
+    "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant "$quant" --batches "$batch" \
+    --prompt-len 16 --decode-steps 2 --prefill 0 >"/tmp/ncu-$name.log" 2>&1 || { tail -5 "/tmp/ncu-$name.log"; return; }
+  "$ncu" --import "/tmp/ncu-$name.ncu-rep" --csv --page details >"$out/$name.csv" 2>&1
+  echo "$name: $(grep -c '"Duration"' "$out/$name.csv") launches profiled"
+}
+profile gemv-bf16 none 1 gemv 16
+profile gemv-int8 int8wo 1 gemv 16
+profile w8a16-b16 int8wo 16 w8a16 24
+profile w8a16-b64 int8wo 64 w8a16 24
+profile attention-b64 none 64 attention 8
