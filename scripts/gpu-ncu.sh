@@ -2,7 +2,8 @@
 # Nsight Compute on the GPU machine (its CUDA 13 has ncu): the decode-path kernels of a 2-layer
 # Llama-2-7B-shaped model, one CSV per case in $OUT (or /tmp/llmq-ncu), for reading here.
 #   bash scripts/gpu-ncu.sh            # needs .gpu-carry (gpu-check.sh prepare)
-# Each case: quant mode, decode batch, kernel name regex, how many launches to profile.
+# Each case: quant mode, decode batch, kernel name regex, how many launches to profile, and the
+# linear path forced (LLMQ_LINEAR_PATH), so that the kernel runs whichever path would be faster.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 carry=$PWD/.gpu-carry
@@ -11,10 +12,9 @@ mkdir -p "$out"
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 model=/dev/shm/llmq-ncu-2layer
 [ -f "$model/config.json" ] || "$carry/bin/llmq-synth" --out "$model" --shape llama2-7b --layers 2 >/dev/null
-export LLMQ_W8A16=kernel  # the W8A16 kernel itself, whichever path would be faster
 profile() {
-  local name=$1 quant=$2 batch=$3 regex=$4 count=$5
-  timeout 120 "$ncu" --target-processes all --kernel-name "regex:$regex" --launch-count "$count" \
+  local name=$1 quant=$2 batch=$3 regex=$4 count=$5 path=$6
+  LLMQ_LINEAR_PATH=$path timeout 120 "$ncu" --target-processes all --kernel-name "regex:$regex" --launch-count "$count" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis -f -o "/tmp/ncu-$name" \
     "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant "$quant" --batches "$batch" \
@@ -22,8 +22,9 @@ profile() {
   "$ncu" --import "/tmp/ncu-$name.ncu-rep" --csv --page details >"$out/$name.csv" 2>&1
   echo "$name: $(grep -c '"Duration"' "$out/$name.csv") launches profiled"
 }
-profile gemv-bf16 none 1 gemv 16
-profile gemv-int8 int8wo 1 gemv 16
-profile w8a16-b16 int8wo 16 w8a16 24
-profile w8a16-b64 int8wo 64 w8a16 24
-profile attention-b64 none 64 attention 8
+profile gemv-bf16 none 1 gemv 16 gemv
+profile gemv-int8 int8wo 1 gemv 16 gemv
+profile gemv-fp8 fp8 1 gemv 16 gemv
+profile w8a16-b16 int8wo 16 w8a16 24 w8a16
+profile w8a16-b64 int8wo 64 w8a16 24 w8a16
+profile attention-b64 none 64 attention 8 gemm

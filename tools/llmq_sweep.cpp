@@ -1,13 +1,13 @@
 // llmq-sweep: the quantization trade-offs as serving people read them, per mode and batch size,
 // on whatever machine it runs: 16-bit (weights as loaded), int8wo + INT8 KV, fp8 + FP8 KV.
-// For each batch B (static batching, as the seed's TensorRT-LLM runs): B prompts of L tokens are
-// prefilled (TTFT: until every one has its first token), then O - 1 decode steps run at batch B
-// (TPOT: their mean). Throughput is B * O over the whole. MBU is (weight bytes + KV bytes read)
-// per decode step over its time, against a peak bandwidth measured on the same device; MFU is the
-// prefill's 2 * parameters * tokens FLOPs (attention not counted) over a peak measured likewise
-// on the CPU (or given). The largest batch that fits a memory budget (weights + KV of B * (L + O)
-// tokens) is computed per mode, and the sweep runs up to it. Writes CSV, JSON, a gnuplot PNG of
-// four panels, and prints the seed's headline ratios.
+// For each batch B (static batching, as the seed's TensorRT-LLM runs), run once untimed first:
+// B prompts of L tokens are prefilled (TTFT: until every one has its first token), then O - 1
+// decode steps run at batch B (TPOT: their mean). Throughput is B * O over the whole. MBU is
+// (weight bytes + KV bytes read) per decode step over its time, against a peak bandwidth measured
+// on the same device; MFU is the prefill's 2 * parameters * tokens FLOPs (attention not counted)
+// over a peak measured likewise on the CPU (or given). The largest batch that fits a memory
+// budget (weights + KV of B * (L + O) tokens) is computed per mode, and the sweep runs up to it.
+// Writes CSV, JSON, a gnuplot PNG of four panels, and prints the seed's headline ratios.
 #include <unistd.h>
 
 #include <algorithm>
@@ -296,6 +296,9 @@ int run(int argc, char** argv) {
     planned = planned - batches.size() + mode_batches.size();
     for (int64_t batch : mode_batches) {
       progress(finished, planned, fmt::format("{}: batch {}", mode.name, batch));
+      // Untimed first: a backend's first run of a shape times its candidate kernels (the CUDA
+      // backend's cuBLASLt algorithms and linear paths), which is no part of serving a request.
+      run_batch(engine, mode, batch, input_len, output_len, peak_bytes, peak_flops);
       points.push_back(run_batch(engine, mode, batch, input_len, output_len, peak_bytes, peak_flops));
       ++finished;
     }

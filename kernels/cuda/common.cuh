@@ -142,8 +142,15 @@ __device__ __forceinline__ void unpack16(uint4 v, int8_t, float* out) {
 }
 __device__ __forceinline__ void unpack16(uint4 v, fp8, float* out) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  // Two codes per conversion (the lower byte is the first value); E4M3 -> F16 -> F32 is exact.
 #pragma unroll
-  for (int i = 0; i < 16; ++i) out[i] = fp8_to_f32((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+  for (int i = 0; i < 8; ++i) {
+    const __half2_raw pair = __nv_cvt_fp8x2_to_halfraw2(
+        __nv_fp8x2_storage_t((words[i / 2] >> (16 * (i % 2))) & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(__half2(pair));
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
 }
 __device__ __forceinline__ void unpack8(uint4 v, bf16, float* out) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};

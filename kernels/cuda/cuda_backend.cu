@@ -223,6 +223,21 @@ class Profiler {
 };
 
 // Rows of a GEMM, in the buckets the profile reports.
+// The ways a linear can run. Gemv: kernels.cuh's GEMV, kGemvMaxM rows per launch (taken up to
+// kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
+// and bias epilogue. W8A16: the INT8 tensor-core kernel of w8a16_kernel.cuh.
+enum class LinearPath { Gemv, Gemm, W8A16 };
+constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
+
+const char* linear_path_name(LinearPath path) {
+  return path == LinearPath::Gemv ? "gemv" : path == LinearPath::Gemm ? "gemm" : "w8a16";
+}
+std::optional<LinearPath> linear_path_named(const std::string& name) {
+  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16})
+    if (name == linear_path_name(path)) return path;
+  return std::nullopt;
+}
+
 std::string rows_bucket(int64_t M) {
   return M == 1 ? "M=1" : M <= 8 ? "M<=8" : M <= 64 ? "M<=64" : M <= 512 ? "M<=512" : "M>512";
 }
@@ -257,10 +272,13 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_W8A16=kernel|dequantize: the path INT8 weights take at more than 8 rows, instead of the
-    // faster one (tests and profiling).
-    const char* w8a16 = std::getenv("LLMQ_W8A16");
-    w8a16_path_ = w8a16 && std::string(w8a16) == "kernel" ? 1 : w8a16 && std::string(w8a16) == "dequantize" ? 2 : 0;
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16: that path wherever it applies, instead of the fastest
+    // (tests and profiling).
+    if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
+      forced_path_ = linear_path_named(path);
+      if (!forced_path_)
+        fail(LLMQ_ERR_INVALID_ARGUMENT, "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16", path);
+    }
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
@@ -283,10 +301,16 @@ class CudaBackend final : public Backend {
                      dtype_name(DType(std::get<1>(key))), dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key),
                      (long long)std::get<4>(key), (long long)std::get<5>(key), plan.candidates, plan.chosen,
                      1e3 * plan.first_ms, 1e3 * plan.best_ms);
-      for (auto& [key, choice] : w8a16_choices_)
-        std::fprintf(stderr, "  INT8 x %s M<=%lld N=%lld K=%lld: W8A16 kernel %.1f us, dequantize + cuBLASLt %.1f us\n",
-                     dtype_name(DType(std::get<0>(key))), (long long)std::get<1>(key), (long long)std::get<2>(key),
-                     (long long)std::get<3>(key), 1e3 * choice.kernel_ms, 1e3 * choice.dequantized_ms);
+      std::fprintf(stderr, "llmq linear paths: (w, x) dtypes, rows (above 8: a bucket), N, K: us per path -> chosen\n");
+      for (auto& [key, choice] : path_choices_) {
+        std::string times;
+        for (auto& [path, ms] : choice.timed)
+          times += fmt::format("{}{} {:.1f}", times.empty() ? "" : ", ", linear_path_name(path), 1e3 * ms);
+        std::fprintf(stderr, "  %s x %s M%s%lld N=%lld K=%lld: %s -> %s\n", dtype_name(DType(std::get<0>(key))),
+                     dtype_name(DType(std::get<1>(key))), std::get<2>(key) > cuda::kGemvMaxM ? "<=" : "=",
+                     (long long)std::get<2>(key), (long long)std::get<3>(key), (long long)std::get<4>(key),
+                     times.c_str(), linear_path_name(choice.best));
+      }
     }
     for (auto& [key, plan] : plans_) {
       lt.cublasLtMatrixLayoutDestroy(plan.a);
@@ -459,34 +483,29 @@ class CudaBackend final : public Backend {
     float* y = out.as<float>();
     Profiler::Scope timer(profiler_, profiler_.enabled() ? fmt::format("linear {} {}", dtype_name(w_dtype), rows_bucket(M)) : "",
                           stream_);
-    if (!weight.quantized() && M <= cuda::kGemvMaxM) {
-      // Decode: the GEMV streams the weights at close to full bandwidth, reading fp32 activations.
-      cuda::gemv(x.data, DType::F32, weight.w.data, w_dtype, M, N, K, nullptr, nullptr, false, bias_data, bias_dtype, y,
-                 stream_);
-      check(cudaGetLastError(), "gemv kernel");
+    if (w_dtype == DType::F8_E4M3) {
+      fp8_scratch(M, K);
+      cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(),
+                              row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
+                              static_cast<float*>(row_scales_->data()), layer_counters(weight.layer), stream_);
+      check(cudaGetLastError(), "quantize_fp8_rows kernel");
+      fp8_linear(weight, bias, M, K, out);
       return;
     }
-    switch (w_dtype) {
-      case DType::F32:
-        gemm(weight.w.data, DType::F32, x.data, DType::F32, M, N, K, y);
-        break;
-      case DType::BF16:
-      case DType::F16:
-        gemm(weight.w.data, w_dtype, activations(x, w_dtype), w_dtype, M, N, K, y);
-        break;
-      case DType::I8: {
-        const void* xs = activations(x, weight.act_dtype);
-        if (M <= cuda::kGemvMaxM) {
-          cuda::gemv(xs, weight.act_dtype, weight.w.data, DType::I8, M, N, K, nullptr, w_scale, per_channel,
-                               bias_data, bias_dtype, y, stream_);
-          check(cudaGetLastError(), "quantized_gemv kernel (int8)");
+    if (w_dtype != DType::F32 && w_dtype != DType::BF16 && w_dtype != DType::F16 && w_dtype != DType::I8)
+      fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: linear weights of dtype {} are not supported", dtype_name(w_dtype));
+    // The products' input: fp32 for F32 weights, else rounded to the 16-bit type (INT8 weights: the
+    // checkpoint's activation type), the same for every path, so that the path changes only the
+    // order of the fp32 sums.
+    const DType x_dtype = w_dtype == DType::I8 ? weight.act_dtype : w_dtype;
+    const void* xs = activations(x, x_dtype);
+    const void* w = weight.w.data;
+    auto run = [&](LinearPath path) {
+      switch (path) {
+        case LinearPath::Gemv:
+          gemv_rows(xs, x_dtype, w, w_dtype, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype, y);
           return;
-        }
-        // Many rows: the W8A16 tensor-core kernel (the codes become 16-bit in registers), or the
-        // weights dequantized exactly to 16 bits and cuBLASLt, whichever was faster when a shape of
-        // the same row bucket was first seen (the kernel takes K multiples of 64 and aligned pointers
-        // only).
-        auto tensor_cores = [&] {
+        case LinearPath::W8A16: {
           Profiler::Scope part(profiler_, "  (in linear) W8A16 kernel", stream_);
           const cuda::W8A16Plan plan = cuda::w8a16_plan(M, N, K, num_sms_);
           float* partial = nullptr;
@@ -497,42 +516,29 @@ class CudaBackend final : public Backend {
             partial = static_cast<float*>(split_partial_->data());
             counters = static_cast<unsigned*>(split_counters_->data());
           }
-          cuda::w8a16_gemm(xs, weight.act_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data,
-                           bias_dtype, y, plan, partial, counters, stream_);
+          cuda::w8a16_gemm(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype,
+                           y, plan, partial, counters, stream_);
           check(cudaGetLastError(), "w8a16_gemm kernel");
-        };
-        auto dequantized = [&] {
-          ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
-          cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, weight.act_dtype, dequantized_->data(), stream_);
-          check(cudaGetLastError(), "dequantize_i8 kernel");
-          gemm(dequantized_->data(), weight.act_dtype, xs, weight.act_dtype, M, N, K, y);
-          epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
-        };
-        if (!cuda::w8a16_supported(M, N, K, xs, weight.w.data) || w8a16_path_ == 2) return dequantized();
-        if (w8a16_path_ == 1) return tensor_cores();
-        // One choice per power-of-two bucket of rows: serving steps vary M from step to step.
-        int64_t bucket = 16;
-        while (bucket < M) bucket *= 2;
-        const auto key = std::make_tuple(int(weight.act_dtype), bucket, N, K);
-        auto choice = w8a16_choices_.find(key);
-        if (choice == w8a16_choices_.end()) {
-          const float kernel_ms = time_ms(tensor_cores);
-          choice = w8a16_choices_.emplace(key, W8A16Choice{kernel_ms, time_ms(dequantized)}).first;
+          return;
         }
-        return choice->second.kernel_ms <= choice->second.dequantized_ms ? tensor_cores() : dequantized();
+        case LinearPath::Gemm:
+          if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first
+            ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
+            cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, x_dtype, dequantized_->data(), stream_);
+            check(cudaGetLastError(), "dequantize_i8 kernel");
+            gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, N, K, y);
+          } else {
+            gemm(w, w_dtype, xs, x_dtype, M, N, K, y);
+          }
+          epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
+          return;
       }
-      case DType::F8_E4M3:
-        fp8_scratch(M, K);
-        cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(),
-                                row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
-                                static_cast<float*>(row_scales_->data()), layer_counters(weight.layer), stream_);
-        check(cudaGetLastError(), "quantize_fp8_rows kernel");
-        fp8_linear(weight, bias, M, K, out);
-        return;
-      default:
-        fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: linear weights of dtype {} are not supported", dtype_name(w_dtype));
-    }
-    epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
+    };
+    std::vector<LinearPath> paths;
+    if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
+    if (w_dtype == DType::I8 && cuda::w8a16_supported(M, N, K, xs, w)) paths.push_back(LinearPath::W8A16);
+    paths.push_back(LinearPath::Gemm);
+    run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }
 
   // FP8 weights: silu(gate) * up goes straight into the FP8 codes and row scales (one kernel, no
@@ -730,7 +736,7 @@ class CudaBackend final : public Backend {
   }
 
   // out = codes_ . weight^T, scaled by row_scales_ and the weight's scale (+ bias): the FP8 linear
-  // once its input is quantized. cuBLASLt for more rows than the GEMV takes, the GEMV otherwise.
+  // once its input is quantized. cuBLASLt FP8 (K and N multiples of 16) or the GEMV, the faster.
   void fp8_linear(const LinearWeight& weight, const Tensor* bias, int64_t M, int64_t K, Tensor& out) {
     const int64_t N = weight.w.rows;
     const void* bias_data = bias ? bias->data : nullptr;
@@ -740,17 +746,67 @@ class CudaBackend final : public Backend {
     const float* row_scales = static_cast<const float*>(row_scales_->data());
     const uint8_t* codes = static_cast<const uint8_t*>(codes_->data());
     float* y = out.as<float>();
-    if (M > cuda::kGemvMaxM && K % 16 == 0 && N % 16 == 0 &&
-        gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false)) {
-      epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
-      return;
-    }
+    auto gemv_all = [&] {
+      gemv_rows(codes, DType::F8_E4M3, weight.w.data, DType::F8_E4M3, M, N, K, row_scales, w_scale, per_channel,
+                bias_data, bias_dtype, y);
+    };
+    auto run = [&](LinearPath path) {
+      if (path == LinearPath::Gemm &&
+          gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false))
+        return epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
+      gemv_all();  // also when cuBLASLt has no algorithm for the shape
+    };
+    std::vector<LinearPath> paths;
+    if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
+    if (K % 16 == 0 && N % 16 == 0) paths.push_back(LinearPath::Gemm);
+    if (paths.empty()) return gemv_all();
+    run(choose_path(DType::F8_E4M3, DType::F8_E4M3, M, N, K, paths, run));
+  }
+
+  // The GEMV over M rows, kGemvMaxM at a time (each launch reads the weights once).
+  void gemv_rows(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
+                 const float* row_scales, const float* w_scale, bool per_channel, const void* bias, DType bias_dtype,
+                 float* y) {
+    const int64_t x_row_bytes = K * int64_t(dtype_size(x_dtype));
     for (int64_t m0 = 0; m0 < M; m0 += cuda::kGemvMaxM) {
       const int64_t rows = std::min(cuda::kGemvMaxM, M - m0);
-      cuda::gemv(codes + m0 * K, DType::F8_E4M3, weight.w.data, DType::F8_E4M3, rows, N, K, row_scales + m0, w_scale,
-                 per_channel, bias_data, bias_dtype, y + m0 * N, stream_);
-      check(cudaGetLastError(), "quantized_gemv kernel (fp8)");
+      cuda::gemv(static_cast<const uint8_t*>(x) + m0 * x_row_bytes, x_dtype, w, w_dtype, rows, N, K,
+                 row_scales ? row_scales + m0 : nullptr, w_scale, per_channel, bias, bias_dtype, y + m0 * N, stream_);
+      check(cudaGetLastError(), "gemv kernel");
     }
+  }
+
+  // The path a linear of this shape takes: the forced one (LLMQ_LINEAR_PATH) where it applies,
+  // the only one, or the fastest of `paths`, timed with run(path) when the shape (weight and
+  // activation types, rows, N, K; rows above 8 in power-of-two buckets, since serving steps vary
+  // them every step) is first seen. The paths differ only in the order of the fp32 sums. A step
+  // being recorded cannot time: it takes the first path and leaves the choice to an eager step.
+  template <typename Run>
+  LinearPath choose_path(DType w_dtype, DType x_dtype, int64_t M, int64_t N, int64_t K,
+                         const std::vector<LinearPath>& paths, Run&& run) {
+    if (forced_path_ && std::find(paths.begin(), paths.end(), *forced_path_) != paths.end()) return *forced_path_;
+    if (paths.size() == 1) return paths[0];
+    int64_t rows = M;
+    if (M > cuda::kGemvMaxM) {
+      rows = 16;
+      while (rows < M) rows *= 2;
+    }
+    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), rows, N, K);
+    auto it = path_choices_.find(key);
+    if (it == path_choices_.end()) {
+      if (capturing_) return paths[0];
+      PathChoice choice;
+      for (LinearPath path : paths) {
+        const float ms = time_ms([&] { run(path); });
+        choice.timed.emplace_back(path, ms);
+        if (choice.timed.size() == 1 || ms < choice.best_ms) {
+          choice.best = path;
+          choice.best_ms = ms;
+        }
+      }
+      it = path_choices_.emplace(key, std::move(choice)).first;
+    }
+    return it->second.best;
   }
 
   // x rounded to `dtype` in scratch memory (F32: x itself).
@@ -871,12 +927,14 @@ class CudaBackend final : public Backend {
   static constexpr int32_t kMaxCountedLayers = 1024;
   std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
-  // INT8 weights, (activation dtype, rows bucket, N, K): the two paths' times when first seen.
-  struct W8A16Choice {
-    float kernel_ms, dequantized_ms;
+  // (weight dtype, activation dtype, rows or rows bucket, N, K) -> each path's time when first seen.
+  struct PathChoice {
+    LinearPath best = LinearPath::Gemm;
+    float best_ms = 0.0f;
+    std::vector<std::pair<LinearPath, float>> timed;
   };
-  std::map<std::tuple<int, int64_t, int64_t, int64_t>, W8A16Choice> w8a16_choices_;
-  int w8a16_path_ = 0;  // 0: the faster, 1: the kernel, 2: dequantize + cuBLASLt (LLMQ_W8A16)
+  std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, PathChoice> path_choices_;
+  std::optional<LinearPath> forced_path_;  // LLMQ_LINEAR_PATH
 
   std::vector<std::unique_ptr<Buffer>> uploads_;
 

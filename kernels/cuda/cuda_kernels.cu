@@ -168,10 +168,10 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
     launch(Tag<int8_t>{}, Tag<f16>{});
   else if (w_dtype == DType::F8_E4M3 && x_dtype == DType::F8_E4M3)
     launch(Tag<fp8>{}, Tag<fp8>{});
-  else if (w_dtype == DType::BF16 && x_dtype == DType::F32)
-    launch(Tag<bf16>{}, Tag<float>{});
-  else if (w_dtype == DType::F16 && x_dtype == DType::F32)
-    launch(Tag<f16>{}, Tag<float>{});
+  else if (w_dtype == DType::BF16 && x_dtype == DType::BF16)
+    launch(Tag<bf16>{}, Tag<bf16>{});
+  else if (w_dtype == DType::F16 && x_dtype == DType::F16)
+    launch(Tag<f16>{}, Tag<f16>{});
   else if (w_dtype == DType::F32 && x_dtype == DType::F32)
     launch(Tag<float>{}, Tag<float>{});
   else

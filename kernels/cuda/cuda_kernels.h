@@ -101,9 +101,9 @@ void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStrea
 void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, const float* w_scale,
                      bool per_channel, const void* bias, DType bias_dtype, cudaStream_t stream);
 
-// GEMV for M <= kGemvMaxM, one warp per output channel streaming its weight row: weights
-// F32/BF16/F16 with F32 activations, I8 with BF16/F16 activations, or F8_E4M3 with F8_E4M3 codes
-// (activations already in the product's form); the epilogue is fused.
+// GEMV for M <= kGemvMaxM, one warp per output channel streaming its weight row: F32 weights with
+// F32 activations, BF16/F16 with activations of the same type, I8 with BF16/F16 activations, or
+// F8_E4M3 with F8_E4M3 codes (activations already in the product's form); the epilogue is fused.
 constexpr int64_t kGemvMaxM = 8;
 void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
                     const float* row_scale, const float* w_scale, bool per_channel, const void* bias,

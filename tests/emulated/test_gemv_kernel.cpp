@@ -1,6 +1,7 @@
 // The GEMV kernel of kernels/cuda/kernels.cuh (at most 8 rows, one warp per output channel) run on
 // the CPU through tests/emulated/cuda_emulation.h against float64, for every pair of weight and
-// activation types the CUDA backend launches it with: F32/BF16/F16 weights with F32 activations,
+// activation types the CUDA backend launches it with: F32 weights with F32 activations, BF16/F16
+// weights with activations of the same type,
 // INT8 codes with BF16/F16 activations, FP8 codes with FP8 activation codes and row scales; the
 // 16-byte and the scalar paths (K a multiple of 16 or not); the fused scale and bias epilogue.
 #include <gtest/gtest.h>
@@ -102,14 +103,15 @@ void check(int M, int64_t N, int64_t K, bool per_channel, int bias_kind, uint64_
 
 TEST(GemvKernelEmulated, MatchesFloat64ForEveryTypePair) {
   uint64_t seed = 1;
-  int i = 0;  // every bias kind with both scale kinds over the nine shapes
+  int i = 0;  // every bias kind with both scale kinds over the twelve shapes
   for (int M : {1, 3, 8})
-    for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {9, 4096}}) {
+    // K = 784: a multiple of 16 that ends inside a warp's 512-byte load step
+    for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {9, 4096}, {5, 784}}) {
       const int bias = i % 3;
       const bool per_channel = i++ % 2 == 0;
       check<float, float>(M, N, K, per_channel, bias, ++seed);
-      check<cuda::bf16, float>(M, N, K, per_channel, bias, ++seed);
-      check<cuda::f16, float>(M, N, K, per_channel, bias, ++seed);
+      check<cuda::bf16, cuda::bf16>(M, N, K, per_channel, bias, ++seed);
+      check<cuda::f16, cuda::f16>(M, N, K, per_channel, bias, ++seed);
       check<int8_t, cuda::bf16>(M, N, K, per_channel, bias, ++seed);
       check<int8_t, cuda::f16>(M, N, K, per_channel, bias, ++seed);
       check<cuda::fp8, cuda::fp8>(M, N, K, per_channel, bias, ++seed);

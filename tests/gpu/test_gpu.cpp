@@ -234,7 +234,7 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
   w_gpu.w = gpu_->upload(w_cpu.w);
   w_gpu.scale = gpu_->upload(w_cpu.scale);
   w_gpu.input_scale = input_scale.gpu;
-  for (int64_t rows : {M, int64_t(5)}) {  // cuBLASLt FP8, then the GEMV
+  for (int64_t rows : {M, int64_t(5)}) {  // cuBLASLt FP8; at 5 rows, the faster of it and the GEMV
     Both out = output(rows, N);
     Tensor xc = x.cpu.row_slice(0, rows), xg = x.gpu.row_slice(0, rows);
     cpu_->linear(xc, w_cpu, nullptr, out.cpu);
@@ -247,12 +247,20 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
   EXPECT_GT(c[kActivationsClipped], uint64_t((M + 5) * K / 4));  // about half of uniform(-2, 2) clips
 }
 
+// Each path forced in turn (where it applies; elsewhere the fastest): the GEMV (up to 16 rows, 8
+// per launch), then cuBLASLt (INT8 weights dequantized first).
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
-  for (const LinearCase& c : kLinearCases)
-    for (int64_t M : {1, 3, 7, 8, 9, 19, 733})
-      for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {733, 64}, {48, 4096}, {17, 7}, {64, 64},
-                          {32, 64}, {4096, 4096}})
-        check(c, M, N, K, {/*bias=*/M == 3 || M == 19});
+  for (const char* path : {"gemv", "gemm"}) {
+    SCOPED_TRACE(path);
+    setenv("LLMQ_LINEAR_PATH", path, 1);
+    gpu_ = make_cuda_backend(CudaBackendOptions{});
+    unsetenv("LLMQ_LINEAR_PATH");
+    for (const LinearCase& c : kLinearCases)
+      for (int64_t M : {1, 3, 7, 8, 9, 16, 19, 733})
+        for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {733, 64}, {48, 4096}, {17, 7},
+                            {64, 64}, {32, 64}, {4096, 4096}})
+          check(c, M, N, K, {/*bias=*/M == 3 || M == 19});
+  }
 }
 
 // The INT8 weight-only tensor-core GEMM (kernels/cuda/w8a16_gemm.cu), which takes M > 8 when K is
@@ -262,9 +270,9 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
 // and a shape it leaves to dequantize + cuBLASLt (K = 96).
 TEST_F(GpuLinear, Int8TensorCoreGemm) {
   // The kernel itself, not whichever path was faster at a shape.
-  setenv("LLMQ_W8A16", "kernel", 1);
+  setenv("LLMQ_LINEAR_PATH", "w8a16", 1);
   gpu_ = make_cuda_backend(CudaBackendOptions{});
-  unsetenv("LLMQ_W8A16");
+  unsetenv("LLMQ_LINEAR_PATH");
   const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
   int i = 0;
   for (DType act : {DType::BF16, DType::F16})
