@@ -283,8 +283,6 @@ class CudaBackend final : public Backend {
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cublas_lt().cublasLtCreate(&lt_handle_), "cublasLtCreate");
     workspace_ = std::make_unique<DeviceBuffer>(kWorkspaceBytes);
-    device_zero_ = std::make_unique<DeviceBuffer>(sizeof(float));
-    check(cudaMemset(device_zero_->data(), 0, sizeof(float)), "cudaMemset (zero)");
     counters_ = std::make_unique<DeviceBuffer>(uint64_t(kMaxCountedLayers) * kSaturationCounters * sizeof(uint64_t));
     check(cudaMemset(counters_->data(), 0, counters_->size()), "cudaMemset (saturation counters)");
   }
@@ -297,15 +295,12 @@ class CudaBackend final : public Backend {
     profiler_.print(name_);
     const CublasLt& lt = cublas_lt();
     if (profiler_.enabled()) {
-      std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K, fused scales (0 none, 1 alpha vector, 2 FP8 "
-                           "outer vectors, 3 FP8 scalar x vector): candidates, chosen, us per run (first choice -> chosen)\n");
+      std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K: candidates, chosen, us per run (first choice -> chosen)\n");
       for (auto& [key, plan] : plans_)
-        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld scales %d: %d, %s, %.1f -> %.1f\n",
-                     dtype_name(DType(std::get<0>(key))), dtype_name(DType(std::get<1>(key))),
-                     dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key), (long long)std::get<4>(key),
-                     (long long)std::get<5>(key), std::get<6>(key), plan.candidates,
-                     plan.has_algo ? fmt::format("#{}", plan.chosen).c_str() : "none ran", 1e3 * plan.first_ms,
-                     1e3 * plan.best_ms);
+        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
+                     dtype_name(DType(std::get<1>(key))), dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key),
+                     (long long)std::get<4>(key), (long long)std::get<5>(key), plan.candidates, plan.chosen,
+                     1e3 * plan.first_ms, 1e3 * plan.best_ms);
       std::fprintf(stderr, "llmq linear paths: (w, x) dtypes, rows (above 8: a bucket), N, K: us per path -> chosen\n");
       for (auto& [key, choice] : path_choices_) {
         std::string times;
@@ -531,11 +526,6 @@ class CudaBackend final : public Backend {
             ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
             cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, x_dtype, dequantized_->data(), stream_);
             check(cudaGetLastError(), "dequantize_i8 kernel");
-            // Per-channel scales without a bias: cuBLASLt applies them, no epilogue pass.
-            const GemmScales fused{w_scale, per_channel};
-            if (per_channel && !bias_data &&
-                gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, N, K, y, /*required=*/false, &fused))
-              return;
             gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, N, K, y);
           } else {
             gemm(w, w_dtype, xs, x_dtype, M, N, K, y);
@@ -761,15 +751,9 @@ class CudaBackend final : public Backend {
                 bias_data, bias_dtype, y);
     };
     auto run = [&](LinearPath path) {
-      if (path == LinearPath::Gemm) {
-        // Without a bias, cuBLASLt applies the weight and row scales itself where it can.
-        const GemmScales fused{w_scale, per_channel, row_scales};
-        if (!bias_data && gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false,
-                               &fused))
-          return;
-        if (gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false))
-          return epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
-      }
+      if (path == LinearPath::Gemm &&
+          gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false))
+        return epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
       gemv_all();  // also when cuBLASLt has no algorithm for the shape
     };
     std::vector<LinearPath> paths;
@@ -856,50 +840,17 @@ class CudaBackend final : public Backend {
     return ms / 3.0f;
   }
 
-  // Scales cuBLASLt applies to the fp32 accumulator instead of the epilogue kernel (which then has
-  // nothing left to do without a bias): the weight's per-channel scale as a device alpha vector
-  // (16-bit inputs: INT8 weights dequantized), or for FP8 the weight's scale (per channel: an
-  // outer vector; per tensor: a scalar) times the tokens' row scales (an outer vector).
-  struct GemmScales {
-    const float* w_scale = nullptr;
-    bool per_channel = false;
-    const float* row_scales = nullptr;  // FP8 only
-  };
-  enum GemmScaleMode { kNoScales = 0, kAlphaVector = 1, kFp8OuterVector = 2, kFp8ScalarTimesVector = 3 };
-  static int scale_mode(const GemmScales* s) {
-    if (!s) return kNoScales;
-    if (s->row_scales) return s->per_channel ? kFp8OuterVector : kFp8ScalarTimesVector;
-    if (!s->per_channel) fail(LLMQ_ERR_INTERNAL, "cuda backend: a per-tensor scale fused into a 16-bit GEMM");
-    return kAlphaVector;
-  }
-
-  // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation, times `scales` when given. In
-  // cuBLASLt's column-major terms y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN"
-  // layout FP8 requires. Returns false (with `required` false) when cuBLASLt has no algorithm for
-  // the shape and scales.
+  // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation. In cuBLASLt's column-major terms
+  // y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN" layout FP8 requires.
+  // Returns false (with `required` false) when cuBLASLt has no algorithm for the shape.
   // (A BF16 output converted by the epilogue was tried: no faster on an H200, so the output is fp32.)
   bool gemm(const void* w, DType w_dtype, const void* x, DType x_dtype, int64_t M, int64_t N, int64_t K, float* y,
-            bool required = true, const GemmScales* scales = nullptr) {
+            bool required = true) {
     const CublasLt& lt = cublas_lt();
     void* d = y;
     const DType out_dtype = DType::F32;
-    const int mode = scale_mode(scales);
-    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K, mode);
+    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K);
     auto it = plans_.find(key);
-    // This call's scale pointers go into the descriptor (host-side attributes, read by each matmul
-    // call, so a recorded step keeps the pointers it was recorded with).
-    auto set_scale_pointers = [&](cublasLtMatmulDesc_t desc) {
-      if (mode != kFp8OuterVector && mode != kFp8ScalarTimesVector) return;
-      const void* a_scale = scales->w_scale;
-      const void* b_scale = scales->row_scales;
-      check(lt.cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof a_scale),
-            "cublasLtMatmulDescSetAttribute(A_SCALE_POINTER)");
-      check(lt.cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale),
-            "cublasLtMatmulDescSetAttribute(B_SCALE_POINTER)");
-    };
-    const float one = 1.0f, zero = 0.0f;
-    const void* alpha = mode == kAlphaVector ? static_cast<const void*>(scales->w_scale) : &one;
-    const void* beta = mode == kAlphaVector ? device_zero_->data() : &zero;  // read as device memory there
     if (it == plans_.end()) {
       if (plans_.size() > 4096) fail(LLMQ_ERR_INTERNAL, "cuda backend: too many GEMM shapes");
       GemmPlan plan;
@@ -907,22 +858,6 @@ class CudaBackend final : public Backend {
       const cublasOperation_t transpose = CUBLAS_OP_T;
       check(lt.cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose),
             "cublasLtMatmulDescSetAttribute(TRANSA)");
-      if (mode == kAlphaVector) {
-        const int32_t pointer_mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO;
-        check(lt.cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pointer_mode,
-                                                sizeof pointer_mode),
-              "cublasLtMatmulDescSetAttribute(POINTER_MODE)");
-      }
-      if (mode == kFp8OuterVector || mode == kFp8ScalarTimesVector) {
-        const int32_t a_mode = mode == kFp8OuterVector ? CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
-                                                       : CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
-        const int32_t b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-        check(lt.cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof a_mode),
-              "cublasLtMatmulDescSetAttribute(A_SCALE_MODE)");
-        check(lt.cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof b_mode),
-              "cublasLtMatmulDescSetAttribute(B_SCALE_MODE)");
-        set_scale_pointers(plan.desc);
-      }
       check(lt.cublasLtMatrixLayoutCreate(&plan.a, cuda_type(w_dtype), uint64_t(K), uint64_t(N), K),
             "cublasLtMatrixLayoutCreate(A)");
       check(lt.cublasLtMatrixLayoutCreate(&plan.b, cuda_type(x_dtype), uint64_t(K), uint64_t(M), K),
@@ -936,28 +871,30 @@ class CudaBackend final : public Backend {
                                               sizeof workspace);
       // The heuristic's first choice can be far from the best for decode-like shapes (a 2.4 ms
       // lm_head at M = 1 was seen): time its candidates once, on this call's buffers, and keep
-      // the fastest; a candidate that fails to run is skipped (with scales: an unsupported
-      // combination). Plans are made in eager steps only, never during a graph capture.
+      // the fastest. Plans are made in eager steps only, never during a graph capture.
       cublasLtMatmulHeuristicResult_t results[8] = {};
       int found = 0;
       cublasStatus_t s = lt.cublasLtMatmulAlgoGetHeuristic(lt_handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
                                                           preference, 8, results, &found);
       lt.cublasLtMatmulPreferenceDestroy(preference);
-      if (s != CUBLAS_STATUS_SUCCESS) found = 0;
+      plan.has_algo = s == CUBLAS_STATUS_SUCCESS && found > 0;
+      if (plan.has_algo) plan.algo = results[0].algo;
       plan.candidates = found;
-      for (int i = 0; i < found; ++i) {
-        auto run = [&] {
-          return lt.cublasLtMatmul(lt_handle_, plan.desc, alpha, w, plan.a, x, plan.b, beta, d, plan.d, d, plan.d,
-                                   &results[i].algo, workspace_->data(), kWorkspaceBytes, stream_);
-        };
-        if (run() != CUBLAS_STATUS_SUCCESS) continue;
-        const float ms = found > 1 ? time_ms(run) : 0.0f;
-        if (i == 0) plan.first_ms = ms;
-        if (!plan.has_algo || ms < plan.best_ms) {
-          plan.algo = results[i].algo;
-          plan.has_algo = true;
-          plan.chosen = i;
-          plan.best_ms = ms;
+      if (plan.has_algo && found > 1) {
+        const float alpha = 1.0f, beta = 0.0f;
+        for (int i = 0; i < found; ++i) {
+          auto run = [&] {
+            return lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, d, plan.d, d, plan.d,
+                                     &results[i].algo, workspace_->data(), kWorkspaceBytes, stream_);
+          };
+          if (run() != CUBLAS_STATUS_SUCCESS) continue;  // an algorithm that fails is skipped
+          const float ms = time_ms(run);
+          if (i == 0) plan.first_ms = ms;
+          if (plan.best_ms == 0.0f || ms < plan.best_ms) {
+            plan.algo = results[i].algo;
+            plan.chosen = i;
+            plan.best_ms = ms;
+          }
         }
       }
       it = plans_.emplace(key, plan).first;
@@ -968,14 +905,14 @@ class CudaBackend final : public Backend {
       fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: cuBLASLt has no algorithm for {} x {} GEMM of [{}, {}] x [{}, {}]",
            dtype_name(w_dtype), dtype_name(x_dtype), M, K, N, K);
     }
-    set_scale_pointers(plan.desc);
+    const float alpha = 1.0f, beta = 0.0f;
     // The GEMM alone inside the linear's time: the profile's answer to "is it the GEMM or the rest".
     Profiler::Scope part(profiler_,
                          profiler_.enabled() ? fmt::format("  (in linear) cuBLASLt {} {}", dtype_name(w_dtype), rows_bucket(M))
                                              : "",
                          stream_);
-    check(lt.cublasLtMatmul(lt_handle_, plan.desc, alpha, w, plan.a, x, plan.b, beta, d, plan.d, d, plan.d, &plan.algo,
-                            workspace_->data(), kWorkspaceBytes, stream_),
+    check(lt.cublasLtMatmul(lt_handle_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, d, plan.d, d, plan.d,
+                            &plan.algo, workspace_->data(), kWorkspaceBytes, stream_),
           "cublasLtMatmul");
     return true;
   }
@@ -987,10 +924,9 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_handle_ = nullptr;
   std::unique_ptr<Buffer> workspace_;
-  std::unique_ptr<Buffer> device_zero_;  // one 0.0f: beta in device pointer modes
   static constexpr int32_t kMaxCountedLayers = 1024;
   std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
-  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, int>, GemmPlan> plans_;  // + scale mode
+  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
   // (weight dtype, activation dtype, rows or rows bucket, N, K) -> each path's time when first seen.
   struct PathChoice {
     LinearPath best = LinearPath::Gemm;
