@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on the GPU machine (its CUDA 13 has ncu): the decode-path kernels of a 2-layer
 # Llama-2-7B-shaped model, one CSV per case in $OUT (or /tmp/llmq-ncu), for reading here.
-#   bash scripts/gpu-ncu.sh            # needs .gpu-carry (gpu-check.sh prepare)
+#   bash scripts/gpu-ncu.sh [CASE ...]   # needs .gpu-carry (gpu-check.sh prepare); default: every case
 # Each case: quant mode, decode batch, kernel name regex, how many launches to profile, and the
 # linear path forced (LLMQ_LINEAR_PATH), so that the kernel runs whichever path would be faster.
 set -uo pipefail
@@ -12,8 +12,10 @@ mkdir -p "$out"
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 model=/dev/shm/llmq-ncu-2layer
 [ -f "$model/config.json" ] || "$carry/bin/llmq-synth" --out "$model" --shape llama2-7b --layers 2 >/dev/null
+wanted=" $* "
 profile() {
   local name=$1 quant=$2 batch=$3 regex=$4 count=$5 path=$6
+  [ "$wanted" = "  " ] || [[ $wanted == *" $name "* ]] || return 0
   LLMQ_LINEAR_PATH=$path timeout 120 "$ncu" --target-processes all --kernel-name "regex:$regex" --launch-count "$count" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis -f -o "/tmp/ncu-$name" \
