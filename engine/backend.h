@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -110,6 +111,17 @@ class Backend {
   // (tensor parallelism: the max over the ranks' slices of the row).
   virtual void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
                       const Tensor* row_amax = nullptr) = 0;
+  // One input through several weights (q/k/v; gate/up): linear(x, *job.weight, job.bias,
+  // *job.out) for each job, in order, with the same bits. A backend may prepare x once for all of
+  // them (the CUDA backend rounds it to the weights' 16-bit type once).
+  struct LinearJob {
+    const LinearWeight* weight;
+    const Tensor* bias;
+    Tensor* out;
+  };
+  virtual void linears(const Tensor& x, std::initializer_list<LinearJob> jobs) {
+    for (const LinearJob& job : jobs) linear(x, *job.weight, job.bias, *job.out);
+  }
   // out[m] = max_k |x[m, k]| (out F32 [M, 1]).
   virtual void row_absmax(const Tensor& x, Tensor& out) = 0;
   // Rotates q [T, Hq*D] in place and k [T, Hkv*D] in place (rotate-half RoPE at each token's

@@ -581,9 +581,7 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
     else
       b.add_rmsnorm(x, proj, w.attn_norm, eps, h);
     observe(l, "attn_in", h);
-    b.linear(h, w.wq, bias(w.bq), q);
-    b.linear(h, w.wk, bias(w.bk), k);
-    b.linear(h, w.wv, bias(w.bv), v);
+    b.linears(h, {{&w.wq, bias(w.bq), &q}, {&w.wk, bias(w.bk), &k}, {&w.wv, bias(w.bv), &v}});
     b.rope_kv_write(q, k, v, r.inv_freq, r.kv_layers[l]);
     observe(l, "k", k);
     observe(l, "v", v);
@@ -592,8 +590,7 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
     row_parallel(attn, w.wo, bias(w.bo), proj);
     b.add_rmsnorm(x, proj, w.mlp_norm, eps, h);
     observe(l, "mlp_in", h);
-    b.linear(h, w.w_gate, nullptr, gate);
-    b.linear(h, w.w_up, nullptr, up);
+    b.linears(h, {{&w.w_gate, nullptr, &gate}, {&w.w_up, nullptr, &up}});
     if (observer_ || needs_row_amax(w.w_down)) {
       // The fp32 product itself is needed: calibration observes it, or tensor parallelism takes its
       // per-token amax over the ranks before the FP8 quantization.

@@ -541,6 +541,18 @@ class CudaBackend final : public Backend {
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }
 
+  void linears(const Tensor& x, std::initializer_list<LinearJob> jobs) override {
+    struct Sharing {  // x's 16-bit copy is shared for this call only: x changes between calls
+      CudaBackend& b;
+      explicit Sharing(CudaBackend& backend) : b(backend) {
+        b.shared_input_ = true;
+        b.converted_of_ = nullptr;
+      }
+      ~Sharing() { b.shared_input_ = false; }
+    } sharing(*this);
+    Backend::linears(x, jobs);
+  }
+
   // FP8 weights: silu(gate) * up goes straight into the FP8 codes and row scales (one kernel, no
   // fp32 product in memory), then the same GEMM / GEMV as linear. Other weights: silu_mul, linear.
   void silu_mul_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
@@ -809,13 +821,17 @@ class CudaBackend final : public Backend {
     return it->second.best;
   }
 
-  // x rounded to `dtype` in scratch memory (F32: x itself).
+  // x rounded to `dtype` in scratch memory (F32: x itself). Inside linears(), the copy made for
+  // the first linear serves the others.
   const void* activations(const Tensor& x, DType dtype) {
     if (dtype == DType::F32) return x.data;
+    if (shared_input_ && converted_of_ == x.data && converted_dtype_ == dtype) return converted_->data();
     Profiler::Scope part(profiler_, "  (in linear) convert activations", stream_);
     ensure(converted_, uint64_t(x.numel()) * dtype_size(dtype));
     cuda::convert_activations(x.as<float>(), x.numel(), dtype, converted_->data(), stream_);
     check(cudaGetLastError(), "convert_activations kernel");
+    converted_of_ = x.data;
+    converted_dtype_ = dtype;
     return converted_->data();
   }
 
@@ -935,6 +951,10 @@ class CudaBackend final : public Backend {
   };
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, PathChoice> path_choices_;
   std::optional<LinearPath> forced_path_;  // LLMQ_LINEAR_PATH
+  // converted_ holds converted_of_'s data rounded to converted_dtype_; reused while shared_input_.
+  bool shared_input_ = false;
+  const void* converted_of_ = nullptr;
+  DType converted_dtype_ = DType::F32;
 
   std::vector<std::unique_ptr<Buffer>> uploads_;
 

@@ -263,6 +263,34 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
   }
 }
 
+// linears() (one input through several weights, as q/k/v and gate/up are) gives each output the
+// bits of its own linear(): the CUDA backend rounds the input to 16 bits once for all of them, here
+// for a BF16 weight and an INT8 one (BF16 activations) in one call, at decode and prefill sizes.
+TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
+  Random rnd(11);
+  const int64_t K = 128;
+  std::vector<uint8_t> bf16_bytes = encode(rnd.floats(size_t(64 * K)), DType::BF16);
+  Both bf16_w = tensor(bf16_bytes, DType::BF16, 64, K);
+  LinearWeight plain;
+  plain.w = bf16_w.gpu;
+  std::vector<uint8_t> int8_source = encode(rnd.floats(size_t(48 * K)), DType::BF16);
+  quantized_.push_back(quantize_weight(Tensor{int8_source.data(), DType::BF16, 48, K}, QuantMode::Int8WeightOnly, 2));
+  LinearWeight int8 = quantized_.back().view(DType::BF16);
+  int8.w = gpu_->upload(int8.w);
+  int8.scale = gpu_->upload(int8.scale);
+  for (int64_t M : {3, 40}) {
+    Both x = floats(rnd.floats(size_t(M * K)), M, K);
+    Both a = output(M, 64), b = output(M, 48), a_alone = output(M, 64), b_alone = output(M, 48);
+    gpu_->linear(x.gpu, plain, nullptr, a_alone.gpu);
+    gpu_->linear(x.gpu, int8, nullptr, b_alone.gpu);
+    gpu_->linears(x.gpu, {{&plain, nullptr, &a.gpu}, {&int8, nullptr, &b.gpu}});
+    const std::vector<float> a1 = read(*gpu_, a.gpu), a2 = read(*gpu_, a_alone.gpu);
+    const std::vector<float> b1 = read(*gpu_, b.gpu), b2 = read(*gpu_, b_alone.gpu);
+    EXPECT_EQ(0, std::memcmp(a1.data(), a2.data(), a1.size() * sizeof(float))) << "BF16 weight, M=" << M;
+    EXPECT_EQ(0, std::memcmp(b1.data(), b2.data(), b1.size() * sizeof(float))) << "INT8 weight, M=" << M;
+  }
+}
+
 // The INT8 weight-only tensor-core GEMM (kernels/cuda/w8a16_gemm.cu), which takes M > 8 when K is
 // a multiple of 64: its tile shapes (16/32/64 rows for decode batches, 128 for prefill), N and M
 // not tile multiples, split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its
