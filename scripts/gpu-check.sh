@@ -74,7 +74,7 @@ run() {
   echo "   ($((SECONDS - start)) s so far)"
 
   echo "== 3b. where the time goes (LLMQ_PROFILE=1: GPU time per op, GEMM plans, W8A16 choices)"
-  LLMQ_PROFILE=1 timeout 120 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,64 \
+  LLMQ_PROFILE=1 timeout 120 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant none,int8wo,fp8 --batches 1,16,64 \
     --prompt-len 128 --decode-steps 4 --prefill 2048 >/dev/null 2>"$out/profile.log" || status=1
   grep -A14 "llmq profile" "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"

@@ -2,8 +2,9 @@
 # Nsight Compute on the GPU machine (its CUDA 13 has ncu): the decode-path kernels of a 2-layer
 # Llama-2-7B-shaped model, one CSV per case in $OUT (or /tmp/llmq-ncu), for reading here.
 #   bash scripts/gpu-ncu.sh [CASE ...]   # needs .gpu-carry (gpu-check.sh prepare); default: every case
-# Each case: quant mode, decode batch, kernel name regex, how many launches to profile, and the
-# linear path forced (LLMQ_LINEAR_PATH), so that the kernel runs whichever path would be faster.
+# Each case: quant mode, decode batch, kernel name regex, how many launches to profile, the
+# linear path forced (LLMQ_LINEAR_PATH, so that the kernel runs whichever path would be faster),
+# and the prompt length (1: the prefill has the decode step's rows, so every launch is decode-shaped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 carry=$PWD/.gpu-carry
@@ -14,19 +15,20 @@ model=/dev/shm/llmq-ncu-2layer
 [ -f "$model/config.json" ] || "$carry/bin/llmq-synth" --out "$model" --shape llama2-7b --layers 2 >/dev/null
 wanted=" $* "
 profile() {
-  local name=$1 quant=$2 batch=$3 regex=$4 count=$5 path=$6
+  local name=$1 quant=$2 batch=$3 regex=$4 count=$5 path=$6 prompt=$7
   [ "$wanted" = "  " ] || [[ $wanted == *" $name "* ]] || return 0
   LLMQ_LINEAR_PATH=$path timeout 120 "$ncu" --target-processes all --kernel-name "regex:$regex" --launch-count "$count" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis -f -o "/tmp/ncu-$name" \
     "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant "$quant" --batches "$batch" \
-    --prompt-len 16 --decode-steps 2 --prefill 0 >"/tmp/ncu-$name.log" 2>&1 || { tail -5 "/tmp/ncu-$name.log"; return; }
+    --prompt-len "$prompt" --decode-steps 2 --prefill 0 >"/tmp/ncu-$name.log" 2>&1 || { tail -5 "/tmp/ncu-$name.log"; return; }
   "$ncu" --import "/tmp/ncu-$name.ncu-rep" --csv --page details >"$out/$name.csv" 2>&1
   echo "$name: $(grep -c '"Duration"' "$out/$name.csv") launches profiled"
 }
-profile gemv-bf16 none 1 gemv 16 gemv
-profile gemv-int8 int8wo 1 gemv 16 gemv
-profile gemv-fp8 fp8 1 gemv 16 gemv
-profile w8a16-b16 int8wo 16 w8a16 24 w8a16
-profile w8a16-b64 int8wo 64 w8a16 24 w8a16
-profile attention-b64 none 64 attention 8 gemm
+profile gemv-bf16 none 1 gemv 16 gemv 1
+profile gemv-int8 int8wo 1 gemv 16 gemv 1
+profile gemv-fp8 fp8 1 gemv 16 gemv 1
+profile w8a16-b16 int8wo 16 w8a16 16 w8a16 1
+profile w8a16-b64 int8wo 64 w8a16 16 w8a16 1
+profile w8a16-prefill int8wo 1 w8a16 8 w8a16 512
+profile attention-b64 none 64 attention_kernel 8 gemm 128
