@@ -151,16 +151,21 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
   if (M < 1 || M > kGemvMaxM) fail(LLMQ_ERR_INTERNAL, "cuda backend: GEMV for {} rows", M);
   Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
   const bool vector = K % 16 == 0;
-  const unsigned grid = unsigned((N + kGemvWarps - 1) / kGemvWarps);
+  // Long rows of few channels: 4 warps per row (a first choice, made without a GPU: rows of 4096
+  // and fewer weights, where one warp per row was measured faster than cuBLASLt, keep one).
+  const int row_warps = vector && K >= 8192 && N < 16384 ? 4 : 1;
+  const unsigned grid = unsigned((N + kGemvWarps / row_warps - 1) / (kGemvWarps / row_warps));
   auto launch = [&](auto w_tag, auto x_tag) {
     using W = typename decltype(w_tag)::type;
     using X = typename decltype(x_tag)::type;
-    if (vector)
-      gemv_kernel<W, X, true><<<grid, kGemvWarps * 32, 0, stream>>>(static_cast<const X*>(x), static_cast<const W*>(w),
-                                                                    int(M), N, K, e, out);
+    const X* xs = static_cast<const X*>(x);
+    const W* ws = static_cast<const W*>(w);
+    if (!vector)
+      gemv_kernel<W, X, false><<<grid, kGemvWarps * 32, 0, stream>>>(xs, ws, int(M), N, K, e, out);
+    else if (row_warps == 4)
+      gemv_kernel<W, X, true, 4><<<grid, kGemvWarps * 32, 0, stream>>>(xs, ws, int(M), N, K, e, out);
     else
-      gemv_kernel<W, X, false><<<grid, kGemvWarps * 32, 0, stream>>>(static_cast<const X*>(x), static_cast<const W*>(w),
-                                                                     int(M), N, K, e, out);
+      gemv_kernel<W, X, true><<<grid, kGemvWarps * 32, 0, stream>>>(xs, ws, int(M), N, K, e, out);
   };
   if (w_dtype == DType::I8 && x_dtype == DType::BF16)
     launch(Tag<int8_t>{}, Tag<bf16>{});
