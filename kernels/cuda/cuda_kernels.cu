@@ -142,7 +142,8 @@ void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, c
                      bool per_channel, const void* bias, DType bias_dtype, cudaStream_t stream) {
   if (!w_scale && !bias) return;
   Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
-  epilogue_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(out, M, N, e);
+  const dim3 grid(unsigned((N + 4 * 256 - 1) / (4 * 256)), unsigned(std::min<int64_t>(M, 65535)));
+  epilogue_kernel<<<grid, 256, 0, stream>>>(out, M, N, e);
 }
 
 void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,

@@ -178,10 +178,26 @@ __global__ void dequantize_i8_scalar_kernel(const int8_t* q, int64_t n, T* out) 
     out[i] = from_f32<T>(float(q[i]));
 }
 
+// Rows by blockIdx.y (strided past 65535), 4 columns per thread: one 16-byte load and store when
+// N is a multiple of 4 (rows then stay 16-byte aligned), else one value at a time.
+// (Before: one element per thread with a 64-bit division for its row and column, 2.3 TB/s on an H200.)
 __global__ void epilogue_kernel(float* out, int64_t M, int64_t N, Epilogue e) {
-  const int64_t total = M * N;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = e.apply(out[i], i / N, i % N);
+  const int64_t n = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (n >= N) return;
+  const bool vector = N % 4 == 0;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    float* row = out + m * N;
+    if (vector) {
+      float4 v = *reinterpret_cast<const float4*>(row + n);
+      v.x = e.apply(v.x, m, n);
+      v.y = e.apply(v.y, m, n + 1);
+      v.z = e.apply(v.z, m, n + 2);
+      v.w = e.apply(v.w, m, n + 3);
+      *reinterpret_cast<float4*>(row + n) = v;
+    } else {
+      for (int64_t c = n; c < n + 4 && c < N; ++c) row[c] = e.apply(row[c], m, c);
+    }
+  }
 }
 
 // ---- GEMV: one warp per output channel, all M (<= 8) tokens at once ---------------------------
