@@ -222,7 +222,6 @@ class Profiler {
   std::chrono::steady_clock::time_point step_start_, enqueued_;
 };
 
-// Rows of a GEMM, in the buckets the profile reports.
 // The ways a linear can run. Gemv: kernels.cuh's GEMV, kGemvMaxM rows per launch (taken up to
 // kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
 // and bias epilogue. W8A16: the INT8 tensor-core kernel of w8a16_kernel.cuh.
@@ -238,6 +237,7 @@ std::optional<LinearPath> linear_path_named(const std::string& name) {
   return std::nullopt;
 }
 
+// Rows of a GEMM, in the buckets the profile reports.
 std::string rows_bucket(int64_t M) {
   return M == 1 ? "M=1" : M <= 8 ? "M<=8" : M <= 64 ? "M<=64" : M <= 512 ? "M<=512" : "M>512";
 }
