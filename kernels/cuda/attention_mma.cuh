@@ -68,8 +68,7 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l is this thread's part
 
-  constexpr int kPerVector = 16 / int(sizeof(KvT));
-  constexpr int kVectors = D / kPerVector;  // 16-byte vectors per key row
+  constexpr int kVectors = D / kPerVector<KvT>;  // 16-byte vectors per key row
   // Starts bringing the key tile at key0 into buffer b: its offsets (and 8-bit scales), then its K
   // and V rows. Commits a cp.async group either way (empty for 8-bit caches, loaded at once).
   auto fetch = [&](int key0, int b) {
@@ -94,8 +93,8 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
           vv = __ldg(reinterpret_cast<const uint4*>(v_cache + offset) + c);
         }
         float kf[16], vf[16];
-        unpack_kv(kv, KvT{}, kf);
-        unpack_kv(vv, KvT{}, vf);
+        unpack_vector(kv, KvT{}, kf);
+        unpack_vector(vv, KvT{}, vf);
         const float ks = k_scale_s[b][j], vs = v_scale_s[b][j];
         uint4 kh[2], vh[2];  // 16 F16 values each, stored as two 16-byte vectors
 #pragma unroll

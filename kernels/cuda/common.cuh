@@ -195,29 +195,27 @@ __device__ __forceinline__ void key_offsets(const int32_t* blocks, int key0, int
   }
 }
 
-// 16 bytes of cache elements as fp32: 4 (F32) or 8 (16-bit) values.
-__device__ __forceinline__ int unpack_kv(uint4 v, float, float* out) {
+// 16 bytes of stored elements (weights, activations, KV cache) as fp32, exact: kPerVector<T>
+// values (4 F32, 8 16-bit, 16 INT8/FP8 codes).
+template <typename T>
+constexpr int kPerVector = 16 / int(sizeof(T));
+__device__ __forceinline__ void unpack_vector(uint4 v, float, float* out) {
   out[0] = __uint_as_float(v.x);
   out[1] = __uint_as_float(v.y);
   out[2] = __uint_as_float(v.z);
   out[3] = __uint_as_float(v.w);
-  return 4;
 }
-__device__ __forceinline__ int unpack_kv(uint4 v, bf16, float* out) {
+__device__ __forceinline__ void unpack_vector(uint4 v, bf16, float* out) {
   unpack8(v, bf16{}, out);
-  return 8;
 }
-__device__ __forceinline__ int unpack_kv(uint4 v, f16, float* out) {
+__device__ __forceinline__ void unpack_vector(uint4 v, f16, float* out) {
   unpack8(v, f16{}, out);
-  return 8;
 }
-__device__ __forceinline__ int unpack_kv(uint4 v, int8_t, float* out) {
+__device__ __forceinline__ void unpack_vector(uint4 v, int8_t, float* out) {
   unpack16(v, int8_t{}, out);
-  return 16;
 }
-__device__ __forceinline__ int unpack_kv(uint4 v, fp8, float* out) {
+__device__ __forceinline__ void unpack_vector(uint4 v, fp8, float* out) {
   unpack16(v, fp8{}, out);
-  return 16;
 }
 
 }  // namespace

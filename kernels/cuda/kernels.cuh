@@ -202,22 +202,6 @@ __global__ void epilogue_kernel(float* out, int64_t M, int64_t N, Epilogue e) {
 
 // ---- GEMV: one warp per output channel, all M (<= 8) tokens at once ---------------------------
 
-// One 16-byte vector of a stored type as fp32 (exact): 16, 8 or 4 values.
-template <typename T>
-constexpr int kPerVector = 16 / int(sizeof(T));
-template <typename T>
-__device__ __forceinline__ void unpack_vector(uint4 v, T, float* out) {
-  if constexpr (sizeof(T) == 1) {
-    unpack16(v, T{}, out);
-  } else if constexpr (sizeof(T) == 2) {
-    unpack8(v, T{}, out);
-  } else {
-    out[0] = __uint_as_float(v.x);
-    out[1] = __uint_as_float(v.y);
-    out[2] = __uint_as_float(v.z);
-    out[3] = __uint_as_float(v.w);
-  }
-}
 // n consecutive values of T (n * sizeof(T) a multiple of 16, p 16-byte aligned) as fp32.
 template <int n, typename T>
 __device__ __forceinline__ void load_values(const T* p, float* out) {
@@ -431,7 +415,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // One key tile of K or V into kv_s as fp32 (8-bit codes times their scale): 16-byte loads when
   // rows allow, all in flight at once.
   const bool vector = (D * int(sizeof(KvT))) % 16 == 0;
-  const int per_vector = 16 / int(sizeof(KvT));
+  constexpr int per_vector = kPerVector<KvT>;
   auto scale_of = [&](const float* scale, int64_t offset) {
     return scale ? scale[a.scale_per_token ? offset / D : 0] : 1.0f;
   };
@@ -449,8 +433,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
           raw = __ldg(reinterpret_cast<const uint4*>(cache + offset + c * per_vector));
           s = scale_of(scale, offset);
         }
-        const int n = unpack_kv(raw, KvT{}, values);
-        for (int e = 0; e < n; ++e) kv_s[j * Dp + c * per_vector + e] = values[e] * s;
+        unpack_vector(raw, KvT{}, values);
+        for (int e = 0; e < per_vector; ++e) kv_s[j * Dp + c * per_vector + e] = values[e] * s;
       }
     } else {
       for (int i = tid; i < kTileK * D; i += kAttentionThreads) {

@@ -32,6 +32,8 @@
 #include <thread>
 #include <vector>
 
+#include "engine/dtype.h"
+
 #define LLMQ_CUDA_EMULATION 1
 #undef __shared__
 #define __shared__ static
@@ -150,11 +152,7 @@ T shuffle(T v, int source_lane) {
 }
 
 inline float half_of(uint32_t reg, int high, __nv_bfloat16) {
-  const uint32_t bits = (high ? reg >> 16 : reg) & 0xffffu;
-  float f;
-  const uint32_t u = bits << 16;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return llmq::bf16_to_f32(static_cast<uint16_t>((high ? reg >> 16 : reg) & 0xffffu));
 }
 inline float half_of(uint32_t reg, int high, __half) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>((high ? reg >> 16 : reg) & 0xffffu)));
@@ -200,16 +198,8 @@ template <typename T>
 T __ldcg(const T* p) {
   return *p;
 }
-inline float __uint_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t __float_as_uint(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
+inline float __uint_as_float(uint32_t u) { return llmq::f32_from_bits(u); }
+inline uint32_t __float_as_uint(float f) { return llmq::f32_bits(f); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
