@@ -30,5 +30,8 @@ profile gemv-int8 int8wo 1 gemv 16 gemv 1
 profile gemv-fp8 fp8 1 gemv 16 gemv 1
 profile w8a16-b16 int8wo 16 w8a16 16 w8a16 1
 profile w8a16-b64 int8wo 64 w8a16 16 w8a16 1
+profile stream-b1 int8wo 1 w8a16_stream 16 stream 1
+profile stream-b16 int8wo 16 w8a16_stream 16 stream 1
+profile stream-b64 int8wo 64 w8a16_stream 16 stream 1
 profile w8a16-prefill int8wo 1 w8a16 8 w8a16 512
 profile attention-b64 none 64 attention_kernel 8 gemm 128

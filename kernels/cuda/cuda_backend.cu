@@ -224,15 +224,25 @@ class Profiler {
 
 // The ways a linear can run. Gemv: kernels.cuh's GEMV, kGemvMaxM rows per launch (taken up to
 // kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
-// and bias epilogue. W8A16: the INT8 tensor-core kernel of w8a16_kernel.cuh.
-enum class LinearPath { Gemv, Gemm, W8A16 };
+// and bias epilogue. W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
+// decode kernel (up to 64 rows), which streams the INT8 weights into tensor-core fragments.
+enum class LinearPath { Gemv, Gemm, W8A16, Stream };
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
 const char* linear_path_name(LinearPath path) {
-  return path == LinearPath::Gemv ? "gemv" : path == LinearPath::Gemm ? "gemm" : "w8a16";
+  switch (path) {
+    case LinearPath::Gemv:
+      return "gemv";
+    case LinearPath::Gemm:
+      return "gemm";
+    case LinearPath::W8A16:
+      return "w8a16";
+    default:
+      return "stream";
+  }
 }
 std::optional<LinearPath> linear_path_named(const std::string& name) {
-  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16})
+  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16, LinearPath::Stream})
     if (name == linear_path_name(path)) return path;
   return std::nullopt;
 }
@@ -272,12 +282,12 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16: that path wherever it applies, instead of the fastest
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream: that path wherever it applies, instead of the fastest
     // (tests and profiling).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
       forced_path_ = linear_path_named(path);
       if (!forced_path_)
-        fail(LLMQ_ERR_INVALID_ARGUMENT, "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16", path);
+        fail(LLMQ_ERR_INVALID_ARGUMENT, "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream", path);
     }
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -521,6 +531,13 @@ class CudaBackend final : public Backend {
           check(cudaGetLastError(), "w8a16_gemm kernel");
           return;
         }
+        case LinearPath::Stream: {
+          Profiler::Scope part(profiler_, "  (in linear) W8A16 stream kernel", stream_);
+          cuda::w8a16_stream(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype, y,
+                             stream_);
+          check(cudaGetLastError(), "w8a16_stream kernel");
+          return;
+        }
         case LinearPath::Gemm:
           if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first
             ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
@@ -537,6 +554,7 @@ class CudaBackend final : public Backend {
     std::vector<LinearPath> paths;
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (w_dtype == DType::I8 && cuda::w8a16_supported(M, N, K, xs, w)) paths.push_back(LinearPath::W8A16);
+    if (w_dtype == DType::I8 && cuda::w8a16_stream_supported(M, N, K, xs, w)) paths.push_back(LinearPath::Stream);
     paths.push_back(LinearPath::Gemm);
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }

@@ -1,4 +1,4 @@
-// Plans and launches the W8A16 GEMM of w8a16_kernel.cuh.
+// Plans and launches the W8A16 kernels of w8a16_kernel.cuh: the tiled GEMM and the decode stream.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +17,15 @@ void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64
     allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K),
                                             plan.k_tiles_per_split, e, out, partial, counters);
+  });
+}
+
+template <typename T>
+void launch_stream(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const Epilogue& e, float* out,
+                   cudaStream_t stream) {
+  w8a16_stream_for_rows<T>(M, N, [&](auto kernel, dim3 grid, int threads, int smem) {
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K), e, out);
   });
 }
 
@@ -63,6 +72,23 @@ void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_
     launch_for_rows<f16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
   else
     fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 GEMM with {} activations", dtype_name(x_dtype));
+}
+
+bool w8a16_stream_supported(int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
+  return M <= kW8A16StreamMaxM && w8a16_supported(M, N, K, x, w);  // the same 16-byte loads of x and W rows
+}
+
+void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
+                  bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream) {
+  if (!w8a16_stream_supported(M, N, K, x, w))
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 stream kernel for [{}, {}] x [{}, {}]^T is not supported", M, K, N, K);
+  const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
+  if (x_dtype == DType::BF16)
+    launch_stream<bf16>(x, w, M, N, K, e, out, stream);
+  else if (x_dtype == DType::F16)
+    launch_stream<f16>(x, w, M, N, K, e, out, stream);
+  else
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 stream kernel with {} activations", dtype_name(x_dtype));
 }
 
 }  // namespace llmq::cuda

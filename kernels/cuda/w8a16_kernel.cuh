@@ -240,5 +240,132 @@ void w8a16_for_rows(int64_t M, int64_t N, const W8A16Plan& plan, Launch&& launch
   }
 }
 
+
+// ---- Decode batches: the weights streamed into registers ---------------------------------------
+//
+// Up to kW8A16StreamMaxM rows (decode batches), a linear reads each weight once and does little
+// arithmetic per byte: this kernel is built around the weight stream, with no shared-memory tiles
+// and no split-K scratch. It computes the product transposed, out^T = W . x^T, so that the weights
+// are the MMA's A operand (16 channels) and the rows its B operand (8 tokens): 1..8 rows leave
+// 8 - M columns of each MMA unused, not 16 - M rows.
+//  - A block of kStreamWarps warps computes 16 * CT channels over all of K for all rows, in tiles of
+//    8 tokens (TT of them). Warp w takes the 64-wide K steps w, w + kStreamWarps, ...; the warps'
+//    sums are added in warp order through shared memory (deterministic).
+//  - Lane (g, t) loads the 16 codes at k 16t .. 16t+15 of a step of channels 16c + g and
+//    16c + g + 8 straight from global memory (the 4 lanes of a group read 64 consecutive bytes of a
+//    row), kStreamLoads 16-byte loads in flight, marked streaming so that they do not evict the
+//    activations from L1; and the 16 activations at the same k of token 8i + g, which every block
+//    reads (cached).
+//  - The k order inside a step is w8a16_kernel's: elements 16t + 4q .. 16t + 4q + 3 are the
+//    fragment's k = 2t, 2t+1, 2t+8, 2t+9 of the q-th MMA.
+//  - Channels past N and tokens past M read the last channel and token: an MMA output's row depends
+//    only on its A row and its column only on its B column, so they reach only outputs that are
+//    not written.
+constexpr int kStreamWarps = 8;
+constexpr int kStreamLoads = 8;  // 16-byte weight loads in flight per lane
+
+// Shared memory: every warp's sums, [kStreamWarps][16 * CT channels][8 * TT tokens] floats.
+template <int CT, int TT>
+constexpr int stream_smem_bytes() {
+  return kStreamWarps * 16 * CT * 8 * TT * int(sizeof(float));
+}
+
+template <typename T, int CT, int TT>
+__global__ void __launch_bounds__(kStreamWarps * 32)
+    w8a16_stream_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, Epilogue e,
+                        float* __restrict__ out) {
+  constexpr int kSteps = kStreamLoads / (2 * CT);  // K steps loaded per iteration
+  constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
+  static_assert(sizeof(T) == 2 && kSteps >= 1, "16-bit activations; whole steps in flight");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * kChannels, k_steps = K / kBK;
+
+  const int8_t* w_row[CT][2];  // channels 16c + g and 16c + g + 8, at k 16t
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) w_row[c][h] = w + int64_t(min(n0 + 16 * c + 8 * h + g, N - 1)) * K + 16 * t;
+  float acc[CT][TT][4];
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int i = 0; i < TT; ++i) acc[c][i][0] = acc[c][i][1] = acc[c][i][2] = acc[c][i][3] = 0.0f;
+
+  for (int s0 = warp; s0 < k_steps; s0 += kStreamWarps * kSteps) {
+    uint4 raw[kSteps][CT][2];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const int s = s0 + u * kStreamWarps;
+      if (s < k_steps)
+#pragma unroll
+        for (int c = 0; c < CT; ++c)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) raw[u][c][h] = __ldcs(reinterpret_cast<const uint4*>(w_row[c][h] + int64_t(s) * kBK));
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const int s = s0 + u * kStreamWarps;
+      if (s >= k_steps) break;  // the same for the whole warp
+      // A fragments of the 4 MMAs of the step: rows g (registers 0, 2) and g + 8 (1, 3).
+      uint32_t a[CT][4][4];
+#pragma unroll
+      for (int c = 0; c < CT; ++c)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          i8x4_to_pairs(word(raw[u][c][0], q), a[c][q][0], a[c][q][2], T{});
+          i8x4_to_pairs(word(raw[u][c][1], q), a[c][q][1], a[c][q][3], T{});
+        }
+#pragma unroll
+      for (int i = 0; i < TT; ++i) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + int64_t(min(8 * i + g, M - 1)) * K + int64_t(s) * kBK + 16 * t);
+        const uint4 lo = __ldg(xp), hi = __ldg(xp + 1);  // elements 0..7 and 8..15
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint4& half = q < 2 ? lo : hi;  // elements 4q .. 4q + 3
+          const uint32_t b[2] = {word(half, 2 * (q % 2)), word(half, 2 * (q % 2) + 1)};
+#pragma unroll
+          for (int c = 0; c < CT; ++c) mma16816(acc[c][i], a[c][q], b, T{});
+        }
+      }
+    }
+  }
+
+  // C fragment element r of tile (c, i): channel 16c + g (+8 for r >= 2), token 8i + 2t + (r & 1).
+  LLMQ_DYNAMIC_SHARED(uint4, smem);
+  float* const sums = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int i = 0; i < TT; ++i)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        sums[warp * kTile + (16 * c + g + (r >= 2 ? 8 : 0)) * kTokens + 8 * i + 2 * t + (r & 1)] = acc[c][i][r];
+  __syncthreads();
+  // Token-major, so that neighbouring threads write neighbouring channels of an output row.
+  for (int at = threadIdx.x; at < kTile; at += kStreamWarps * 32) {
+    const int m = at / kChannels, channel = at % kChannels, n = n0 + channel;
+    if (m >= M || n >= N) continue;
+    float v = sums[channel * kTokens + m];
+#pragma unroll
+    for (int wi = 1; wi < kStreamWarps; ++wi) v += sums[wi * kTile + channel * kTokens + m];
+    out[int64_t(m) * N + n] = e.apply(v, m, n);
+  }
+}
+
+// Calls launch(kernel, grid, threads, shared memory bytes) with the stream kernel's instantiation
+// for M (<= kW8A16StreamMaxM) rows of T activations and N channels: token tiles for M; 32 channels
+// a block (CT = 2) at 33-64 rows, where each step's 16 activation loads per lane would otherwise
+// take the L1 about as long as the step's weights take to stream in (CT = 1: 1 KB a warp).
+template <typename T, typename Launch>
+void w8a16_stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
+  auto with = [&](auto kernel, int ct, int smem) {
+    launch(kernel, dim3(unsigned((N + 16 * ct - 1) / (16 * ct))), kStreamWarps * 32, smem);
+  };
+  if (M <= 8) return with(w8a16_stream_kernel<T, 1, 1>, 1, stream_smem_bytes<1, 1>());
+  if (M <= 16) return with(w8a16_stream_kernel<T, 1, 2>, 1, stream_smem_bytes<1, 2>());
+  if (M <= 32) return with(w8a16_stream_kernel<T, 1, 4>, 1, stream_smem_bytes<1, 4>());
+  return with(w8a16_stream_kernel<T, 2, 8>, 2, stream_smem_bytes<2, 8>());
+}
+
 }  // namespace
 }  // namespace llmq::cuda

@@ -198,6 +198,10 @@ template <typename T>
 T __ldcg(const T* p) {
   return *p;
 }
+template <typename T>
+T __ldcs(const T* p) {
+  return *p;
+}
 inline float __uint_as_float(uint32_t u) { return llmq::f32_from_bits(u); }
 inline uint32_t __float_as_uint(float f) { return llmq::f32_bits(f); }
 inline float __fmul_rn(float a, float b) { return a * b; }

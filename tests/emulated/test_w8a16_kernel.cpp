@@ -1,11 +1,14 @@
-// The W8A16 GEMM kernel (kernels/cuda/w8a16_kernel.cuh) run on the CPU through
-// tests/emulated/cuda_emulation.h, with w8a16_plan's tiles and splits, against a float64 reference:
-// every tile shape (BM 16/32/64/128), partial tiles in M and N, split-K (a small multiprocessor
-// count forces it) summed in order, copies landing late or at once, repeated launches bit for bit.
+// The W8A16 kernels (kernels/cuda/w8a16_kernel.cuh) run on the CPU through
+// tests/emulated/cuda_emulation.h against a float64 reference. The tiled GEMM with w8a16_plan's
+// tiles and splits: every tile shape (BM 16/32/64/128), partial tiles in M and N, split-K (a small
+// multiprocessor count forces it) summed in order, copies landing late or at once, repeated
+// launches bit for bit. The decode stream kernel: every instantiation, partial tiles, K rounds.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "engine/rng.h"
@@ -43,51 +46,97 @@ struct GemmCase {
   bool per_channel;
   int bias;  // 0 none, 1 BF16, 2 F32
   int num_sms;
-  bool eager_copies;
+  bool eager_copies;  // the tiled kernel's cp.async copies land at once (else when waited for)
 };
 
-void check(const GemmCase& c) {
-  SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K << " " << dtype_name(c.act)
-                                  << (c.per_channel ? " per-channel" : " per-tensor") << " bias " << c.bias << " sms "
-                                  << c.num_sms << (c.eager_copies ? " eager" : " deferred"));
+// Random inputs for a case: x rounded to its 16-bit type, INT8 codes over the whole range, scales,
+// a bias.
+struct Problem {
+  std::vector<uint16_t> x;
+  std::vector<float> xf;  // x's values
+  std::vector<int8_t> w;
+  std::vector<float> scale;
+  std::vector<uint16_t> bias16;
+  std::vector<float> bias_f;  // the bias's values
+  cuda::Epilogue e;
+};
+
+Problem make_problem(const GemmCase& c) {
+  Problem p;
   Rng rng(uint64_t(c.M * 7919 + c.N * 31 + c.K));
   auto uniform = [&] { return float(rng.uniform() * 2.0 - 1.0); };
-  std::vector<uint16_t> x(size_t(c.M * c.K));
-  std::vector<float> xf(x.size());
-  for (size_t i = 0; i < x.size(); ++i) xf[i] = decode16(x[i] = encode16(uniform(), c.act), c.act);
-  std::vector<int8_t> w(size_t(c.N * c.K));
-  for (int8_t& q : w) q = int8_t(int(rng.next() % 256) - 128);
-  std::vector<float> scale(c.per_channel ? size_t(c.N) : 1);
-  for (float& s : scale) s = 0.001f + 0.01f * (uniform() + 1.0f);
-  std::vector<uint16_t> bias16(size_t(c.N));
-  std::vector<float> bias_f(size_t(c.N));
-  for (size_t n = 0; n < bias_f.size(); ++n) {
-    bias16[n] = encode16(uniform(), DType::BF16);
-    bias_f[n] = c.bias == 1 ? decode16(bias16[n], DType::BF16) : uniform();
+  p.x.resize(size_t(c.M * c.K));
+  p.xf.resize(p.x.size());
+  for (size_t i = 0; i < p.x.size(); ++i) p.xf[i] = decode16(p.x[i] = encode16(uniform(), c.act), c.act);
+  p.w.resize(size_t(c.N * c.K));
+  for (int8_t& q : p.w) q = int8_t(int(rng.next() % 256) - 128);
+  p.scale.resize(c.per_channel ? size_t(c.N) : 1);
+  for (float& s : p.scale) s = 0.001f + 0.01f * (uniform() + 1.0f);
+  p.bias16.resize(size_t(c.N));
+  p.bias_f.resize(size_t(c.N));
+  for (size_t n = 0; n < p.bias_f.size(); ++n) {
+    p.bias16[n] = encode16(uniform(), DType::BF16);
+    p.bias_f[n] = c.bias == 1 ? decode16(p.bias16[n], DType::BF16) : uniform();
   }
-  const cuda::Epilogue e{nullptr, scale.data(), c.per_channel,
-                         c.bias == 0 ? nullptr : c.bias == 1 ? static_cast<const void*>(bias16.data()) : bias_f.data(),
-                         c.bias == 1 ? DType::BF16 : DType::F32};
-  ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, x.data(), w.data()));
+  p.e = cuda::Epilogue{nullptr, p.scale.data(), c.per_channel,
+                       c.bias == 0 ? nullptr : c.bias == 1 ? static_cast<const void*>(p.bias16.data()) : p.bias_f.data(),
+                       c.bias == 1 ? DType::BF16 : DType::F32};
+  return p;
+}
+
+// Every output within 1e-6 of the sum of |products| (fp32 accumulation) of the float64 result.
+void expect_float64_result(const GemmCase& c, const Problem& p, const std::vector<float>& out) {
+  int64_t bad = 0;
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; ++n) {
+      double dot = 0, magnitude = 0;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const double product = double(p.xf[size_t(m * c.K + k)]) * p.w[size_t(n * c.K + k)];
+        dot += product;
+        magnitude += std::fabs(product);
+      }
+      const double s = p.scale[c.per_channel ? size_t(n) : 0];
+      const double expected = dot * s + (c.bias ? p.bias_f[size_t(n)] : 0.0);
+      const double got = out[size_t(m * c.N + n)];
+      if (!(std::fabs(got - expected) <= magnitude * s * 1e-6 + 1e-6) && ++bad <= 5)
+        ADD_FAILURE() << "out[" << m << ", " << n << "] = " << got << ", expected " << expected;
+    }
+  EXPECT_EQ(bad, 0);
+}
+
+std::string describe(const GemmCase& c) {
+  return fmt::format("M {} N {} K {} {} {} bias {} sms {}{}", c.M, c.N, c.K, dtype_name(c.act),
+                     c.per_channel ? "per-channel" : "per-tensor", c.bias, c.num_sms, c.eager_copies ? " eager" : "");
+}
+
+// Runs launch(type tag) with the tag of the case's activation type.
+template <typename Launch>
+void with_activation_type(DType act, Launch&& launch) {
+  if (act == DType::BF16)
+    launch(As<cuda::bf16>{});
+  else
+    launch(As<cuda::f16>{});
+}
+
+void check(const GemmCase& c) {
+  SCOPED_TRACE(describe(c));
+  const Problem p = make_problem(c);
+  ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
   const cuda::W8A16Plan plan = cuda::w8a16_plan(c.M, c.N, c.K, c.num_sms);
   std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN);
   std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
   emulation::eager_copies = c.eager_copies;
   auto run = [&] {
     std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
-    auto launch = [&](auto tag) {
+    with_activation_type(c.act, [&](auto tag) {
       using T = typename decltype(tag)::type;
       cuda::w8a16_for_rows<T>(c.M, c.N, plan, [&](auto kernel, dim3 grid, int threads, int smem) {
         emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
-          kernel(reinterpret_cast<const T*>(x.data()), w.data(), int(c.M), int(c.N), int(c.K), plan.k_tiles_per_split,
-                 e, out.data(), partial.data(), counters.data());
+          kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K),
+                 plan.k_tiles_per_split, p.e, out.data(), partial.data(), counters.data());
         });
       });
-    };
-    if (c.act == DType::BF16)
-      launch(As<cuda::bf16>{});
-    else
-      launch(As<cuda::f16>{});
+    });
     return out;
   };
   const std::vector<float> out = run();
@@ -95,23 +144,26 @@ void check(const GemmCase& c) {
     EXPECT_EQ(0, std::memcmp(out.data(), run().data(), out.size() * sizeof(float))) << "a second launch differs";
     for (int64_t i = 0; i < plan.counters; ++i) ASSERT_EQ(counters[size_t(i)], 0u) << "tile counter " << i << " not reset";
   }
-  // Tolerance: 1e-6 of the sum of |products| (fp32 accumulation), per element.
-  int64_t bad = 0;
-  for (int64_t m = 0; m < c.M; ++m)
-    for (int64_t n = 0; n < c.N; ++n) {
-      double dot = 0, magnitude = 0;
-      for (int64_t k = 0; k < c.K; ++k) {
-        const double p = double(xf[size_t(m * c.K + k)]) * w[size_t(n * c.K + k)];
-        dot += p;
-        magnitude += std::fabs(p);
-      }
-      const double s = scale[c.per_channel ? size_t(n) : 0];
-      const double expected = dot * s + (c.bias ? bias_f[size_t(n)] : 0.0);
-      const double got = out[size_t(m * c.N + n)];
-      if (!(std::fabs(got - expected) <= magnitude * s * 1e-6 + 1e-6) && ++bad <= 5)
-        ADD_FAILURE() << "out[" << m << ", " << n << "] = " << got << ", expected " << expected;
-    }
-  EXPECT_EQ(bad, 0);
+  expect_float64_result(c, p, out);
+}
+
+// The decode stream kernel: the tile shape it was launched with is checked too, so that every
+// instantiation runs.
+void check_stream(const GemmCase& c, int expected_channels_per_block) {
+  SCOPED_TRACE(describe(c));
+  const Problem p = make_problem(c);
+  ASSERT_TRUE(cuda::w8a16_stream_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
+  std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
+  with_activation_type(c.act, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    cuda::w8a16_stream_for_rows<T>(c.M, c.N, [&](auto kernel, dim3 grid, int threads, int smem) {
+      EXPECT_EQ(int64_t(grid.x), (c.N + expected_channels_per_block - 1) / expected_channels_per_block);
+      emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
+        kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), p.e, out.data());
+      });
+    });
+  });
+  expect_float64_result(c, p, out);
 }
 
 TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
@@ -129,6 +181,30 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
       {128, 128, 512, DType::BF16, false, 1, 8, false},  // split-K
   };
   for (const GemmCase& c : cases) check(c);
+}
+
+// Every instantiation (1, 2, 4 tiles of 8 tokens with 16 channels a block; 8 with 32), rows and
+// channels that fill no tile; K of 1 step (only warp 0 has work), of a partial round of the 8
+// warps, and of more than one round of loads in flight per warp (2560 with 16 channels: 40 steps
+// against 8 warps x 4 steps; 1280 with 32: 20 steps against 8 x 2).
+TEST(W8A16KernelEmulated, StreamKernelMatchesFloat64) {
+  struct StreamCase {
+    GemmCase c;
+    int channels_per_block;
+  };
+  const StreamCase cases[] = {
+      {{1, 19, 64, DType::BF16, true, 0, 0, false}, 16},
+      {{3, 40, 640, DType::F16, true, 1, 0, false}, 16},
+      {{8, 16, 2560, DType::BF16, false, 2, 0, false}, 16},
+      {{9, 33, 128, DType::F16, true, 2, 0, false}, 16},
+      {{16, 20, 2560, DType::BF16, true, 1, 0, false}, 16},
+      {{17, 70, 192, DType::BF16, true, 0, 0, false}, 16},
+      {{32, 70, 1280, DType::F16, false, 1, 0, false}, 16},
+      {{33, 19, 256, DType::BF16, true, 2, 0, false}, 32},
+      {{64, 40, 1280, DType::F16, true, 1, 0, false}, 32},
+      {{64, 70, 64, DType::BF16, false, 2, 0, false}, 32},
+  };
+  for (const StreamCase& s : cases) check_stream(s.c, s.channels_per_block);
 }
 
 }  // namespace

@@ -291,35 +291,45 @@ TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
   }
 }
 
-// The INT8 weight-only tensor-core GEMM (kernels/cuda/w8a16_gemm.cu), which takes M > 8 when K is
-// a multiple of 64: its tile shapes (16/32/64 rows for decode batches, 128 for prefill), N and M
-// not tile multiples, split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its
-// repeatability, both activation types, per-channel and per-tensor scales, BF16 and F32 biases;
-// and a shape it leaves to dequantize + cuBLASLt (K = 96).
-TEST_F(GpuLinear, Int8TensorCoreGemm) {
-  // The kernel itself, not whichever path was faster at a shape.
-  setenv("LLMQ_LINEAR_PATH", "w8a16", 1);
-  gpu_ = make_cuda_backend(CudaBackendOptions{});
-  unsetenv("LLMQ_LINEAR_PATH");
+// The INT8 weight-only tensor-core kernels (kernels/cuda/w8a16_kernel.cuh), each forced in turn (the
+// kernel itself, not whichever path was faster at a shape), where they apply (K a multiple of 64):
+// the tiled GEMM from 9 rows: its tile shapes (16/32/64 rows for decode batches, 128 for prefill),
+// split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its repeatability; the
+// stream kernel up to 64 rows: every token-tile count (16 channels a block up to 32 rows, 32 above),
+// its repeatability. N and M not tile multiples, both activation types, per-channel and
+// per-tensor scales, BF16 and F32 biases; and a shape both leave to dequantize + cuBLASLt (K = 96).
+TEST_F(GpuLinear, Int8TensorCoreKernels) {
+  struct Kernel {
+    const char* path;
+    std::vector<int64_t> rows;
+  };
+  const Kernel kernels[] = {{"w8a16", {9, 16, 17, 33, 64, 65, 128, 733, 2048}},
+                            {"stream", {1, 2, 7, 8, 9, 16, 17, 33, 64}}};
   const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
-  int i = 0;
-  for (DType act : {DType::BF16, DType::F16})
-    for (int64_t M : {9, 16, 17, 33, 64, 65, 128, 733, 2048})
-      for (auto [N, K] : {std::pair<int64_t, int64_t>{64, 128}, {19, 64}, {733, 64}, {48, 96}, {4096, 4096},
-                          {11008, 4096}, {4096, 11008}}) {
-        // The CPU reference's time: the widest layers at decode-batch and 128-row sizes, BF16 only.
-        const bool wide = N * K > 4096 * 4096;
-        if (wide && (act == DType::F16 || (M != 16 && M != 64 && M != 65 && M != 128))) continue;
-        if (M == 2048 && (act == DType::F16 || N * K < 4096 * 4096)) continue;
-        LinearOptions o;
-        o.act_dtype = act;
-        o.bias = i % 2 == 1;
-        o.bias_dtype = i % 4 == 3 ? DType::F32 : DType::BF16;
-        o.per_tensor = (i / 2) % 3 == 2;
-        o.twice = N * K >= 4096 * 4096 && M <= 128;
-        ++i;
-        check(c, M, N, K, o);
-      }
+  for (const Kernel& kernel : kernels) {
+    SCOPED_TRACE(kernel.path);
+    setenv("LLMQ_LINEAR_PATH", kernel.path, 1);
+    gpu_ = make_cuda_backend(CudaBackendOptions{});
+    unsetenv("LLMQ_LINEAR_PATH");
+    int i = 0;
+    for (DType act : {DType::BF16, DType::F16})
+      for (int64_t M : kernel.rows)
+        for (auto [N, K] : {std::pair<int64_t, int64_t>{64, 128}, {19, 64}, {733, 64}, {48, 96}, {4096, 4096},
+                            {11008, 4096}, {4096, 11008}}) {
+          // The CPU reference's time: the widest layers at decode-batch and 128-row sizes, BF16 only.
+          const bool wide = N * K > 4096 * 4096;
+          if (wide && (act == DType::F16 || (M != 1 && M != 16 && M != 64 && M != 65 && M != 128))) continue;
+          if (M == 2048 && (act == DType::F16 || N * K < 4096 * 4096)) continue;
+          LinearOptions o;
+          o.act_dtype = act;
+          o.bias = i % 2 == 1;
+          o.bias_dtype = i % 4 == 3 ? DType::F32 : DType::BF16;
+          o.per_tensor = (i / 2) % 3 == 2;
+          o.twice = N * K >= 4096 * 4096 && M <= 128;
+          ++i;
+          check(c, M, N, K, o);
+        }
+  }
 }
 
 // ---- SiLU-mul fused with the FP8 quantization of the down projection's input --------------------
