@@ -79,6 +79,14 @@ run() {
   grep -A14 "llmq profile" "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"
 
+  # The Hopper W8A16 kernel joins the timed choice only once verified on a GPU (kWgmmaInTimedChoice
+  # in kernels/cuda/cuda_backend.cu); until then this pass forces it for every INT8 linear, so that
+  # its prefill line compares with int8wo's above.
+  echo "== 3c. int8wo with the wgmma kernel forced (LLMQ_LINEAR_PATH=wgmma; its prefill line)"
+  LLMQ_LINEAR_PATH=wgmma timeout 60 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant int8wo --batches 1 \
+    --prompt-len 128 --decode-steps 4 --prefill 2048 2>&1 | tee "$out/wgmma_forced.txt" || status=1
+  echo "   ($((SECONDS - start)) s so far)"
+
   echo "== 4. PyTorch peer"
   local reps=10
   [ $quick = 1 ] && reps=3

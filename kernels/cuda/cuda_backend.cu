@@ -225,8 +225,13 @@ class Profiler {
 // The ways a linear can run. Gemv: kernels.cuh's GEMV, kGemvMaxM rows per launch (taken up to
 // kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
 // and bias epilogue. W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
-// decode kernel (up to 64 rows), which streams the INT8 weights into tensor-core fragments.
-enum class LinearPath { Gemv, Gemm, W8A16, Stream };
+// decode kernel (up to 64 rows), which streams the INT8 weights into tensor-core fragments; Wgmma:
+// its Hopper kernel (compute capability 9.0), warpgroup MMAs over weights converted in shared memory.
+enum class LinearPath { Gemv, Gemm, W8A16, Stream, Wgmma };
+// The wgmma kernel was written without a GPU (emulated only): until a GPU run has checked it, it
+// runs only when LLMQ_LINEAR_PATH=wgmma asks for it (the gpu tests, gpu-check.sh's forced pass),
+// never as the timed choice.
+constexpr bool kWgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
 const char* linear_path_name(LinearPath path) {
@@ -237,12 +242,14 @@ const char* linear_path_name(LinearPath path) {
       return "gemm";
     case LinearPath::W8A16:
       return "w8a16";
-    default:
+    case LinearPath::Stream:
       return "stream";
+    default:
+      return "wgmma";
   }
 }
 std::optional<LinearPath> linear_path_named(const std::string& name) {
-  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16, LinearPath::Stream})
+  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16, LinearPath::Stream, LinearPath::Wgmma})
     if (name == linear_path_name(path)) return path;
   return std::nullopt;
 }
@@ -282,12 +289,12 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream: that path wherever it applies, instead of the fastest
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|wgmma: that path wherever it applies, instead of the fastest
     // (tests and profiling).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
       forced_path_ = linear_path_named(path);
       if (!forced_path_)
-        fail(LLMQ_ERR_INVALID_ARGUMENT, "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream", path);
+        fail(LLMQ_ERR_INVALID_ARGUMENT, "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, wgmma", path);
     }
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -538,6 +545,13 @@ class CudaBackend final : public Backend {
           check(cudaGetLastError(), "w8a16_stream kernel");
           return;
         }
+        case LinearPath::Wgmma: {
+          Profiler::Scope part(profiler_, "  (in linear) W8A16 wgmma kernel", stream_);
+          cuda::w8a16_wgmma(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype, y,
+                            stream_);
+          check(cudaGetLastError(), "w8a16_wgmma kernel");
+          return;
+        }
         case LinearPath::Gemm:
           if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first
             ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
@@ -555,6 +569,9 @@ class CudaBackend final : public Backend {
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (w_dtype == DType::I8 && cuda::w8a16_supported(M, N, K, xs, w)) paths.push_back(LinearPath::W8A16);
     if (w_dtype == DType::I8 && cuda::w8a16_stream_supported(M, N, K, xs, w)) paths.push_back(LinearPath::Stream);
+    if (w_dtype == DType::I8 && sm_ == 90 && cuda::w8a16_supported(M, N, K, xs, w) &&
+        (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma))
+      paths.push_back(LinearPath::Wgmma);
     paths.push_back(LinearPath::Gemm);
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }

@@ -137,6 +137,12 @@ bool w8a16_stream_supported(int64_t M, int64_t N, int64_t K, const void* x, cons
 void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
                   bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream);
 
+// The INT8 weight-only product on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for
+// prefill): the same result as w8a16_gemm, for compute capability 9.0 only (the caller checks), with
+// the same requirements on K and alignment.
+void w8a16_wgmma(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
+                 bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream);
+
 // RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
 // caches: codes and scales as engine/backend.h's KvLayer defines).
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,

@@ -1,4 +1,5 @@
-// Plans and launches the W8A16 kernels of w8a16_kernel.cuh: the tiled GEMM and the decode stream.
+// Plans and launches the W8A16 kernels of w8a16_kernel.cuh: the tiled GEMM, the decode stream and
+// the Hopper (wgmma) kernel.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,6 +28,15 @@ void launch_stream(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t
     allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K), e, out);
   });
+}
+
+template <typename T>
+void launch_wgmma(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const Epilogue& e, float* out,
+                  cudaStream_t stream) {
+  const auto kernel = w8a16_wgmma_kernel<T>;
+  allow_shared_memory(reinterpret_cast<const void*>(kernel), kWgSmemBytes);
+  kernel<<<w8a16_wgmma_grid(M, N), kWgThreads, kWgSmemBytes, stream>>>(static_cast<const T*>(x), w, int(M), int(N),
+                                                                         int(K), e, out);
 }
 
 }  // namespace
@@ -89,6 +99,19 @@ void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int6
     launch_stream<f16>(x, w, M, N, K, e, out, stream);
   else
     fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 stream kernel with {} activations", dtype_name(x_dtype));
+}
+
+void w8a16_wgmma(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
+                 bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream) {
+  if (!w8a16_supported(M, N, K, x, w))
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma kernel for [{}, {}] x [{}, {}]^T is not supported", M, K, N, K);
+  const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
+  if (x_dtype == DType::BF16)
+    launch_wgmma<bf16>(x, w, M, N, K, e, out, stream);
+  else if (x_dtype == DType::F16)
+    launch_wgmma<f16>(x, w, M, N, K, e, out, stream);
+  else
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma kernel with {} activations", dtype_name(x_dtype));
 }
 
 }  // namespace llmq::cuda

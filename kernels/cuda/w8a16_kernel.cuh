@@ -367,5 +367,117 @@ void w8a16_stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
   return with(w8a16_stream_kernel<T, 2, 8>, 2, stream_smem_bytes<2, 8>());
 }
 
+// ---- Prefill on Hopper: warpgroup MMAs over weights converted in shared memory ----------------
+//
+// For many rows on compute capability 9.0 (sm_90a): a block computes 128 tokens x 128 channels
+// over all of K, its two warpgroups 64 tokens each. Every 64-wide K step:
+//  - the x tile (128 tokens x 64 16-bit values) and the INT8 tile (128 channels x 64 codes) are
+//    copied into shared memory (cp.async, kWgStages - 2 steps ahead);
+//  - the block's threads convert the codes to 16-bit values (exact) into a third tile;
+//  - each warpgroup multiplies its 64 tokens by the 128 channels: 4 wgmma m64n128k16, both operands
+//    read from shared memory by the tensor cores, while the block converts the next step (one MMA
+//    group in flight).
+// The x and 16-bit weight tiles are laid out as wgmma reads K-major operands with the 128-byte
+// swizzle: a row's 64 values (128 bytes) are 8 chunks of 16 bytes, chunk c of row r stored at
+// chunk c ^ (r % 8), 8-row groups 1024 bytes apart from 1024-aligned tiles. Unlike the other INT8
+// kernels the k order is the natural one (the descriptors cannot permute it).
+constexpr int kWgTokens = 128, kWgChannels = 128, kWgStages = 4, kWgThreads = 256;
+constexpr int kWgXBytes = kWgTokens * 128, kWgWBytes = kWgChannels * 128, kWgCodeBytes = kWgChannels * kBK;
+constexpr int kWgStageBytes = kWgXBytes + kWgWBytes + kWgCodeBytes;  // 40 KB, 1024-aligned stages
+constexpr int kWgSmemBytes = kWgStages * kWgStageBytes + 1024;     // + aligning the first stage
+static_assert(kWgStageBytes % 1024 == 0 && kBK == 64, "1024-aligned stages of 64-wide K steps");
+
+// A K-major operand's descriptor: start address, 1024 bytes between 8-row groups, 128-byte swizzle.
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
+  return uint64_t((address & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWgThreads)
+    w8a16_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, Epilogue e,
+                       float* __restrict__ out) {
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
+  uint8_t* const smem = reinterpret_cast<uint8_t*>(smem_raw) + (1024 - smem_address(smem_raw) % 1024) % 1024;
+  const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m0 = blockIdx.y * kWgTokens, n0 = blockIdx.x * kWgChannels, n_k = K / kBK;
+  auto x_tile = [&](int stage) { return smem + stage * kWgStageBytes; };
+  auto w_tile = [&](int stage) { return smem + stage * kWgStageBytes + kWgXBytes; };
+  auto code_tile = [&](int stage) { return smem + stage * kWgStageBytes + kWgXBytes + kWgWBytes; };
+
+  // Copies K step kt; rows past M or N are zero-filled.
+  auto load = [&](int kt) {
+    const int stage = kt % kWgStages, k0 = kt * kBK;
+    for (int q = tid; q < kWgTokens * 8; q += kWgThreads) {
+      const int r = q / 8, c = q % 8;
+      const bool valid = m0 + r < M;
+      cp_async16(x_tile(stage) + r * 128 + (c ^ (r % 8)) * 16, x + int64_t(valid ? m0 + r : 0) * K + k0 + c * 8, valid);
+    }
+    for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
+      const int r = q / 4, c = q % 4;
+      const bool valid = n0 + r < N;
+      cp_async16(code_tile(stage) + r * kBK + c * 16, w + int64_t(valid ? n0 + r : 0) * K + k0 + c * 16, valid);
+    }
+  };
+
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+  // One commit group per K step, empty past the end: step j has landed when at most
+  // kWgStages - 3 groups are pending at iteration j.
+#pragma unroll
+  for (int p = 0; p < kWgStages - 2; ++p) {
+    if (p < n_k) load(p);
+    cp_async_commit();
+  }
+  for (int j = 0; j < n_k; ++j) {
+    cp_async_wait<kWgStages - 3>();
+    // Step j is visible to all threads, and every warpgroup has waited for its MMAs of step j - 2,
+    // whose stage the copy below refills.
+    __syncthreads();
+    if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
+    cp_async_commit();
+
+    const int stage = j % kWgStages;
+    for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
+      const int r = q / 4, c = q % 4;  // codes 16c .. 16c + 15 of row r: 16-bit chunks 2c, 2c + 1
+      const uint4 codes = *reinterpret_cast<const uint4*>(code_tile(stage) + r * kBK + c * 16);
+      uint32_t v[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) i8x4_to_pairs(word(codes, i), v[2 * i], v[2 * i + 1], T{});
+      uint8_t* row = w_tile(stage) + r * 128;
+      *reinterpret_cast<uint4*>(row + ((2 * c) ^ (r % 8)) * 16) = make_uint4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<uint4*>(row + ((2 * c + 1) ^ (r % 8)) * 16) = make_uint4(v[4], v[5], v[6], v[7]);
+    }
+    fence_proxy_async();  // this thread's landed copies and its stores, to the tensor cores' reads
+    __syncthreads();
+
+    const uint32_t xa = smem_address(x_tile(stage) + group * 64 * 128), wa = smem_address(w_tile(stage));
+    wgmma_fence();
+#pragma unroll
+    for (int q = 0; q < 4; ++q) wgmma_m64n128k16(d, wgmma_descriptor(xa + 32 * q), wgmma_descriptor(wa + 32 * q), T{});
+    wgmma_commit();
+    wgmma_wait<1>();  // the MMAs of step j - 1 are done
+  }
+  wgmma_wait<0>();
+  wgmma_hold(d, 64);
+  cp_async_wait<0>();  // only empty groups remain
+
+  // d[4j + 2h + c]: token 16 warp + g + 8h of the warpgroup's 64, channel 8j + 2t + c.
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int m = m0 + 64 * group + 16 * warp + g + 8 * h, n = n0 + 8 * j + 2 * t + c;
+        if (m < M && n < N) out[int64_t(m) * N + n] = e.apply(d[4 * j + 2 * h + c], m, n);
+      }
+}
+
+inline dim3 w8a16_wgmma_grid(int64_t M, int64_t N) {
+  return dim3(unsigned((N + kWgChannels - 1) / kWgChannels), unsigned((M + kWgTokens - 1) / kWgTokens));
+}
+
 }  // namespace
 }  // namespace llmq::cuda

@@ -8,6 +8,9 @@
 //    warp barriers; mma.sync m16n8k16 reads its fragments by the PTX ISA's layouts and sums the
 //    16 products in double;
 //  - cp.async copies land when waited for (or at once, with eager_copies);
+//  - Hopper's wgmma (m64n128k16, both operands in shared memory through descriptors with the
+//    128-byte swizzle) runs when its group is waited for, reading shared memory then; shared
+//    memory addresses start at a base that is not 1024-aligned, as kernels must not assume;
 //  - atomics take a lock.
 // Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
 // the tensor cores, and everything else CUDA has. Include it before any kernel header.
@@ -29,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -96,6 +100,14 @@ struct Copy {
 };
 inline thread_local std::vector<Copy> open_copies;
 inline thread_local std::deque<std::vector<Copy>> copy_groups;
+// wgmma operations issued and not yet waited for (see the end of this file).
+struct Wgmma {
+  float* d;
+  uint64_t a, b;
+  bool bf16;
+};
+inline thread_local std::vector<Wgmma> open_wgmma;
+inline thread_local std::deque<std::vector<Wgmma>> wgmma_groups;
 inline void land(const Copy& c) {
   if (c.valid)
     std::memcpy(c.dst, c.src, 16);
@@ -120,6 +132,8 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::
         block_index = {i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)};
         open_copies.clear();
         copy_groups.clear();
+        open_wgmma.clear();
+        wgmma_groups.clear();
         fn();
         current->barrier.leave();
         between_blocks.wait();
@@ -290,5 +304,72 @@ void cp_async_wait() {
   while (int(copy_groups.size()) > kPending) {
     for (const Copy& c : copy_groups.front()) land(c);
     copy_groups.pop_front();
+  }
+}
+
+// ---- Shared-memory addresses and Hopper's wgmma -------------------------------------------------
+
+namespace llmq::emulation {
+// The shared-memory address of the dynamic shared memory's first byte: not 1024-aligned, so that
+// kernels that align their tiles for wgmma's swizzle have to.
+constexpr uint32_t kSharedBase = 48;
+inline const uint8_t* shared_at(uint32_t address) {
+  return reinterpret_cast<const uint8_t*>(current->shared.data()) + (address - kSharedBase);
+}
+
+// Element (row, k) of a K-major wgmma operand: a descriptor's start address, its stride between
+// 8-row groups, 128-byte rows and the 128-byte swizzle (bits 4-6 of the address XOR bits 7-9).
+inline uint32_t operand_address(uint64_t desc, int row, int k) {
+  const uint32_t start = uint32_t(desc & 0x3FFF) << 4, stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) throw std::logic_error("wgmma emulation: 128-byte swizzle only");
+  uint32_t a = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
+  return a ^ (((a >> 7) & 7) << 4);
+}
+
+
+// This thread's 64 accumulators of one m64n128k16, from shared memory as it is now.
+inline void run(const Wgmma& op) {
+  auto value = [&](uint64_t desc, int row, int k) {
+    uint16_t v;
+    std::memcpy(&v, shared_at(operand_address(desc, row, k)), 2);
+    return op.bf16 ? half_of(v, 0, __nv_bfloat16{}) : half_of(v, 0, __half{});
+  };
+  const int warp = int(thread_index.x) / 32 % 4, g = lane() / 4, t = lane() % 4;
+  for (int j = 0; j < 16; ++j)
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < 2; ++e) {
+        const int row = 16 * warp + g + 8 * h, col = 8 * j + 2 * t + e;
+        double sum = 0;
+        for (int k = 0; k < 16; ++k) sum += double(value(op.a, row, k)) * double(value(op.b, col, k));
+        float& d = op.d[4 * j + 2 * h + e];
+        d = float(double(d) + sum);
+      }
+}
+}  // namespace llmq::emulation
+
+inline uint32_t smem_address(const void* p) {
+  using namespace llmq::emulation;
+  return kSharedBase + uint32_t(static_cast<const uint8_t*>(p) - reinterpret_cast<const uint8_t*>(current->shared.data()));
+}
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+inline void wgmma_hold(float*, int) {}
+inline void wgmma_m64n128k16(float* d, uint64_t a, uint64_t b, __nv_bfloat16) {
+  llmq::emulation::open_wgmma.push_back({d, a, b, true});
+}
+inline void wgmma_m64n128k16(float* d, uint64_t a, uint64_t b, __half) {
+  llmq::emulation::open_wgmma.push_back({d, a, b, false});
+}
+inline void wgmma_commit() {
+  using namespace llmq::emulation;
+  wgmma_groups.push_back(std::move(open_wgmma));
+  open_wgmma.clear();
+}
+template <int kPending>
+void wgmma_wait() {
+  using namespace llmq::emulation;
+  while (int(wgmma_groups.size()) > kPending) {
+    for (const Wgmma& op : wgmma_groups.front()) run(op);
+    wgmma_groups.pop_front();
   }
 }

@@ -2,7 +2,8 @@
 // tests/emulated/cuda_emulation.h against a float64 reference. The tiled GEMM with w8a16_plan's
 // tiles and splits: every tile shape (BM 16/32/64/128), partial tiles in M and N, split-K (a small
 // multiprocessor count forces it) summed in order, copies landing late or at once, repeated
-// launches bit for bit. The decode stream kernel: every instantiation, partial tiles, K rounds.
+// launches bit for bit. The decode stream kernel: every instantiation, partial tiles, K rounds. The
+// Hopper (wgmma) kernel: partial tiles, pipeline depths.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -181,6 +182,37 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
       {128, 128, 512, DType::BF16, false, 1, 8, false},  // split-K
   };
   for (const GemmCase& c : cases) check(c);
+}
+
+// The Hopper kernel: its wgmma descriptors and swizzled tiles against float64 (the emulation reads
+// the operands through the descriptors as the PTX ISA defines them), a dynamic shared memory that
+// starts off 1024-byte alignment.
+void check_wgmma(const GemmCase& c) {
+  SCOPED_TRACE(describe(c));
+  const Problem p = make_problem(c);
+  ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
+  std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
+  emulation::eager_copies = c.eager_copies;
+  with_activation_type(c.act, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    emulation::launch(cuda::w8a16_wgmma_grid(c.M, c.N), cuda::kWgThreads, cuda::kWgSmemBytes, [&] {
+      cuda::w8a16_wgmma_kernel<T>(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), p.e,
+                                  out.data());
+    });
+  });
+  expect_float64_result(c, p, out);
+}
+
+// Partial tiles in M and N, one K step and more steps than pipeline stages, both activation
+// types, copies landing late or at once.
+TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
+  const GemmCase cases[] = {
+      {1, 19, 64, DType::BF16, true, 0, 0, false},
+      {65, 128, 128, DType::F16, true, 1, 0, false},
+      {130, 150, 320, DType::BF16, false, 2, 0, true},
+      {256, 260, 448, DType::F16, true, 1, 0, false},
+  };
+  for (const GemmCase& c : cases) check_wgmma(c);
 }
 
 // Every instantiation (1, 2, 4 tiles of 8 tokens with 16 channels a block; 8 with 32), rows and

@@ -291,23 +291,38 @@ TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
   }
 }
 
+// The first GPU's compute capability as major * 10 + minor (0 when unknown).
+int compute_capability() {
+#ifdef LLMQ_HAVE_CUDA
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) return prop.major * 10 + prop.minor;
+#endif
+  return 0;
+}
+
 // The INT8 weight-only tensor-core kernels (kernels/cuda/w8a16_kernel.cuh), each forced in turn (the
 // kernel itself, not whichever path was faster at a shape), where they apply (K a multiple of 64):
 // the tiled GEMM from 9 rows: its tile shapes (16/32/64 rows for decode batches, 128 for prefill),
 // split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its repeatability; the
 // stream kernel up to 64 rows: every token-tile count (16 channels a block up to 32 rows, 32 above),
-// its repeatability. N and M not tile multiples, both activation types, per-channel and
-// per-tensor scales, BF16 and F32 biases; and a shape both leave to dequantize + cuBLASLt (K = 96).
+// its repeatability; the Hopper (wgmma) kernel, on compute capability 9.0 only. N and M not tile
+// multiples, both activation types, per-channel and per-tensor scales, BF16 and F32 biases; and a
+// shape all leave to dequantize + cuBLASLt (K = 96).
 TEST_F(GpuLinear, Int8TensorCoreKernels) {
   struct Kernel {
     const char* path;
     std::vector<int64_t> rows;
   };
   const Kernel kernels[] = {{"w8a16", {9, 16, 17, 33, 64, 65, 128, 733, 2048}},
-                            {"stream", {1, 2, 7, 8, 9, 16, 17, 33, 64}}};
+                            {"stream", {1, 2, 7, 8, 9, 16, 17, 33, 64}},
+                            {"wgmma", {1, 9, 64, 65, 128, 733, 2048}}};
   const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
   for (const Kernel& kernel : kernels) {
     SCOPED_TRACE(kernel.path);
+    if (std::string(kernel.path) == "wgmma" && compute_capability() != 90) {
+      std::printf("the wgmma kernel needs compute capability 9.0; this GPU has %d: not checked\n", compute_capability());
+      continue;
+    }
     setenv("LLMQ_LINEAR_PATH", kernel.path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
     unsetenv("LLMQ_LINEAR_PATH");
