@@ -525,14 +525,7 @@ class CudaBackend final : public Backend {
         case LinearPath::W8A16: {
           Profiler::Scope part(profiler_, "  (in linear) W8A16 kernel", stream_);
           const cuda::W8A16Plan plan = cuda::w8a16_plan(M, N, K, num_sms_);
-          float* partial = nullptr;
-          unsigned* counters = nullptr;
-          if (plan.splits > 1) {
-            ensure(split_partial_, uint64_t(plan.partial_floats) * sizeof(float));
-            ensure_zeroed(split_counters_, uint64_t(plan.counters) * sizeof(unsigned));
-            partial = static_cast<float*>(split_partial_->data());
-            counters = static_cast<unsigned*>(split_counters_->data());
-          }
+          auto [partial, counters] = split_scratch(plan);
           cuda::w8a16_gemm(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype,
                            y, plan, partial, counters, stream_);
           check(cudaGetLastError(), "w8a16_gemm kernel");
@@ -547,8 +540,10 @@ class CudaBackend final : public Backend {
         }
         case LinearPath::Wgmma: {
           Profiler::Scope part(profiler_, "  (in linear) W8A16 wgmma kernel", stream_);
+          const cuda::W8A16Plan plan = cuda::w8a16_wgmma_plan(M, N, K, num_sms_);
+          auto [partial, counters] = split_scratch(plan);
           cuda::w8a16_wgmma(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype, y,
-                            stream_);
+                            plan, partial, counters, stream_);
           check(cudaGetLastError(), "w8a16_wgmma kernel");
           return;
         }
@@ -744,6 +739,15 @@ class CudaBackend final : public Backend {
   }
 
   // ensure() for a buffer that must hold zeros when it is first used (the split-K tile counters).
+  // The split-K scratch of a W8A16 kernel's plan (none without splits): partial sums and the
+  // tiles' counters, zero between launches.
+  std::pair<float*, unsigned*> split_scratch(const cuda::W8A16Plan& plan) {
+    if (plan.splits <= 1) return {nullptr, nullptr};
+    ensure(split_partial_, uint64_t(plan.partial_floats) * sizeof(float));
+    ensure_zeroed(split_counters_, uint64_t(plan.counters) * sizeof(unsigned));
+    return {static_cast<float*>(split_partial_->data()), static_cast<unsigned*>(split_counters_->data())};
+  }
+
   void ensure_zeroed(std::unique_ptr<Buffer>& buffer, uint64_t bytes) {
     if (buffer && buffer->size() >= bytes) return;
     ensure(buffer, bytes);
@@ -1002,7 +1006,7 @@ class CudaBackend final : public Backend {
   cuda::DevicePlan device_plan_;
 
   std::unique_ptr<Buffer> converted_, dequantized_, codes_, row_scales_, partial_o_, partial_ml_;
-  std::unique_ptr<Buffer> split_partial_, split_counters_;  // the W8A16 GEMM's split-K scratch
+  std::unique_ptr<Buffer> split_partial_, split_counters_;  // the W8A16 kernels' split-K scratch
   Profiler profiler_;
 
   // Recorded decode steps: (tokens, logit rows, keys split or not) -> graph (null: not recordable).

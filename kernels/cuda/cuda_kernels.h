@@ -139,9 +139,11 @@ void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int6
 
 // The INT8 weight-only product on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for
 // prefill): the same result as w8a16_gemm, for compute capability 9.0 only (the caller checks), with
-// the same requirements on K and alignment.
+// the same requirements on K and alignment, and its own split-K plan (scratch as w8a16_gemm's).
+W8A16Plan w8a16_wgmma_plan(int64_t M, int64_t N, int64_t K, int num_sms);
 void w8a16_wgmma(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
-                 bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream);
+                 bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan,
+                 float* partial, unsigned* counters, cudaStream_t stream);
 
 // RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
 // caches: codes and scales as engine/backend.h's KvLayer defines).

@@ -31,12 +31,12 @@ void launch_stream(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t
 }
 
 template <typename T>
-void launch_wgmma(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const Epilogue& e, float* out,
-                  cudaStream_t stream) {
+void launch_wgmma(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const W8A16Plan& plan,
+                  const Epilogue& e, float* out, float* partial, unsigned* counters, cudaStream_t stream) {
   const auto kernel = w8a16_wgmma_kernel<T>;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), kWgSmemBytes);
-  kernel<<<w8a16_wgmma_grid(M, N), kWgThreads, kWgSmemBytes, stream>>>(static_cast<const T*>(x), w, int(M), int(N),
-                                                                         int(K), e, out);
+  kernel<<<w8a16_wgmma_grid(M, N, plan), kWgThreads, kWgSmemBytes, stream>>>(
+      static_cast<const T*>(x), w, int(M), int(N), int(K), plan.k_tiles_per_split, e, out, partial, counters);
 }
 
 }  // namespace
@@ -47,10 +47,25 @@ bool w8a16_supported(int64_t M, int64_t N, int64_t K, const void* x, const void*
          aligned(x) && aligned(w);  // cp.async copies 16 aligned bytes; rows are 128 (x) and 64 (W) bytes apart
 }
 
-W8A16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
+namespace {
+
+// A plan of `splits` (>= 1) K splits over `tiles` output tiles and K / 64 steps: no split empty.
+W8A16Plan split_plan(int64_t M, int64_t N, int64_t K, int64_t tiles, int64_t splits) {
   W8A16Plan plan;
-  const int64_t tiles = ((N + kBN - 1) / kBN) * ((M + block_m(M) - 1) / block_m(M));
   const int64_t k_tiles = K / kBK;
+  plan.k_tiles_per_split = int((k_tiles + splits - 1) / splits);
+  plan.splits = int((k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split);
+  if (plan.splits > 1) {
+    plan.partial_floats = plan.splits * M * N;
+    plan.counters = tiles;
+  }
+  return plan;
+}
+
+}  // namespace
+
+W8A16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
+  const int64_t tiles = ((N + kBN - 1) / kBN) * ((M + block_m(M) - 1) / block_m(M));
   int64_t splits = 1;
   // Fewer tiles than multiprocessors (decode batches, short prefills of narrow layers): split K so
   // that about two blocks run per multiprocessor, each over at least 4 K tiles, and the last block
@@ -58,14 +73,16 @@ W8A16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
   // (A first choice, made without a GPU: to be tuned with LLMQ_PROFILE.)
   if (tiles < num_sms)
     splits = std::max<int64_t>(
-        1, std::min<int64_t>({(2 * num_sms + tiles - 1) / tiles, k_tiles / 4, 512 / block_m(M), 16}));
-  plan.k_tiles_per_split = int((k_tiles + splits - 1) / splits);
-  plan.splits = int((k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split);  // none empty
-  if (plan.splits > 1) {
-    plan.partial_floats = plan.splits * M * N;
-    plan.counters = tiles;
-  }
-  return plan;
+        1, std::min<int64_t>({(2 * num_sms + tiles - 1) / tiles, K / kBK / 4, 512 / block_m(M), 16}));
+  return split_plan(M, N, K, tiles, splits);
+}
+
+W8A16Plan w8a16_wgmma_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
+  const int64_t tiles = ((N + kWgChannels - 1) / kWgChannels) * ((M + kWgTokens - 1) / kWgTokens);
+  // One block per multiprocessor (the pipeline's shared memory): split K so that the tiles' splits
+  // fill at most one wave, each split at least 8 K steps (the pipeline's depth is 3). Without a GPU.
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({num_sms / tiles, K / kBK / 8, 16}));
+  return split_plan(M, N, K, tiles, splits);
 }
 
 void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
@@ -102,14 +119,17 @@ void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int6
 }
 
 void w8a16_wgmma(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
-                 bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream) {
+                 bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan,
+                 float* partial, unsigned* counters, cudaStream_t stream) {
   if (!w8a16_supported(M, N, K, x, w))
     fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma kernel for [{}, {}] x [{}, {}]^T is not supported", M, K, N, K);
+  if (plan.splits > 1 && (!partial || !counters))
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma split-K without its scratch buffers");
   const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
   if (x_dtype == DType::BF16)
-    launch_wgmma<bf16>(x, w, M, N, K, e, out, stream);
+    launch_wgmma<bf16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
   else if (x_dtype == DType::F16)
-    launch_wgmma<f16>(x, w, M, N, K, e, out, stream);
+    launch_wgmma<f16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
   else
     fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma kernel with {} activations", dtype_name(x_dtype));
 }

@@ -62,6 +62,41 @@ __device__ __forceinline__ void i8x4_to_pairs(uint32_t q, uint32_t& lo, uint32_t
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
+// ---- Split-K's end ----------------------------------------------------------------------------
+
+// For a block whose split of K is done (grid z = the splits): its sums go to partial[split][M][N];
+// the last of the tile's split blocks to arrive (at `counter`, zero before the first arrival) adds
+// the splits' sums in split order into this thread's accumulators (the same bits whichever block is
+// last), resets the counter for the next launch and returns true; the others return false.
+// for_outputs(slice, fn) calls fn(float& sum, int64_t m * N + n, int m, int n) for each of the
+// thread's outputs in slice 0 .. kSlices - 1: the sums are gathered a slice at a time, so that few
+// loads (and registers) are in flight.
+template <int kSlices, typename ForOutputs>
+__device__ bool gather_splits(ForOutputs&& for_outputs, int M, int N, float* partial, unsigned* counter) {
+  float* const mine = partial + int64_t(blockIdx.z) * M * N;
+#pragma unroll
+  for (int slice = 0; slice < kSlices; ++slice) for_outputs(slice, [&](float& v, int64_t at, int, int) { mine[at] = v; });
+  __threadfence();
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    if (last) *counter = 0;  // every split has arrived
+  }
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+#pragma unroll
+  for (int slice = 0; slice < kSlices; ++slice)
+    for (unsigned split = 0; split < gridDim.z; ++split)
+      for_outputs(slice, [&](float& v, int64_t at, int, int) {
+        const float ps = __ldcg(partial + int64_t(split) * M * N + at);  // L2: written by other multiprocessors
+        v = split == 0 ? ps : v + ps;
+      });
+  return true;
+}
+
 // ---- The kernel -------------------------------------------------------------------------------
 
 // Shared memory: kStages x (x tile [BM][kBK] of T, 16-byte chunk c of row r at chunk c ^ (r % 8);
@@ -174,7 +209,8 @@ __global__ void __launch_bounds__(WM * WN * 32)
   cp_async_wait<0>();  // only empty groups remain; nothing is left in flight at exit
 
   // C fragment element c of MMA tile (i, j): row 16i + g (+8 for c >= 2), column 8j + 2t + (c & 1).
-  auto for_outputs_of = [&](int i2, auto&& fn) {
+  // Slice i2: the MMA row tile i2.
+  auto for_outputs = [&](int i2, auto&& fn) {
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
@@ -184,37 +220,12 @@ __global__ void __launch_bounds__(WM * WN * 32)
         if (m < M && n < N) fn(acc[i2][j][c], int64_t(m) * N + n, m, n);
       }
   };
-  if (gridDim.z > 1) {
-    // Split-K: partial sums to partial[split][M][N]; the last split block to arrive at this tile
-    // sums them in split order (the same bits whichever block is last), then resets the tile's
-    // counter for the next launch.
-    float* mine = partial + int64_t(blockIdx.z) * M * N;
-#pragma unroll
-    for (int i2 = 0; i2 < kMTiles; ++i2) for_outputs_of(i2, [&](float& v, int64_t at, int, int) { mine[at] = v; });
-    __threadfence();
-    __syncthreads();
-    __shared__ bool last;
-    if (tid == 0) {
-      unsigned* counter = counters + blockIdx.y * gridDim.x + blockIdx.x;
-      __threadfence();
-      last = atomicAdd(counter, 1u) == gridDim.z - 1;
-      if (last) *counter = 0;  // every split has arrived
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // One MMA row tile at a time: 4 x kNTiles loads in flight per split, few registers.
-#pragma unroll
-    for (int i2 = 0; i2 < kMTiles; ++i2)
-      for (unsigned s = 0; s < gridDim.z; ++s)
-        for_outputs_of(i2, [&](float& v, int64_t at, int, int) {
-          const float ps = __ldcg(partial + int64_t(s) * M * N + at);  // L2: written by other multiprocessors
-          v = s == 0 ? ps : v + ps;
-        });
-  }
+  if (gridDim.z > 1 &&
+      !gather_splits<kMTiles>(for_outputs, M, N, partial, counters + blockIdx.y * gridDim.x + blockIdx.x))
+    return;
 #pragma unroll
   for (int i2 = 0; i2 < kMTiles; ++i2)
-    for_outputs_of(i2, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
+    for_outputs(i2, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
 }
 
 // The block tile's rows for M rows: decode batches get the smallest of 16/32/64 that holds them.
@@ -380,8 +391,9 @@ void w8a16_stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
 // The x and 16-bit weight tiles are laid out as wgmma reads K-major operands with the 128-byte
 // swizzle: a row's 64 values (128 bytes) are 8 chunks of 16 bytes, chunk c of row r stored at
 // chunk c ^ (r % 8), 8-row groups 1024 bytes apart from 1024-aligned tiles. Unlike the other INT8
-// kernels the k order is the natural one (the descriptors cannot permute it).
-constexpr int kWgTokens = 128, kWgChannels = 128, kWgStages = 4, kWgThreads = 256;
+// kernels the k order is the natural one (the descriptors cannot permute it). When the tiles cannot
+// fill the GPU (short prompts), K is split over blocks as in the tiled kernel (w8a16_wgmma_plan).
+constexpr int kWgTokens = 128, kWgChannels = 128, kWgStages = 5, kWgThreads = 256;
 constexpr int kWgXBytes = kWgTokens * 128, kWgWBytes = kWgChannels * 128, kWgCodeBytes = kWgChannels * kBK;
 constexpr int kWgStageBytes = kWgXBytes + kWgWBytes + kWgCodeBytes;  // 40 KB, 1024-aligned stages
 constexpr int kWgSmemBytes = kWgStages * kWgStageBytes + 1024;     // + aligning the first stage
@@ -394,20 +406,22 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
 
 template <typename T>
 __global__ void __launch_bounds__(kWgThreads)
-    w8a16_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, Epilogue e,
-                       float* __restrict__ out) {
+    w8a16_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, int k_tiles_per_split,
+                       Epilogue e, float* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ counters) {
   static_assert(sizeof(T) == 2, "16-bit activations");
   LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
   uint8_t* const smem = reinterpret_cast<uint8_t*>(smem_raw) + (1024 - smem_address(smem_raw) % 1024) % 1024;
   const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int m0 = blockIdx.y * kWgTokens, n0 = blockIdx.x * kWgChannels, n_k = K / kBK;
+  const int m0 = blockIdx.y * kWgTokens, n0 = blockIdx.x * kWgChannels;
+  const int kt_begin = blockIdx.z * k_tiles_per_split;
+  const int n_k = min(K / kBK - kt_begin, k_tiles_per_split);  // >= 1: the plan leaves no split empty
   auto x_tile = [&](int stage) { return smem + stage * kWgStageBytes; };
   auto w_tile = [&](int stage) { return smem + stage * kWgStageBytes + kWgXBytes; };
   auto code_tile = [&](int stage) { return smem + stage * kWgStageBytes + kWgXBytes + kWgWBytes; };
 
-  // Copies K step kt; rows past M or N are zero-filled.
-  auto load = [&](int kt) {
-    const int stage = kt % kWgStages, k0 = kt * kBK;
+  // Copies the split's K step i; rows past M or N are zero-filled.
+  auto load = [&](int i) {
+    const int stage = i % kWgStages, k0 = (kt_begin + i) * kBK;
     for (int q = tid; q < kWgTokens * 8; q += kWgThreads) {
       const int r = q / 8, c = q % 8;
       const bool valid = m0 + r < M;
@@ -464,19 +478,27 @@ __global__ void __launch_bounds__(kWgThreads)
   cp_async_wait<0>();  // only empty groups remain
 
   // d[4j + 2h + c]: token 16 warp + g + 8h of the warpgroup's 64, channel 8j + 2t + c.
+  // Slice q: channels 32q .. 32q + 31 of the block's 128.
+  auto for_outputs = [&](int q, auto&& fn) {
 #pragma unroll
-  for (int j = 0; j < 16; ++j)
+    for (int j = 4 * q; j < 4 * q + 4; ++j)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int m = m0 + 64 * group + 16 * warp + g + 8 * h, n = n0 + 8 * j + 2 * t + c;
-        if (m < M && n < N) out[int64_t(m) * N + n] = e.apply(d[4 * j + 2 * h + c], m, n);
-      }
+        for (int c = 0; c < 2; ++c) {
+          const int m = m0 + 64 * group + 16 * warp + g + 8 * h, n = n0 + 8 * j + 2 * t + c;
+          if (m < M && n < N) fn(d[4 * j + 2 * h + c], int64_t(m) * N + n, m, n);
+        }
+  };
+  if (gridDim.z > 1 && !gather_splits<4>(for_outputs, M, N, partial, counters + blockIdx.y * gridDim.x + blockIdx.x))
+    return;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
 }
 
-inline dim3 w8a16_wgmma_grid(int64_t M, int64_t N) {
-  return dim3(unsigned((N + kWgChannels - 1) / kWgChannels), unsigned((M + kWgTokens - 1) / kWgTokens));
+inline dim3 w8a16_wgmma_grid(int64_t M, int64_t N, const W8A16Plan& plan) {
+  return dim3(unsigned((N + kWgChannels - 1) / kWgChannels), unsigned((M + kWgTokens - 1) / kWgTokens),
+              unsigned(plan.splits));
 }
 
 }  // namespace

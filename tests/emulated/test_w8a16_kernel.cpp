@@ -186,33 +186,52 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
 
 // The Hopper kernel: its wgmma descriptors and swizzled tiles against float64 (the emulation reads
 // the operands through the descriptors as the PTX ISA defines them), a dynamic shared memory that
-// starts off 1024-byte alignment.
-void check_wgmma(const GemmCase& c) {
+// starts off 1024-byte alignment, and w8a16_wgmma_plan's K splits (few multiprocessors force them):
+// summed in order, repeated launches bit for bit, the tile counters left at zero.
+void check_wgmma(const GemmCase& c, int expected_splits) {
   SCOPED_TRACE(describe(c));
   const Problem p = make_problem(c);
   ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
-  std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
+  const cuda::W8A16Plan plan = cuda::w8a16_wgmma_plan(c.M, c.N, c.K, c.num_sms);
+  EXPECT_EQ(plan.splits, expected_splits);
+  std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN);
+  std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
   emulation::eager_copies = c.eager_copies;
-  with_activation_type(c.act, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    emulation::launch(cuda::w8a16_wgmma_grid(c.M, c.N), cuda::kWgThreads, cuda::kWgSmemBytes, [&] {
-      cuda::w8a16_wgmma_kernel<T>(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), p.e,
-                                  out.data());
+  auto run = [&] {
+    std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
+    with_activation_type(c.act, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      emulation::launch(cuda::w8a16_wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::kWgSmemBytes, [&] {
+        cuda::w8a16_wgmma_kernel<T>(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K),
+                                    plan.k_tiles_per_split, p.e, out.data(), partial.data(), counters.data());
+      });
     });
-  });
+    return out;
+  };
+  const std::vector<float> out = run();
+  if (plan.splits > 1) {
+    EXPECT_EQ(0, std::memcmp(out.data(), run().data(), out.size() * sizeof(float))) << "a second launch differs";
+    for (int64_t i = 0; i < plan.counters; ++i) ASSERT_EQ(counters[size_t(i)], 0u) << "tile counter " << i << " not reset";
+  }
   expect_float64_result(c, p, out);
 }
 
 // Partial tiles in M and N, one K step and more steps than pipeline stages, both activation
-// types, copies landing late or at once.
+// types, copies landing late or at once, K split 2 and 3 ways (uneven: 25 steps in splits of 9).
 TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
-  const GemmCase cases[] = {
-      {1, 19, 64, DType::BF16, true, 0, 0, false},
-      {65, 128, 128, DType::F16, true, 1, 0, false},
-      {130, 150, 320, DType::BF16, false, 2, 0, true},
-      {256, 260, 448, DType::F16, true, 1, 0, false},
+  struct WgmmaCase {
+    GemmCase c;
+    int splits;
   };
-  for (const GemmCase& c : cases) check_wgmma(c);
+  const WgmmaCase cases[] = {
+      {{1, 19, 64, DType::BF16, true, 0, 132, false}, 1},
+      {{65, 128, 128, DType::F16, true, 1, 132, false}, 1},
+      {{130, 150, 448, DType::BF16, false, 2, 132, true}, 1},
+      {{256, 260, 448, DType::F16, true, 1, 6, false}, 1},  // 6 tiles: one wave already
+      {{100, 200, 1024, DType::BF16, true, 2, 4, false}, 2},
+      {{64, 130, 1600, DType::F16, false, 1, 6, true}, 3},
+  };
+  for (const WgmmaCase& w : cases) check_wgmma(w.c, w.splits);
 }
 
 // Every instantiation (1, 2, 4 tiles of 8 tokens with 16 channels a block; 8 with 32), rows and
