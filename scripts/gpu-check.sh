@@ -82,9 +82,12 @@ run() {
   # The Hopper W8A16 kernel joins the timed choice only once verified on a GPU (kWgmmaInTimedChoice
   # in kernels/cuda/cuda_backend.cu); until then this pass forces it for every INT8 linear, so that
   # its prefill line compares with int8wo's above.
+  # (The profile's "linear I8 M>512" line compares with the same line of profile.log.)
   echo "== 3c. int8wo with the wgmma kernel forced (LLMQ_LINEAR_PATH=wgmma; its prefill line)"
-  LLMQ_LINEAR_PATH=wgmma timeout 60 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant int8wo --batches 1 \
-    --prompt-len 128 --decode-steps 4 --prefill 2048 2>&1 | tee "$out/wgmma_forced.txt" || status=1
+  LLMQ_LINEAR_PATH=wgmma LLMQ_PROFILE=1 timeout 60 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
+    --quant int8wo --batches 1 --prompt-len 128 --decode-steps 4 --prefill 2048 2>"$out/wgmma_profile.log" |
+    tee "$out/wgmma_forced.txt" || status=1
+  grep -E "llmq profile|linear I8|wgmma" "$out/wgmma_profile.log" | head -12 || true
   echo "   ($((SECONDS - start)) s so far)"
 
   echo "== 4. PyTorch peer"
