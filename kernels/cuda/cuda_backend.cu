@@ -314,10 +314,10 @@ class CudaBackend final : public Backend {
     if (profiler_.enabled()) {
       std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K: candidates, chosen, us per run (first choice -> chosen)\n");
       for (auto& [key, plan] : plans_)
-        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
+        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld%s: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
                      dtype_name(DType(std::get<1>(key))), dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key),
-                     (long long)std::get<4>(key), (long long)std::get<5>(key), plan.candidates, plan.chosen,
-                     1e3 * plan.first_ms, 1e3 * plan.best_ms);
+                     (long long)std::get<4>(key), (long long)std::get<5>(key), std::get<6>(key) ? " scaled" : "",
+                     plan.candidates, plan.chosen, 1e3 * plan.first_ms, 1e3 * plan.best_ms);
       std::fprintf(stderr, "llmq linear paths: (w, x) dtypes, rows (above 8: a bucket), N, K: us per path -> chosen\n");
       for (auto& [key, choice] : path_choices_) {
         std::string times;
@@ -788,6 +788,8 @@ class CudaBackend final : public Backend {
 
   // out = codes_ . weight^T, scaled by row_scales_ and the weight's scale (+ bias): the FP8 linear
   // once its input is quantized. cuBLASLt FP8 (K and N multiples of 16) or the GEMV, the faster.
+  // With a static activation scale and a per-tensor weight scale, cuBLASLt applies both (its A/B
+  // scale pointers) and no epilogue pass is needed for them.
   void fp8_linear(const LinearWeight& weight, const Tensor* bias, int64_t M, int64_t K, Tensor& out) {
     const int64_t N = weight.w.rows;
     const void* bias_data = bias ? bias->data : nullptr;
@@ -801,10 +803,16 @@ class CudaBackend final : public Backend {
       gemv_rows(codes, DType::F8_E4M3, weight.w.data, DType::F8_E4M3, M, N, K, row_scales, w_scale, per_channel,
                 bias_data, bias_dtype, y);
     };
+    const float* static_scale = weight.input_scale.empty() ? nullptr : weight.input_scale.as<float>();
     auto run = [&](LinearPath path) {
-      if (path == LinearPath::Gemm &&
-          gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false))
-        return epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
+      if (path == LinearPath::Gemm) {
+        if (static_scale && !per_channel &&
+            gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false, w_scale,
+                 static_scale))
+          return epilogue(y, M, N, nullptr, nullptr, false, bias_data, bias_dtype);
+        if (gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false))
+          return epilogue(y, M, N, row_scales, w_scale, per_channel, bias_data, bias_dtype);
+      }
       gemv_all();  // also when cuBLASLt has no algorithm for the shape
     };
     std::vector<LinearPath> paths;
@@ -895,16 +903,26 @@ class CudaBackend final : public Backend {
     return ms / 3.0f;
   }
 
-  // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation. In cuBLASLt's column-major terms
-  // y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN" layout FP8 requires.
-  // Returns false (with `required` false) when cuBLASLt has no algorithm for the shape.
+  // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation, times *w_scale * *x_scale when
+  // given (device fp32 scalars: FP8's per-tensor scales, cuBLASLt's A/B scale pointers). In
+  // cuBLASLt's column-major terms y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN"
+  // layout FP8 requires. Returns false (with `required` false) when cuBLASLt has no algorithm.
   // (A BF16 output converted by the epilogue was tried: no faster on an H200, so the output is fp32.)
   bool gemm(const void* w, DType w_dtype, const void* x, DType x_dtype, int64_t M, int64_t N, int64_t K, float* y,
-            bool required = true) {
+            bool required = true, const float* w_scale = nullptr, const float* x_scale = nullptr) {
     const CublasLt& lt = cublas_lt();
     void* d = y;
     const DType out_dtype = DType::F32;
-    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K);
+    const bool scaled = w_scale && x_scale;
+    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K, scaled);
+    // The scale pointers change with the weight: set on the shape's descriptor before each use.
+    auto set_scales = [&](cublasLtMatmulDesc_t desc) {
+      if (!scaled) return;
+      check(lt.cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof w_scale),
+            "cublasLtMatmulDescSetAttribute(A_SCALE_POINTER)");
+      check(lt.cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale, sizeof x_scale),
+            "cublasLtMatmulDescSetAttribute(B_SCALE_POINTER)");
+    };
     auto it = plans_.find(key);
     if (it == plans_.end()) {
       if (plans_.size() > 4096) fail(LLMQ_ERR_INTERNAL, "cuda backend: too many GEMM shapes");
@@ -913,6 +931,7 @@ class CudaBackend final : public Backend {
       const cublasOperation_t transpose = CUBLAS_OP_T;
       check(lt.cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose),
             "cublasLtMatmulDescSetAttribute(TRANSA)");
+      set_scales(plan.desc);
       check(lt.cublasLtMatrixLayoutCreate(&plan.a, cuda_type(w_dtype), uint64_t(K), uint64_t(N), K),
             "cublasLtMatrixLayoutCreate(A)");
       check(lt.cublasLtMatrixLayoutCreate(&plan.b, cuda_type(x_dtype), uint64_t(K), uint64_t(M), K),
@@ -955,6 +974,7 @@ class CudaBackend final : public Backend {
       it = plans_.emplace(key, plan).first;
     }
     const GemmPlan& plan = it->second;
+    set_scales(plan.desc);
     if (!plan.has_algo) {
       if (!required) return false;
       fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: cuBLASLt has no algorithm for {} x {} GEMM of [{}, {}] x [{}, {}]",
@@ -981,7 +1001,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Buffer> workspace_;
   static constexpr int32_t kMaxCountedLayers = 1024;
   std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
-  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t>, GemmPlan> plans_;
+  // (w, x, out dtypes, M, N, K, scaled by the scale pointers) -> the shape's plan.
+  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, bool>, GemmPlan> plans_;
   // (weight dtype, activation dtype, rows or rows bucket, N, K) -> each path's time when first seen.
   struct PathChoice {
     LinearPath best = LinearPath::Gemm;

@@ -221,6 +221,7 @@ const LinearCase kLinearCases[] = {
 
 // FP8 activations with a static scale small enough to clip: the same outputs, and the same
 // saturation counts, on both backends (the inputs are the same bits, so the same values clip).
+// With the per-tensor weight scale, cuBLASLt applies both scales itself (A/B scale pointers).
 TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
   Random rnd(5);
   const int64_t M = 19, N = 64, K = 128;
