@@ -289,12 +289,13 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|wgmma: that path wherever it applies, instead of the fastest
-    // (tests and profiling).
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|wgmma: that path wherever it applies, instead of the
+    // fastest (tests and profiling).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
       forced_path_ = linear_path_named(path);
       if (!forced_path_)
-        fail(LLMQ_ERR_INVALID_ARGUMENT, "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, wgmma", path);
+        fail(LLMQ_ERR_INVALID_ARGUMENT,
+             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, wgmma", path);
     }
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -738,7 +739,6 @@ class CudaBackend final : public Backend {
     buffer = std::make_unique<DeviceBuffer>(std::max<uint64_t>(bytes, 1 << 20));
   }
 
-  // ensure() for a buffer that must hold zeros when it is first used (the split-K tile counters).
   // The split-K scratch of a W8A16 kernel's plan (none without splits): partial sums and the
   // tiles' counters, zero between launches.
   std::pair<float*, unsigned*> split_scratch(const cuda::W8A16Plan& plan) {
@@ -748,6 +748,7 @@ class CudaBackend final : public Backend {
     return {static_cast<float*>(split_partial_->data()), static_cast<unsigned*>(split_counters_->data())};
   }
 
+  // ensure() for a buffer that must hold zeros when it is first used (the split-K tile counters).
   void ensure_zeroed(std::unique_ptr<Buffer>& buffer, uint64_t bytes) {
     if (buffer && buffer->size() >= bytes) return;
     ensure(buffer, bytes);
