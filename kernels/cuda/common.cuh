@@ -1,6 +1,6 @@
-// Device code shared by the CUDA kernel files (cuda_kernels.cu, w8a16_gemm.cu): the 16-bit types,
-// the linear layers' epilogue and the tensor-core MMA. Included by .cu files only; everything is
-// in an unnamed namespace, as each file's own kernels are.
+// Code shared by the CUDA kernel files (cuda_kernels.cu, w8a16_gemm.cu): the 16-bit types, the
+// host's dispatch on them, the linear layers' epilogue and the tensor-core MMA. Included by .cu
+// files only; everything is in an unnamed namespace, as each file's own kernels are.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,12 +12,37 @@
 #include <cstring>
 
 #include "engine/dtype.h"
+#include "engine/error.h"
 
 namespace llmq::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
 using f16 = __half;
+
+// ---- Host side: dispatch on an element type -----------------------------------------------------
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls fn(Tag<T>{}) for a 16-bit float dtype (BF16, F16), and for F32 unless !kWithF32.
+template <bool kWithF32 = true, typename Fn>
+void with_float_type(DType dtype, const char* what, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32:
+      if constexpr (kWithF32) return fn(Tag<float>{});
+      break;
+    case DType::BF16:
+      return fn(Tag<bf16>{});
+    case DType::F16:
+      return fn(Tag<f16>{});
+    default:
+      break;
+  }
+  fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: {} of dtype {} is not supported", what, dtype_name(dtype));
+}
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }

@@ -18,25 +18,6 @@ namespace llmq::cuda {
 
 namespace {
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls fn(Tag<T>{}) for a 16/32-bit float dtype.
-template <typename Fn>
-void with_float_type(DType dtype, const char* what, Fn&& fn) {
-  switch (dtype) {
-    case DType::F32:
-      return fn(Tag<float>{});
-    case DType::BF16:
-      return fn(Tag<bf16>{});
-    case DType::F16:
-      return fn(Tag<f16>{});
-    default:
-      fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: {} of dtype {} is not supported", what, dtype_name(dtype));
-  }
-}
 
 // Calls fn(Tag<T>{}) for a KV cache dtype: the float types, INT8 codes or FP8 codes.
 template <typename Fn>

@@ -85,20 +85,28 @@ W8A16Plan w8a16_wgmma_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
   return split_plan(M, N, K, tiles, splits);
 }
 
+namespace {
+
+// The checks every W8A16 launcher makes: the shape and alignment it takes, its split-K scratch.
+void check_launch(bool supported, const W8A16Plan& plan, const float* partial, const unsigned* counters,
+                  const char* kernel, int64_t M, int64_t N, int64_t K) {
+  if (!supported)
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: {} of [{}, {}] x [{}, {}]^T is not supported", kernel, M, K, N, K);
+  if (plan.splits > 1 && (!partial || !counters))
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: {} split over K without its scratch buffers", kernel);
+}
+
+}  // namespace
+
 void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
                 bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan, float* partial,
                 unsigned* counters, cudaStream_t stream) {
-  if (!w8a16_supported(M, N, K, x, w))
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 GEMM of [{}, {}] x [{}, {}]^T is not supported", M, K, N, K);
-  if (plan.splits > 1 && (!partial || !counters))
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 split-K GEMM without its scratch buffers");
+  const char* kernel = "W8A16 GEMM";
+  check_launch(w8a16_supported(M, N, K, x, w), plan, partial, counters, kernel, M, N, K);
   const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
-  if (x_dtype == DType::BF16)
-    launch_for_rows<bf16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-  else if (x_dtype == DType::F16)
-    launch_for_rows<f16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-  else
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 GEMM with {} activations", dtype_name(x_dtype));
+  with_float_type<false>(x_dtype, "W8A16 activations", [&](auto tag) {
+    launch_for_rows<typename decltype(tag)::type>(x, w, M, N, K, plan, e, out, partial, counters, stream);
+  });
 }
 
 bool w8a16_stream_supported(int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
@@ -107,31 +115,23 @@ bool w8a16_stream_supported(int64_t M, int64_t N, int64_t K, const void* x, cons
 
 void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
                   bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream) {
-  if (!w8a16_stream_supported(M, N, K, x, w))
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 stream kernel for [{}, {}] x [{}, {}]^T is not supported", M, K, N, K);
+  const char* kernel = "W8A16 stream kernel";
+  check_launch(w8a16_stream_supported(M, N, K, x, w), W8A16Plan{}, nullptr, nullptr, kernel, M, N, K);
   const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
-  if (x_dtype == DType::BF16)
-    launch_stream<bf16>(x, w, M, N, K, e, out, stream);
-  else if (x_dtype == DType::F16)
-    launch_stream<f16>(x, w, M, N, K, e, out, stream);
-  else
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 stream kernel with {} activations", dtype_name(x_dtype));
+  with_float_type<false>(x_dtype, "W8A16 activations", [&](auto tag) {
+    launch_stream<typename decltype(tag)::type>(x, w, M, N, K, e, out, stream);
+  });
 }
 
 void w8a16_wgmma(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
                  bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan,
                  float* partial, unsigned* counters, cudaStream_t stream) {
-  if (!w8a16_supported(M, N, K, x, w))
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma kernel for [{}, {}] x [{}, {}]^T is not supported", M, K, N, K);
-  if (plan.splits > 1 && (!partial || !counters))
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma split-K without its scratch buffers");
+  const char* kernel = "W8A16 wgmma kernel";
+  check_launch(w8a16_supported(M, N, K, x, w), plan, partial, counters, kernel, M, N, K);
   const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
-  if (x_dtype == DType::BF16)
-    launch_wgmma<bf16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-  else if (x_dtype == DType::F16)
-    launch_wgmma<f16>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-  else
-    fail(LLMQ_ERR_INTERNAL, "cuda backend: W8A16 wgmma kernel with {} activations", dtype_name(x_dtype));
+  with_float_type<false>(x_dtype, "W8A16 activations", [&](auto tag) {
+    launch_wgmma<typename decltype(tag)::type>(x, w, M, N, K, plan, e, out, partial, counters, stream);
+  });
 }
 
 }  // namespace llmq::cuda

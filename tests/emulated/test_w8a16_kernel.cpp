@@ -36,11 +36,6 @@ float decode16(uint16_t u, DType dtype) {
   return __half2float(__ushort_as_half(u));
 }
 
-template <typename T>
-struct As {
-  using type = T;
-};
-
 struct GemmCase {
   int64_t M, N, K;
   DType act;
@@ -110,34 +105,18 @@ std::string describe(const GemmCase& c) {
                      c.per_channel ? "per-channel" : "per-tensor", c.bias, c.num_sms, c.eager_copies ? " eager" : "");
 }
 
-// Runs launch(type tag) with the tag of the case's activation type.
+// Runs a kernel that may split K (launch(type tag, out, partial, counters) with the case's plan)
+// and checks it against float64, with the output poisoned; with splits, a second launch gives the
+// same bits and leaves the tile counters at zero.
 template <typename Launch>
-void with_activation_type(DType act, Launch&& launch) {
-  if (act == DType::BF16)
-    launch(As<cuda::bf16>{});
-  else
-    launch(As<cuda::f16>{});
-}
-
-void check(const GemmCase& c) {
-  SCOPED_TRACE(describe(c));
-  const Problem p = make_problem(c);
-  ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
-  const cuda::W8A16Plan plan = cuda::w8a16_plan(c.M, c.N, c.K, c.num_sms);
+void check_with_plan(const GemmCase& c, const Problem& p, const cuda::W8A16Plan& plan, Launch&& launch) {
   std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN);
   std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
   emulation::eager_copies = c.eager_copies;
   auto run = [&] {
     std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
-    with_activation_type(c.act, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      cuda::w8a16_for_rows<T>(c.M, c.N, plan, [&](auto kernel, dim3 grid, int threads, int smem) {
-        emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
-          kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K),
-                 plan.k_tiles_per_split, p.e, out.data(), partial.data(), counters.data());
-        });
-      });
-    });
+    cuda::with_float_type<false>(c.act, "activations",
+                                 [&](auto tag) { launch(tag, out.data(), partial.data(), counters.data()); });
     return out;
   };
   const std::vector<float> out = run();
@@ -148,6 +127,22 @@ void check(const GemmCase& c) {
   expect_float64_result(c, p, out);
 }
 
+void check(const GemmCase& c) {
+  SCOPED_TRACE(describe(c));
+  const Problem p = make_problem(c);
+  ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
+  const cuda::W8A16Plan plan = cuda::w8a16_plan(c.M, c.N, c.K, c.num_sms);
+  check_with_plan(c, p, plan, [&](auto tag, float* out, float* partial, unsigned* counters) {
+    using T = typename decltype(tag)::type;
+    cuda::w8a16_for_rows<T>(c.M, c.N, plan, [&](auto kernel, dim3 grid, int threads, int smem) {
+      emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
+        kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), plan.k_tiles_per_split,
+               p.e, out, partial, counters);
+      });
+    });
+  });
+}
+
 // The decode stream kernel: the tile shape it was launched with is checked too, so that every
 // instantiation runs.
 void check_stream(const GemmCase& c, int expected_channels_per_block) {
@@ -155,7 +150,7 @@ void check_stream(const GemmCase& c, int expected_channels_per_block) {
   const Problem p = make_problem(c);
   ASSERT_TRUE(cuda::w8a16_stream_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
   std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
-  with_activation_type(c.act, [&](auto tag) {
+  cuda::with_float_type<false>(c.act, "activations", [&](auto tag) {
     using T = typename decltype(tag)::type;
     cuda::w8a16_stream_for_rows<T>(c.M, c.N, [&](auto kernel, dim3 grid, int threads, int smem) {
       EXPECT_EQ(int64_t(grid.x), (c.N + expected_channels_per_block - 1) / expected_channels_per_block);
@@ -194,26 +189,13 @@ void check_wgmma(const GemmCase& c, int expected_splits) {
   ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
   const cuda::W8A16Plan plan = cuda::w8a16_wgmma_plan(c.M, c.N, c.K, c.num_sms);
   EXPECT_EQ(plan.splits, expected_splits);
-  std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN);
-  std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
-  emulation::eager_copies = c.eager_copies;
-  auto run = [&] {
-    std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
-    with_activation_type(c.act, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      emulation::launch(cuda::w8a16_wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::kWgSmemBytes, [&] {
-        cuda::w8a16_wgmma_kernel<T>(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K),
-                                    plan.k_tiles_per_split, p.e, out.data(), partial.data(), counters.data());
-      });
+  check_with_plan(c, p, plan, [&](auto tag, float* out, float* partial, unsigned* counters) {
+    using T = typename decltype(tag)::type;
+    emulation::launch(cuda::w8a16_wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::kWgSmemBytes, [&] {
+      cuda::w8a16_wgmma_kernel<T>(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K),
+                                  plan.k_tiles_per_split, p.e, out, partial, counters);
     });
-    return out;
-  };
-  const std::vector<float> out = run();
-  if (plan.splits > 1) {
-    EXPECT_EQ(0, std::memcmp(out.data(), run().data(), out.size() * sizeof(float))) << "a second launch differs";
-    for (int64_t i = 0; i < plan.counters; ++i) ASSERT_EQ(counters[size_t(i)], 0u) << "tile counter " << i << " not reset";
-  }
-  expect_float64_result(c, p, out);
+  });
 }
 
 // Partial tiles in M and N, one K step and more steps than pipeline stages, both activation
