@@ -79,15 +79,15 @@ run() {
   grep -A14 "llmq profile" "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"
 
-  # The Hopper W8A16 kernel joins the timed choice only once verified on a GPU (kWgmmaInTimedChoice
-  # in kernels/cuda/cuda_backend.cu); until then this pass forces it for every INT8 linear, so that
-  # its prefill line compares with int8wo's above.
-  # (The profile's "linear I8 M>512" line compares with the same line of profile.log.)
-  echo "== 3c. int8wo with the wgmma kernel forced (LLMQ_LINEAR_PATH=wgmma; its prefill line)"
-  LLMQ_LINEAR_PATH=wgmma LLMQ_PROFILE=1 timeout 60 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
-    --quant int8wo --batches 1 --prompt-len 128 --decode-steps 4 --prefill 2048 2>"$out/wgmma_profile.log" |
+  # The Hopper wgmma kernel (INT8 and FP8 weights) joins the timed choice only once verified on a
+  # GPU (kWgmmaInTimedChoice in kernels/cuda/cuda_backend.cu); until then this pass forces it for
+  # every linear it takes, so that its prefill lines compare with int8wo's and fp8's above (and the
+  # profile's "linear I8 / F8_E4M3 M>512" lines with profile.log's).
+  echo "== 3c. int8wo and fp8 with the wgmma kernel forced (LLMQ_LINEAR_PATH=wgmma; their prefill lines)"
+  LLMQ_LINEAR_PATH=wgmma LLMQ_PROFILE=1 timeout 90 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
+    --quant int8wo,fp8 --batches 1 --prompt-len 128 --decode-steps 4 --prefill 2048 2>"$out/wgmma_profile.log" |
     tee "$out/wgmma_forced.txt" || status=1
-  grep -E "llmq profile|linear I8|wgmma" "$out/wgmma_profile.log" | head -12 || true
+  grep -E "llmq profile|linear (I8|F8_E4M3)|wgmma" "$out/wgmma_profile.log" | head -16 || true
   echo "   ($((SECONDS - start)) s so far)"
 
   echo "== 4. PyTorch peer"

@@ -34,5 +34,6 @@ profile stream-b1 int8wo 1 w8a16_stream 16 stream 1
 profile stream-b16 int8wo 16 w8a16_stream 16 stream 1
 profile stream-b64 int8wo 64 w8a16_stream 16 stream 1
 profile w8a16-prefill int8wo 1 w8a16 8 w8a16 512
-profile wgmma-prefill int8wo 1 w8a16_wgmma 8 wgmma 512
+profile wgmma-prefill int8wo 1 wgmma_linear 8 wgmma 512
+profile wgmma-fp8-prefill fp8 1 wgmma_linear 8 wgmma 512
 profile attention-b64 none 64 attention_kernel 8 gemm 128

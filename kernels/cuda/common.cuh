@@ -19,6 +19,9 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 using f16 = __half;
+struct fp8 {  // one FP8 E4M3 code
+  uint8_t bits;
+};
 
 // ---- Host side: dispatch on an element type -----------------------------------------------------
 
@@ -147,9 +150,10 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ uint32_t smem_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
 // ---- Hopper's warpgroup MMA (sm_90a only; kernels using it are launched on compute capability 9.0
-// only, and trap if compiled for anything else). wgmma_m64n128k16: D[64 x 128] (fp32, accumulated)
-// += A[64 x 16] . B[16 x 128] of one warpgroup (4 warps), both operands in shared memory given by
-// descriptors, both K-major: A's rows and B's columns each hold 16 consecutive k. D's fragment:
+// only, and trap if compiled for anything else). wgmma_m64n128(d, a, b, T): D[64 x 128] (fp32,
+// accumulated) += A[64 x k] . B[k x 128] of one warpgroup (4 warps) over one 32-byte slice of K (k =
+// 16 values of a 16-bit T, 32 FP8 codes), both operands in shared memory given by descriptors, both
+// K-major: A's rows and B's columns each hold the slice's k consecutive values. D's fragment:
 // thread (warp w of the warpgroup, g = lane / 4, t = lane % 4) holds d[4j + 2h + e] = D[16w + g +
 // 8h][8j + 2t + e]. It runs asynchronously: the accumulators are neither read nor written until
 // wgmma_wait says its group is done; wgmma_fence orders the accumulators' earlier register uses
@@ -178,7 +182,7 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t a, uint64_t b, bf16) {
+__device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, bf16) {
 #ifdef LLMQ_WGMMA
   asm volatile(
       "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"
@@ -189,11 +193,23 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t a, uint64_t 
   __trap();
 #endif
 }
-__device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t a, uint64_t b, f16) {
+__device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, f16) {
 #ifdef LLMQ_WGMMA
   asm volatile(
       "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, accumulate, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b));
+#else
+  __trap();
+#endif
+}
+// (FP8 operands are K-major only: the instruction has no transpose flags.)
+__device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, fp8) {
+#ifdef LLMQ_WGMMA
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, accumulate, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b));
 #else
@@ -214,9 +230,6 @@ __device__ __forceinline__ void wgmma_hold(float* d, int n) {
 
 // ---- KV cache elements -------------------------------------------------------------------------
 
-struct fp8 {  // one FP8 E4M3 code
-  uint8_t bits;
-};
 
 __device__ __forceinline__ float to_f32(int8_t v) { return float(v); }
 __device__ __forceinline__ float fp8_to_f32(uint32_t code) {

@@ -226,7 +226,8 @@ class Profiler {
 // kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
 // and bias epilogue. W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
 // decode kernel (up to 64 rows), which streams the INT8 weights into tensor-core fragments; Wgmma:
-// its Hopper kernel (compute capability 9.0), warpgroup MMAs over weights converted in shared memory.
+// the Hopper kernel (compute capability 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared
+// memory.
 enum class LinearPath { Gemv, Gemm, W8A16, Stream, Wgmma };
 // The wgmma kernel was written without a GPU (emulated only): until a GPU run has checked it, it
 // runs only when LLMQ_LINEAR_PATH=wgmma asks for it (the gpu tests, gpu-check.sh's forced pass),
@@ -525,7 +526,7 @@ class CudaBackend final : public Backend {
           return;
         case LinearPath::W8A16: {
           Profiler::Scope part(profiler_, "  (in linear) W8A16 kernel", stream_);
-          const cuda::W8A16Plan plan = cuda::w8a16_plan(M, N, K, num_sms_);
+          const cuda::SplitKPlan plan = cuda::w8a16_plan(M, N, K, num_sms_);
           auto [partial, counters] = split_scratch(plan);
           cuda::w8a16_gemm(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype,
                            y, plan, partial, counters, stream_);
@@ -539,15 +540,8 @@ class CudaBackend final : public Backend {
           check(cudaGetLastError(), "w8a16_stream kernel");
           return;
         }
-        case LinearPath::Wgmma: {
-          Profiler::Scope part(profiler_, "  (in linear) W8A16 wgmma kernel", stream_);
-          const cuda::W8A16Plan plan = cuda::w8a16_wgmma_plan(M, N, K, num_sms_);
-          auto [partial, counters] = split_scratch(plan);
-          cuda::w8a16_wgmma(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype, y,
-                            plan, partial, counters, stream_);
-          check(cudaGetLastError(), "w8a16_wgmma kernel");
-          return;
-        }
+        case LinearPath::Wgmma:
+          return wgmma_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype, y);
         case LinearPath::Gemm:
           if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first
             ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
@@ -565,9 +559,7 @@ class CudaBackend final : public Backend {
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (w_dtype == DType::I8 && cuda::w8a16_supported(M, N, K, xs, w)) paths.push_back(LinearPath::W8A16);
     if (w_dtype == DType::I8 && cuda::w8a16_stream_supported(M, N, K, xs, w)) paths.push_back(LinearPath::Stream);
-    if (w_dtype == DType::I8 && sm_ == 90 && cuda::w8a16_supported(M, N, K, xs, w) &&
-        (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma))
-      paths.push_back(LinearPath::Wgmma);
+    if (w_dtype == DType::I8 && wgmma_applies(x_dtype, M, N, K, xs, w)) paths.push_back(LinearPath::Wgmma);
     paths.push_back(LinearPath::Gemm);
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }
@@ -739,9 +731,28 @@ class CudaBackend final : public Backend {
     buffer = std::make_unique<DeviceBuffer>(std::max<uint64_t>(bytes, 1 << 20));
   }
 
-  // The split-K scratch of a W8A16 kernel's plan (none without splits): partial sums and the
+  // Whether the wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and (until
+  // a GPU run has checked the kernel, kWgmmaInTimedChoice) only when LLMQ_LINEAR_PATH=wgmma.
+  bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
+    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) &&
+           (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma);
+  }
+
+  // The wgmma kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales).
+  void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K,
+                    const float* row_scales, const float* w_scale, bool per_channel, const void* bias,
+                    DType bias_dtype, float* y) {
+    Profiler::Scope part(profiler_, "  (in linear) wgmma kernel", stream_);
+    const cuda::SplitKPlan plan = cuda::wgmma_plan(x_dtype, M, N, K, num_sms_);
+    auto [partial, counters] = split_scratch(plan);
+    cuda::wgmma_linear(x, x_dtype, w, M, N, K, row_scales, w_scale, per_channel, bias, bias_dtype, y, plan, partial,
+                       counters, stream_);
+    check(cudaGetLastError(), "wgmma_linear kernel");
+  }
+
+  // The split-K scratch of a kernel's plan (none without splits): partial sums and the
   // tiles' counters, zero between launches.
-  std::pair<float*, unsigned*> split_scratch(const cuda::W8A16Plan& plan) {
+  std::pair<float*, unsigned*> split_scratch(const cuda::SplitKPlan& plan) {
     if (plan.splits <= 1) return {nullptr, nullptr};
     ensure(split_partial_, uint64_t(plan.partial_floats) * sizeof(float));
     ensure_zeroed(split_counters_, uint64_t(plan.counters) * sizeof(unsigned));
@@ -806,6 +817,9 @@ class CudaBackend final : public Backend {
     };
     const float* static_scale = weight.input_scale.empty() ? nullptr : weight.input_scale.as<float>();
     auto run = [&](LinearPath path) {
+      if (path == LinearPath::Wgmma)
+        return wgmma_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel, bias_data,
+                            bias_dtype, y);
       if (path == LinearPath::Gemm) {
         if (static_scale && !per_channel &&
             gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false, w_scale,
@@ -819,6 +833,7 @@ class CudaBackend final : public Backend {
     std::vector<LinearPath> paths;
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (K % 16 == 0 && N % 16 == 0) paths.push_back(LinearPath::Gemm);
+    if (wgmma_applies(DType::F8_E4M3, M, N, K, codes, weight.w.data)) paths.push_back(LinearPath::Wgmma);
     if (paths.empty()) return gemv_all();
     run(choose_path(DType::F8_E4M3, DType::F8_E4M3, M, N, K, paths, run));
   }

@@ -115,19 +115,19 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
 // dequantize_i8 + a 16-bit GEMM for the rest.
 constexpr int64_t kW8A16KMultiple = 64;
 bool w8a16_supported(int64_t M, int64_t N, int64_t K, const void* x, const void* w);
-// How the GEMM splits K over blocks on a GPU of num_sms multiprocessors, and the scratch it then needs:
-// partial_floats fp32 values, and `counters` uint32 tile counters that are zero before the first
-// launch (each launch leaves them zero again).
-struct W8A16Plan {
+// How a GEMM kernel splits K over blocks on a GPU of num_sms multiprocessors, and the scratch it
+// then needs: partial_floats fp32 values, and `counters` uint32 tile counters that are zero before
+// the first launch (each launch leaves them zero again).
+struct SplitKPlan {
   int splits = 1;
-  int k_tiles_per_split = 0;
+  int k_steps_per_split = 0;  // in the kernel's K steps
   int64_t partial_floats = 0;
   int64_t counters = 0;
 };
-W8A16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int num_sms);
+SplitKPlan w8a16_plan(int64_t M, int64_t N, int64_t K, int num_sms);
 void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
-                bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan, float* partial,
-                unsigned* counters, cudaStream_t stream);
+                bool per_channel, const void* bias, DType bias_dtype, float* out, const SplitKPlan& plan,
+                float* partial, unsigned* counters, cudaStream_t stream);
 
 // The INT8 weight-only product for decode batches (M <= kW8A16StreamMaxM; w8a16_kernel.cuh's
 // stream kernel): the same result as w8a16_gemm, with the weights streamed once into registers and
@@ -137,13 +137,16 @@ bool w8a16_stream_supported(int64_t M, int64_t N, int64_t K, const void* x, cons
 void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
                   bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream);
 
-// The INT8 weight-only product on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for
-// prefill): the same result as w8a16_gemm, for compute capability 9.0 only (the caller checks), with
-// the same requirements on K and alignment, and its own split-K plan (scratch as w8a16_gemm's).
-W8A16Plan w8a16_wgmma_plan(int64_t M, int64_t N, int64_t K, int num_sms);
-void w8a16_wgmma(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
-                 bool per_channel, const void* bias, DType bias_dtype, float* out, const W8A16Plan& plan,
-                 float* partial, unsigned* counters, cudaStream_t stream);
+// Linears with 8-bit weights on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for
+// prefill), on compute capability 9.0 only (the caller checks): INT8 codes with BF16/F16
+// activations (the same result as w8a16_gemm), or FP8 codes with FP8 activation codes and their
+// row_scale (the FP8 linear's: (sum * row_scale[m] * w_scale) + bias). K a multiple of 64 (16-bit
+// x) or 128 (FP8), x and w 16-byte aligned; its own split-K plan (scratch as w8a16_gemm's).
+bool wgmma_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w);
+SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sms);
+void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
+                  const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, float* out,
+                  const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream);
 
 // RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
 // caches: codes and scales as engine/backend.h's KvLayer defines).

@@ -109,7 +109,7 @@ constexpr int smem_bytes() {
 // (Asking for two 8-warp blocks per multiprocessor, i.e. 128 registers, spills about 200 bytes.)
 template <typename T, int BM, int WM, int WN>
 __global__ void __launch_bounds__(WM * WN * 32)
-    w8a16_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, int k_tiles_per_split,
+    w8a16_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, int k_steps_per_split,
                  Epilogue e, float* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ counters) {
   constexpr int kThreads = WM * WN * 32;
   constexpr int kWarpM = BM / WM, kWarpN = kBN / WN;       // a warp's tile
@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(WM * WN * 32)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int warp_m0 = (warp / WN) * kWarpM, warp_n0 = (warp % WN) * kWarpN;  // within the block tile
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kBN;
-  const int kt_begin = blockIdx.z * k_tiles_per_split;
-  const int n_k = min(K / kBK - kt_begin, k_tiles_per_split);  // >= 1: the launcher leaves no split empty
+  const int kt_begin = blockIdx.z * k_steps_per_split;
+  const int n_k = min(K / kBK - kt_begin, k_steps_per_split);  // >= 1: the launcher leaves no split empty
 
   // Copies K tile kt into pipeline stage `stage`; rows past M or N are zero-filled.
   auto load_stage = [&](int stage, int kt) {
@@ -234,7 +234,7 @@ constexpr int block_m(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 
 // Calls launch(kernel, grid, threads, shared memory bytes) with the kernel's instantiation for M
 // rows of T activations (its tile shape) and the plan's grid.
 template <typename T, typename Launch>
-void w8a16_for_rows(int64_t M, int64_t N, const W8A16Plan& plan, Launch&& launch) {
+void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launch) {
   auto with = [&](auto kernel, int bm, int threads, int smem) {
     launch(kernel, dim3(unsigned((N + kBN - 1) / kBN), unsigned((M + bm - 1) / bm), unsigned(plan.splits)), threads,
            smem);
@@ -378,26 +378,36 @@ void w8a16_stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
   return with(w8a16_stream_kernel<T, 2, 8>, 2, stream_smem_bytes<2, 8>());
 }
 
-// ---- Prefill on Hopper: warpgroup MMAs over weights converted in shared memory ----------------
+// ---- Prefill on Hopper: warpgroup MMAs over 8-bit weights -------------------------------------
 //
-// For many rows on compute capability 9.0 (sm_90a): a block computes 128 tokens x 128 channels
-// over all of K, its two warpgroups 64 tokens each. Every 64-wide K step:
-//  - the x tile (128 tokens x 64 16-bit values) and the INT8 tile (128 channels x 64 codes) are
-//    copied into shared memory (cp.async, kWgStages - 2 steps ahead);
-//  - the block's threads convert the codes to 16-bit values (exact) into a third tile;
-//  - each warpgroup multiplies its 64 tokens by the 128 channels: 4 wgmma m64n128k16, both operands
-//    read from shared memory by the tensor cores, while the block converts the next step (one MMA
-//    group in flight).
-// The x and 16-bit weight tiles are laid out as wgmma reads K-major operands with the 128-byte
-// swizzle: a row's 64 values (128 bytes) are 8 chunks of 16 bytes, chunk c of row r stored at
-// chunk c ^ (r % 8), 8-row groups 1024 bytes apart from 1024-aligned tiles. Unlike the other INT8
-// kernels the k order is the natural one (the descriptors cannot permute it). When the tiles cannot
-// fill the GPU (short prompts), K is split over blocks as in the tiled kernel (w8a16_wgmma_plan).
+// For many rows on compute capability 9.0 (sm_90a), T being the activations' element type: INT8
+// weights with BF16/F16 activations (W8A16), or FP8 E4M3 weights with FP8 activation codes and
+// their row scales. A block computes 128 tokens x 128 channels over its range of K, its two
+// warpgroups 64 tokens each. Every K step (128 bytes of each row: 64 16-bit values, 128 codes):
+//  - the x tile (128 tokens) and the weight tile (128 channels) are copied into shared memory
+//    (cp.async, kWgStages - 2 steps ahead); INT8 codes go to a staging tile, and the block's
+//    threads convert them to T (exact) into the weight tile;
+//  - each warpgroup multiplies its 64 tokens by the 128 channels: 4 wgmma of one 32-byte K slice,
+//    both operands read from shared memory by the tensor cores, while the block converts and
+//    copies the next steps (one MMA group in flight).
+// The x and weight tiles are laid out as wgmma reads K-major operands with the 128-byte swizzle: a
+// row's 128 bytes are 8 chunks of 16, chunk c of row r stored at chunk c ^ (r % 8), 8-row groups
+// 1024 bytes apart from 1024-aligned tiles. Unlike the other INT8 kernels the k order is the
+// natural one (the descriptors cannot permute it). When the tiles cannot fill the GPU (short
+// prompts), K is split over blocks as in the tiled kernel (wgmma_plan). Scales (the weight's, FP8's
+// row scales) and bias are applied to the fp32 sums.
 constexpr int kWgTokens = 128, kWgChannels = 128, kWgStages = 5, kWgThreads = 256;
-constexpr int kWgXBytes = kWgTokens * 128, kWgWBytes = kWgChannels * 128, kWgCodeBytes = kWgChannels * kBK;
-constexpr int kWgStageBytes = kWgXBytes + kWgWBytes + kWgCodeBytes;  // 40 KB, 1024-aligned stages
-constexpr int kWgSmemBytes = kWgStages * kWgStageBytes + 1024;     // + aligning the first stage
-static_assert(kWgStageBytes % 1024 == 0 && kBK == 64, "1024-aligned stages of 64-wide K steps");
+
+template <typename T>
+struct WgmmaTiles {
+  static constexpr bool kConvert = sizeof(T) == 2;   // INT8 codes converted to T in shared memory
+  static constexpr int kStepK = 128 / int(sizeof(T));  // K per step: one 128-byte row of each tile
+  static constexpr int kXBytes = kWgTokens * 128, kWBytes = kWgChannels * 128;
+  static constexpr int kCodeBytes = kConvert ? kWgChannels * kStepK : 0;  // INT8 staging tile
+  static constexpr int kStageBytes = kXBytes + kWBytes + kCodeBytes;     // 1024-aligned stages
+  static constexpr int kSmemBytes = kWgStages * kStageBytes + 1024;     // + aligning the first stage
+  static_assert(kStageBytes % 1024 == 0, "1024-aligned stages");
+};
 
 // A K-major operand's descriptor: start address, 1024 bytes between 8-row groups, 128-byte swizzle.
 __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
@@ -406,31 +416,43 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
 
 template <typename T>
 __global__ void __launch_bounds__(kWgThreads)
-    w8a16_wgmma_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, int k_tiles_per_split,
-                       Epilogue e, float* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ counters) {
-  static_assert(sizeof(T) == 2, "16-bit activations");
+    wgmma_linear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K,
+                        int k_steps_per_split, Epilogue e, float* __restrict__ out, float* __restrict__ partial,
+                        unsigned* __restrict__ counters) {
+  using Tiles = WgmmaTiles<T>;
   LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
   uint8_t* const smem = reinterpret_cast<uint8_t*>(smem_raw) + (1024 - smem_address(smem_raw) % 1024) % 1024;
   const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int m0 = blockIdx.y * kWgTokens, n0 = blockIdx.x * kWgChannels;
-  const int kt_begin = blockIdx.z * k_tiles_per_split;
-  const int n_k = min(K / kBK - kt_begin, k_tiles_per_split);  // >= 1: the plan leaves no split empty
-  auto x_tile = [&](int stage) { return smem + stage * kWgStageBytes; };
-  auto w_tile = [&](int stage) { return smem + stage * kWgStageBytes + kWgXBytes; };
-  auto code_tile = [&](int stage) { return smem + stage * kWgStageBytes + kWgXBytes + kWgWBytes; };
+  const int step_begin = blockIdx.z * k_steps_per_split;
+  const int n_k = min(K / Tiles::kStepK - step_begin, k_steps_per_split);  // >= 1: the plan leaves no split empty
+  const uint8_t* const xb = reinterpret_cast<const uint8_t*>(x);
+  auto x_tile = [&](int stage) { return smem + stage * Tiles::kStageBytes; };
+  auto w_tile = [&](int stage) { return x_tile(stage) + Tiles::kXBytes; };
+  auto code_tile = [&](int stage) { return w_tile(stage) + Tiles::kWBytes; };
 
-  // Copies the split's K step i; rows past M or N are zero-filled.
+  // Copies the split's K step i (byte columns k0 .. k0 + 127 of x, codes k .. of the weights);
+  // rows past M or N are zero-filled.
   auto load = [&](int i) {
-    const int stage = i % kWgStages, k0 = (kt_begin + i) * kBK;
+    const int stage = i % kWgStages, k = (step_begin + i) * Tiles::kStepK;
     for (int q = tid; q < kWgTokens * 8; q += kWgThreads) {
       const int r = q / 8, c = q % 8;
       const bool valid = m0 + r < M;
-      cp_async16(x_tile(stage) + r * 128 + (c ^ (r % 8)) * 16, x + int64_t(valid ? m0 + r : 0) * K + k0 + c * 8, valid);
+      cp_async16(x_tile(stage) + r * 128 + (c ^ (r % 8)) * 16,
+                 xb + (int64_t(valid ? m0 + r : 0) * K + k) * int64_t(sizeof(T)) + c * 16, valid);
     }
-    for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
-      const int r = q / 4, c = q % 4;
-      const bool valid = n0 + r < N;
-      cp_async16(code_tile(stage) + r * kBK + c * 16, w + int64_t(valid ? n0 + r : 0) * K + k0 + c * 16, valid);
+    if constexpr (Tiles::kConvert) {
+      for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
+        const int r = q / 4, c = q % 4;
+        const bool valid = n0 + r < N;
+        cp_async16(code_tile(stage) + r * Tiles::kStepK + c * 16, w + int64_t(valid ? n0 + r : 0) * K + k + c * 16, valid);
+      }
+    } else {
+      for (int q = tid; q < kWgChannels * 8; q += kWgThreads) {
+        const int r = q / 8, c = q % 8;
+        const bool valid = n0 + r < N;
+        cp_async16(w_tile(stage) + r * 128 + (c ^ (r % 8)) * 16, w + int64_t(valid ? n0 + r : 0) * K + k + c * 16, valid);
+      }
     }
   };
 
@@ -453,15 +475,17 @@ __global__ void __launch_bounds__(kWgThreads)
     cp_async_commit();
 
     const int stage = j % kWgStages;
-    for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
-      const int r = q / 4, c = q % 4;  // codes 16c .. 16c + 15 of row r: 16-bit chunks 2c, 2c + 1
-      const uint4 codes = *reinterpret_cast<const uint4*>(code_tile(stage) + r * kBK + c * 16);
-      uint32_t v[8];
+    if constexpr (Tiles::kConvert) {
+      for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
+        const int r = q / 4, c = q % 4;  // codes 16c .. 16c + 15 of row r: 16-bit chunks 2c, 2c + 1
+        const uint4 codes = *reinterpret_cast<const uint4*>(code_tile(stage) + r * Tiles::kStepK + c * 16);
+        uint32_t v[8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) i8x4_to_pairs(word(codes, i), v[2 * i], v[2 * i + 1], T{});
-      uint8_t* row = w_tile(stage) + r * 128;
-      *reinterpret_cast<uint4*>(row + ((2 * c) ^ (r % 8)) * 16) = make_uint4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<uint4*>(row + ((2 * c + 1) ^ (r % 8)) * 16) = make_uint4(v[4], v[5], v[6], v[7]);
+        for (int i = 0; i < 4; ++i) i8x4_to_pairs(word(codes, i), v[2 * i], v[2 * i + 1], T{});
+        uint8_t* row = w_tile(stage) + r * 128;
+        *reinterpret_cast<uint4*>(row + ((2 * c) ^ (r % 8)) * 16) = make_uint4(v[0], v[1], v[2], v[3]);
+        *reinterpret_cast<uint4*>(row + ((2 * c + 1) ^ (r % 8)) * 16) = make_uint4(v[4], v[5], v[6], v[7]);
+      }
     }
     fence_proxy_async();  // this thread's landed copies and its stores, to the tensor cores' reads
     __syncthreads();
@@ -469,7 +493,7 @@ __global__ void __launch_bounds__(kWgThreads)
     const uint32_t xa = smem_address(x_tile(stage) + group * 64 * 128), wa = smem_address(w_tile(stage));
     wgmma_fence();
 #pragma unroll
-    for (int q = 0; q < 4; ++q) wgmma_m64n128k16(d, wgmma_descriptor(xa + 32 * q), wgmma_descriptor(wa + 32 * q), T{});
+    for (int q = 0; q < 4; ++q) wgmma_m64n128(d, wgmma_descriptor(xa + 32 * q), wgmma_descriptor(wa + 32 * q), T{});
     wgmma_commit();
     wgmma_wait<1>();  // the MMAs of step j - 1 are done
   }
@@ -496,7 +520,7 @@ __global__ void __launch_bounds__(kWgThreads)
   for (int q = 0; q < 4; ++q) for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
 }
 
-inline dim3 w8a16_wgmma_grid(int64_t M, int64_t N, const W8A16Plan& plan) {
+inline dim3 wgmma_grid(int64_t M, int64_t N, const SplitKPlan& plan) {
   return dim3(unsigned((N + kWgChannels - 1) / kWgChannels), unsigned((M + kWgTokens - 1) / kWgTokens),
               unsigned(plan.splits));
 }

@@ -8,9 +8,10 @@
 //    warp barriers; mma.sync m16n8k16 reads its fragments by the PTX ISA's layouts and sums the
 //    16 products in double;
 //  - cp.async copies land when waited for (or at once, with eager_copies);
-//  - Hopper's wgmma (m64n128k16, both operands in shared memory through descriptors with the
-//    128-byte swizzle) runs when its group is waited for, reading shared memory then; shared
-//    memory addresses start at a base that is not 1024-aligned, as kernels must not assume;
+//  - Hopper's wgmma (m64n128 over a 32-byte K slice: BF16/F16 k16, FP8 E4M3 k32; both operands in
+//    shared memory through descriptors with the 128-byte swizzle) runs when its group is waited
+//    for, reading shared memory then; shared memory addresses start at a base that is not
+//    1024-aligned, as kernels must not assume;
 //  - atomics take a lock.
 // Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
 // the tensor cores, and everything else CUDA has. Include it before any kernel header.
@@ -104,7 +105,7 @@ inline thread_local std::deque<std::vector<Copy>> copy_groups;
 struct Wgmma {
   float* d;
   uint64_t a, b;
-  bool bf16;
+  DType type;  // the operands' element type: BF16, F16 or F8_E4M3
 };
 inline thread_local std::vector<Wgmma> open_wgmma;
 inline thread_local std::deque<std::vector<Wgmma>> wgmma_groups;
@@ -317,22 +318,24 @@ inline const uint8_t* shared_at(uint32_t address) {
   return reinterpret_cast<const uint8_t*>(current->shared.data()) + (address - kSharedBase);
 }
 
-// Element (row, k) of a K-major wgmma operand: a descriptor's start address, its stride between
-// 8-row groups, 128-byte rows and the 128-byte swizzle (bits 4-6 of the address XOR bits 7-9).
-inline uint32_t operand_address(uint64_t desc, int row, int k) {
+// Byte `byte` of row `row` of a K-major wgmma operand: a descriptor's start address, its stride
+// between 8-row groups, 128-byte rows and the 128-byte swizzle (bits 4-6 of the address XOR bits 7-9).
+inline uint32_t operand_address(uint64_t desc, int row, int byte) {
   const uint32_t start = uint32_t(desc & 0x3FFF) << 4, stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
   if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) throw std::logic_error("wgmma emulation: 128-byte swizzle only");
-  uint32_t a = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
+  uint32_t a = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 128 + uint32_t(byte);
   return a ^ (((a >> 7) & 7) << 4);
 }
 
-
-// This thread's 64 accumulators of one m64n128k16, from shared memory as it is now.
+// This thread's 64 accumulators of one wgmma (one 32-byte slice of K), from shared memory as it is now.
 inline void run(const Wgmma& op) {
+  const int size = op.type == DType::F8_E4M3 ? 1 : 2, k_slice = 32 / size;
   auto value = [&](uint64_t desc, int row, int k) {
-    uint16_t v;
-    std::memcpy(&v, shared_at(operand_address(desc, row, k)), 2);
-    return op.bf16 ? half_of(v, 0, __nv_bfloat16{}) : half_of(v, 0, __half{});
+    uint16_t v = 0;
+    std::memcpy(&v, shared_at(operand_address(desc, row, k * size)), size_t(size));
+    if (op.type == DType::F8_E4M3)
+      return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(v), __NV_E4M3)));
+    return op.type == DType::BF16 ? half_of(v, 0, __nv_bfloat16{}) : half_of(v, 0, __half{});
   };
   const int warp = int(thread_index.x) / 32 % 4, g = lane() / 4, t = lane() % 4;
   for (int j = 0; j < 16; ++j)
@@ -340,7 +343,7 @@ inline void run(const Wgmma& op) {
       for (int e = 0; e < 2; ++e) {
         const int row = 16 * warp + g + 8 * h, col = 8 * j + 2 * t + e;
         double sum = 0;
-        for (int k = 0; k < 16; ++k) sum += double(value(op.a, row, k)) * double(value(op.b, col, k));
+        for (int k = 0; k < k_slice; ++k) sum += double(value(op.a, row, k)) * double(value(op.b, col, k));
         float& d = op.d[4 * j + 2 * h + e];
         d = float(double(d) + sum);
       }
@@ -354,11 +357,16 @@ inline uint32_t smem_address(const void* p) {
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 inline void wgmma_hold(float*, int) {}
-inline void wgmma_m64n128k16(float* d, uint64_t a, uint64_t b, __nv_bfloat16) {
-  llmq::emulation::open_wgmma.push_back({d, a, b, true});
+inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __nv_bfloat16) {
+  llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::BF16});
 }
-inline void wgmma_m64n128k16(float* d, uint64_t a, uint64_t b, __half) {
-  llmq::emulation::open_wgmma.push_back({d, a, b, false});
+inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __half) {
+  llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::F16});
+}
+template <typename Fp8>  // the kernels' fp8 code type, declared after this header
+void wgmma_m64n128(float* d, uint64_t a, uint64_t b, Fp8) {
+  static_assert(sizeof(Fp8) == 1, "one-byte codes");
+  llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::F8_E4M3});
 }
 inline void wgmma_commit() {
   using namespace llmq::emulation;

@@ -3,7 +3,8 @@
 // tiles and splits: every tile shape (BM 16/32/64/128), partial tiles in M and N, split-K (a small
 // multiprocessor count forces it) summed in order, copies landing late or at once, repeated
 // launches bit for bit. The decode stream kernel: every instantiation, partial tiles, K rounds. The
-// Hopper (wgmma) kernel: partial tiles, pipeline depths.
+// Hopper (wgmma) kernel, with INT8 weights and 16-bit x, and with FP8 weights and codes: partial
+// tiles, pipeline depths, K splits.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -109,7 +110,7 @@ std::string describe(const GemmCase& c) {
 // and checks it against float64, with the output poisoned; with splits, a second launch gives the
 // same bits and leaves the tile counters at zero.
 template <typename Launch>
-void check_with_plan(const GemmCase& c, const Problem& p, const cuda::W8A16Plan& plan, Launch&& launch) {
+void check_with_plan(const GemmCase& c, const Problem& p, const cuda::SplitKPlan& plan, Launch&& launch) {
   std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN);
   std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
   emulation::eager_copies = c.eager_copies;
@@ -131,12 +132,12 @@ void check(const GemmCase& c) {
   SCOPED_TRACE(describe(c));
   const Problem p = make_problem(c);
   ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
-  const cuda::W8A16Plan plan = cuda::w8a16_plan(c.M, c.N, c.K, c.num_sms);
+  const cuda::SplitKPlan plan = cuda::w8a16_plan(c.M, c.N, c.K, c.num_sms);
   check_with_plan(c, p, plan, [&](auto tag, float* out, float* partial, unsigned* counters) {
     using T = typename decltype(tag)::type;
     cuda::w8a16_for_rows<T>(c.M, c.N, plan, [&](auto kernel, dim3 grid, int threads, int smem) {
       emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
-        kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), plan.k_tiles_per_split,
+        kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), plan.k_steps_per_split,
                p.e, out, partial, counters);
       });
     });
@@ -181,19 +182,19 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
 
 // The Hopper kernel: its wgmma descriptors and swizzled tiles against float64 (the emulation reads
 // the operands through the descriptors as the PTX ISA defines them), a dynamic shared memory that
-// starts off 1024-byte alignment, and w8a16_wgmma_plan's K splits (few multiprocessors force them):
+// starts off 1024-byte alignment, and wgmma_plan's K splits (few multiprocessors force them):
 // summed in order, repeated launches bit for bit, the tile counters left at zero.
 void check_wgmma(const GemmCase& c, int expected_splits) {
   SCOPED_TRACE(describe(c));
   const Problem p = make_problem(c);
-  ASSERT_TRUE(cuda::w8a16_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
-  const cuda::W8A16Plan plan = cuda::w8a16_wgmma_plan(c.M, c.N, c.K, c.num_sms);
+  ASSERT_TRUE(cuda::wgmma_supported(c.act, c.M, c.N, c.K, p.x.data(), p.w.data()));
+  const cuda::SplitKPlan plan = cuda::wgmma_plan(c.act, c.M, c.N, c.K, c.num_sms);
   EXPECT_EQ(plan.splits, expected_splits);
   check_with_plan(c, p, plan, [&](auto tag, float* out, float* partial, unsigned* counters) {
     using T = typename decltype(tag)::type;
-    emulation::launch(cuda::w8a16_wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::kWgSmemBytes, [&] {
-      cuda::w8a16_wgmma_kernel<T>(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K),
-                                  plan.k_tiles_per_split, p.e, out, partial, counters);
+    emulation::launch(cuda::wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::WgmmaTiles<T>::kSmemBytes, [&] {
+      cuda::wgmma_linear_kernel<T>(reinterpret_cast<const T*>(p.x.data()), reinterpret_cast<const uint8_t*>(p.w.data()),
+                                   int(c.M), int(c.N), int(c.K), plan.k_steps_per_split, p.e, out, partial, counters);
     });
   });
 }
@@ -214,6 +215,62 @@ TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
       {{64, 130, 1600, DType::F16, false, 1, 6, true}, 3},
   };
   for (const WgmmaCase& w : cases) check_wgmma(w.c, w.splits);
+}
+
+// The same kernel with FP8 weights and FP8 activation codes (the FP8 linear): E4M3 codes of every
+// finite value, the activations' row scales and the weight's scale (per tensor, or per channel as
+// pre-quantized checkpoints have), a bias; K steps of 128 codes, split 1 and 2 ways.
+TEST(W8A16KernelEmulated, WgmmaKernelFp8MatchesFloat64) {
+  struct Fp8Case {
+    int64_t M, N, K;
+    bool per_channel;
+    int num_sms, splits;
+  };
+  for (const Fp8Case& c : {Fp8Case{1, 19, 128, false, 132, 1}, Fp8Case{130, 150, 640, true, 132, 1},
+                           Fp8Case{64, 70, 2048, false, 2, 2}}) {
+    SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K << " sms " << c.num_sms);
+    Rng rng(uint64_t(c.M * 31 + c.N * 7 + c.K));
+    auto code = [&] {  // any E4M3 code but the two NaNs (S.1111.111)
+      uint8_t b;
+      do b = uint8_t(rng.next() % 256); while ((b & 0x7f) == 0x7f);
+      return b;
+    };
+    std::vector<uint8_t> x(size_t(c.M * c.K)), w(size_t(c.N * c.K));
+    for (uint8_t& b : x) b = code();
+    for (uint8_t& b : w) b = code();
+    std::vector<float> row_scale(size_t(c.M)), w_scale(c.per_channel ? size_t(c.N) : 1), bias(size_t(c.N));
+    for (float& v : row_scale) v = float(0.001 + 0.01 * rng.uniform());
+    for (float& v : w_scale) v = float(0.001 + 0.01 * rng.uniform());
+    for (float& v : bias) v = float(rng.uniform() * 2.0 - 1.0);
+    const cuda::Epilogue e{row_scale.data(), w_scale.data(), c.per_channel, bias.data(), DType::F32};
+    ASSERT_TRUE(cuda::wgmma_supported(DType::F8_E4M3, c.M, c.N, c.K, x.data(), w.data()));
+    const cuda::SplitKPlan plan = cuda::wgmma_plan(DType::F8_E4M3, c.M, c.N, c.K, c.num_sms);
+    EXPECT_EQ(plan.splits, c.splits);
+    std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN), out(size_t(c.M * c.N), NAN);
+    std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
+    emulation::launch(cuda::wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::WgmmaTiles<cuda::fp8>::kSmemBytes,
+                      [&] {
+                        cuda::wgmma_linear_kernel<cuda::fp8>(reinterpret_cast<const cuda::fp8*>(x.data()), w.data(),
+                                                             int(c.M), int(c.N), int(c.K), plan.k_steps_per_split, e,
+                                                             out.data(), partial.data(), counters.data());
+                      });
+    int64_t bad = 0;
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double dot = 0, magnitude = 0;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const double product = double(cuda::fp8_to_f32(x[size_t(m * c.K + k)])) * cuda::fp8_to_f32(w[size_t(n * c.K + k)]);
+          dot += product;
+          magnitude += std::fabs(product);
+        }
+        const double s = double(row_scale[size_t(m)]) * w_scale[c.per_channel ? size_t(n) : 0];
+        const double expected = dot * s + bias[size_t(n)];
+        const double got = out[size_t(m * c.N + n)];
+        if (!(std::fabs(got - expected) <= magnitude * s * 1e-6 + 1e-6) && ++bad <= 5)
+          ADD_FAILURE() << "out[" << m << ", " << n << "] = " << got << ", expected " << expected;
+      }
+    EXPECT_EQ(bad, 0);
+  }
 }
 
 // Every instantiation (1, 2, 4 tiles of 8 tokens with 16 channels a block; 8 with 32), rows and

@@ -249,9 +249,10 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
 }
 
 // Each path forced in turn (where it applies; elsewhere the fastest): the GEMV (up to 16 rows, 8
-// per launch), then cuBLASLt (INT8 weights dequantized first).
+// per launch), cuBLASLt (INT8 weights dequantized first), and on compute capability 9.0 the wgmma
+// kernel (INT8 weights with K a multiple of 64, FP8 with K a multiple of 128).
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
-  for (const char* path : {"gemv", "gemm"}) {
+  for (const char* path : {"gemv", "gemm", "wgmma"}) {
     SCOPED_TRACE(path);
     setenv("LLMQ_LINEAR_PATH", path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
