@@ -1,11 +1,14 @@
-// The INT8 weight-only GEMM kernel on tensor cores (W8A16), in a header of its own so that the CPU
-// emulation of tests/emulated/ runs it too (w8a16_gemm.cu plans and launches it): out[M, N] (fp32)
-// = x[M, K] (BF16/F16) . W[N, K]^T (INT8 codes), then the weight scale per column and the bias
-// (engine/quant.h). The codes travel as
-// one byte each and become 16-bit values in registers (exactly: |code| <= 128), so the weights cost
-// a fifth of the bytes of dequantizing them to memory first and half of a 16-bit GEMM's.
+// The tensor-core kernels for 8-bit weights, in a header of their own so that the CPU emulation of
+// tests/emulated/ runs them too (w8a16_gemm.cu plans and launches them):
+//  - the tiled INT8 weight-only GEMM (W8A16, below), any number of rows;
+//  - the W8A16 decode kernel that streams the weights into registers (up to 64 rows);
+//  - the Hopper wgmma kernel for INT8 (with 16-bit x) and FP8 (with FP8 x) weights, for prefill.
+// The W8A16 ones compute out[M, N] (fp32) = x[M, K] (BF16/F16) . W[N, K]^T (INT8 codes), then the
+// weight scale per column and the bias (engine/quant.h). The codes travel as one byte each and
+// become 16-bit values exactly (|code| <= 128), so the weights cost a fifth of the bytes of
+// dequantizing them to memory first and half of a 16-bit GEMM's.
 //
-// Shape of the kernel (all tiles in elements):
+// Shape of the tiled kernel (all tiles in elements):
 //  - a block computes a BM x 128 tile of out over a range of K; a warp a (BM / WM) x (128 / WN) part
 //    of it as m16 x n8 MMA tiles (mma16816, fp32 accumulators);
 //  - K goes in steps of 64 through a kStages-deep cp.async pipeline: the x tile (BM x 64 16-bit
