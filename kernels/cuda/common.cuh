@@ -120,6 +120,20 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// mma.sync m16n8k32 of FP8 E4M3 codes (compute capability 8.9 and newer; traps when compiled for
+// older ones, where FP8 linears never launch). Four codes a register, the lowest k in the lowest
+// byte: A registers hold A[g][4t..4t+3], A[g+8][4t..], A[g][16+4t..], A[g+8][16+4t..]; B registers
+// B[4t..4t+3][g] and B[16+4t..][g]; C as mma16816's.
+__device__ __forceinline__ void mma16832(float* c, const uint32_t* a, const uint32_t* b, fp8) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
 
 // ldmatrix .x4 .trans: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of
 // matrix m addressed by lane 8m + r) and transposed, so that register m of lane l holds

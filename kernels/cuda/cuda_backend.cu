@@ -225,14 +225,16 @@ class Profiler {
 // The ways a linear can run. Gemv: kernels.cuh's GEMV, kGemvMaxM rows per launch (taken up to
 // kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
 // and bias epilogue. W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
-// decode kernel (up to 64 rows), which streams the INT8 weights into tensor-core fragments; Wgmma:
+// decode kernel (up to 64 rows), which streams INT8 or FP8 weights into tensor-core fragments; Wgmma:
 // the Hopper kernel (compute capability 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared
 // memory.
 enum class LinearPath { Gemv, Gemm, W8A16, Stream, Wgmma };
-// The wgmma kernel was written without a GPU (emulated only): until a GPU run has checked it, it
-// runs only when LLMQ_LINEAR_PATH=wgmma asks for it (the gpu tests, gpu-check.sh's forced pass),
-// never as the timed choice.
+// Kernels written without a GPU whose instructions no GPU run has checked yet (emulated only): the
+// wgmma kernel and the stream kernel's FP8 form (mma.sync e4m3). Until a GPU run has, they run only
+// when LLMQ_LINEAR_PATH asks for them (the gpu tests, gpu-check.sh's forced passes), never as the
+// timed choice. (The stream kernel's INT8 form uses the instructions the tiled kernel ran on an H200.)
 constexpr bool kWgmmaInTimedChoice = false;
+constexpr bool kFp8StreamInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
 const char* linear_path_name(LinearPath path) {
@@ -533,13 +535,8 @@ class CudaBackend final : public Backend {
           check(cudaGetLastError(), "w8a16_gemm kernel");
           return;
         }
-        case LinearPath::Stream: {
-          Profiler::Scope part(profiler_, "  (in linear) W8A16 stream kernel", stream_);
-          cuda::w8a16_stream(xs, x_dtype, weight.w.as<int8_t>(), M, N, K, w_scale, per_channel, bias_data, bias_dtype, y,
-                             stream_);
-          check(cudaGetLastError(), "w8a16_stream kernel");
-          return;
-        }
+        case LinearPath::Stream:
+          return stream_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype, y);
         case LinearPath::Wgmma:
           return wgmma_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype, y);
         case LinearPath::Gemm:
@@ -558,7 +555,7 @@ class CudaBackend final : public Backend {
     std::vector<LinearPath> paths;
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (w_dtype == DType::I8 && cuda::w8a16_supported(M, N, K, xs, w)) paths.push_back(LinearPath::W8A16);
-    if (w_dtype == DType::I8 && cuda::w8a16_stream_supported(M, N, K, xs, w)) paths.push_back(LinearPath::Stream);
+    if (w_dtype == DType::I8 && cuda::stream_supported(x_dtype, M, N, K, xs, w)) paths.push_back(LinearPath::Stream);
     if (w_dtype == DType::I8 && wgmma_applies(x_dtype, M, N, K, xs, w)) paths.push_back(LinearPath::Wgmma);
     paths.push_back(LinearPath::Gemm);
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
@@ -738,6 +735,15 @@ class CudaBackend final : public Backend {
            (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma);
   }
 
+  // The stream kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales).
+  void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K,
+                     const float* row_scales, const float* w_scale, bool per_channel, const void* bias,
+                     DType bias_dtype, float* y) {
+    Profiler::Scope part(profiler_, "  (in linear) stream kernel", stream_);
+    cuda::stream_linear(x, x_dtype, w, M, N, K, row_scales, w_scale, per_channel, bias, bias_dtype, y, stream_);
+    check(cudaGetLastError(), "stream_linear kernel");
+  }
+
   // The wgmma kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales).
   void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K,
                     const float* row_scales, const float* w_scale, bool per_channel, const void* bias,
@@ -820,6 +826,9 @@ class CudaBackend final : public Backend {
       if (path == LinearPath::Wgmma)
         return wgmma_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel, bias_data,
                             bias_dtype, y);
+      if (path == LinearPath::Stream)
+        return stream_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel,
+                             bias_data, bias_dtype, y);
       if (path == LinearPath::Gemm) {
         if (static_scale && !per_channel &&
             gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false, w_scale,
@@ -834,6 +843,9 @@ class CudaBackend final : public Backend {
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (K % 16 == 0 && N % 16 == 0) paths.push_back(LinearPath::Gemm);
     if (wgmma_applies(DType::F8_E4M3, M, N, K, codes, weight.w.data)) paths.push_back(LinearPath::Wgmma);
+    if (cuda::stream_supported(DType::F8_E4M3, M, N, K, codes, weight.w.data) &&
+        (kFp8StreamInTimedChoice || forced_path_ == LinearPath::Stream))
+      paths.push_back(LinearPath::Stream);
     if (paths.empty()) return gemv_all();
     run(choose_path(DType::F8_E4M3, DType::F8_E4M3, M, N, K, paths, run));
   }

@@ -1,5 +1,5 @@
-// Plans and launches the 8-bit weight kernels of w8a16_kernel.cuh: the tiled W8A16 GEMM, the W8A16
-// decode stream and the Hopper (wgmma) kernel for INT8 and FP8 weights.
+// Plans and launches the 8-bit weight kernels of w8a16_kernel.cuh: the tiled W8A16 GEMM, and for
+// INT8 and FP8 weights the decode stream kernel and the Hopper (wgmma) kernel.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,11 +45,12 @@ void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64
 }
 
 template <typename T>
-void launch_stream(const void* x, const int8_t* w, int64_t M, int64_t N, int64_t K, const Epilogue& e, float* out,
+void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K, const Epilogue& e, float* out,
                    cudaStream_t stream) {
-  w8a16_stream_for_rows<T>(M, N, [&](auto kernel, dim3 grid, int threads, int smem) {
+  stream_for_rows<T>(M, N, [&](auto kernel, dim3 grid, int threads, int smem) {
     allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), w, int(M), int(N), int(K), e, out);
+    kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N),
+                                            int(K), e, out);
   });
 }
 
@@ -98,15 +99,19 @@ void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_
   });
 }
 
-bool w8a16_stream_supported(int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
-  return M <= kW8A16StreamMaxM && w8a16_supported(M, N, K, x, w);  // the same 16-byte loads of x and W rows
+bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
+  // The same 16-byte loads of x and W rows as the tiled kernel.
+  return (x_dtype == DType::BF16 || x_dtype == DType::F16 || x_dtype == DType::F8_E4M3) && M <= kStreamMaxM &&
+         w8a16_supported(M, N, K, x, w);
 }
 
-void w8a16_stream(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_t N, int64_t K, const float* w_scale,
-                  bool per_channel, const void* bias, DType bias_dtype, float* out, cudaStream_t stream) {
-  check_launch(w8a16_stream_supported(M, N, K, x, w), SplitKPlan{}, nullptr, nullptr, "W8A16 stream kernel", M, N, K);
-  const Epilogue e{nullptr, w_scale, per_channel, bias, bias_dtype};
-  with_float_type<false>(x_dtype, "W8A16 activations", [&](auto tag) {
+void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
+                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, float* out,
+                   cudaStream_t stream) {
+  check_launch(stream_supported(x_dtype, M, N, K, x, w), SplitKPlan{}, nullptr, nullptr, "stream kernel", M, N, K);
+  const Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
+  if (x_dtype == DType::F8_E4M3) return launch_stream<fp8>(x, w, M, N, K, e, out, stream);
+  with_float_type<false>(x_dtype, "stream kernel activations", [&](auto tag) {
     launch_stream<typename decltype(tag)::type>(x, w, M, N, K, e, out, stream);
   });
 }

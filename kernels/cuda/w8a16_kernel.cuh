@@ -1,7 +1,7 @@
 // The tensor-core kernels for 8-bit weights, in a header of their own so that the CPU emulation of
 // tests/emulated/ runs them too (w8a16_gemm.cu plans and launches them):
 //  - the tiled INT8 weight-only GEMM (W8A16, below), any number of rows;
-//  - the W8A16 decode kernel that streams the weights into registers (up to 64 rows);
+//  - the decode kernel that streams INT8 or FP8 weights into registers (up to 64 rows);
 //  - the Hopper wgmma kernel for INT8 (with 16-bit x) and FP8 (with FP8 x) weights, for prefill.
 // The W8A16 ones compute out[M, N] (fp32) = x[M, K] (BF16/F16) . W[N, K]^T (INT8 codes), then the
 // weight scale per column and the bias (engine/quant.h). The codes travel as one byte each and
@@ -257,21 +257,24 @@ void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launc
 
 // ---- Decode batches: the weights streamed into registers ---------------------------------------
 //
-// Up to kW8A16StreamMaxM rows (decode batches), a linear reads each weight once and does little
+// Up to kStreamMaxM rows (decode batches), a linear reads each weight once and does little
 // arithmetic per byte: this kernel is built around the weight stream, with no shared-memory tiles
-// and no split-K scratch. It computes the product transposed, out^T = W . x^T, so that the weights
-// are the MMA's A operand (16 channels) and the rows its B operand (8 tokens): 1..8 rows leave
-// 8 - M columns of each MMA unused, not 16 - M rows.
+// and no split-K scratch. It takes INT8 weights with 16-bit activations (T = BF16/F16: codes made
+// 16-bit in registers, mma m16n8k16) or FP8 weights with FP8 activation codes and row scales
+// (T = fp8: mma m16n8k32 E4M3 on the codes as they are). It computes the product transposed,
+// out^T = W . x^T, so that the weights are the MMA's A operand (16 channels) and the rows its B
+// operand (8 tokens): 1..8 rows leave 8 - M columns of each MMA unused, not 16 - M rows.
 //  - A block of kStreamWarps warps computes 16 * CT channels over all of K for all rows, in tiles of
 //    8 tokens (TT of them). Warp w takes the 64-wide K steps w, w + kStreamWarps, ...; the warps'
 //    sums are added in warp order through shared memory (deterministic).
 //  - Lane (g, t) loads the 16 codes at k 16t .. 16t+15 of a step of channels 16c + g and
 //    16c + g + 8 straight from global memory (the 4 lanes of a group read 64 consecutive bytes of a
 //    row), kStreamLoads 16-byte loads in flight, marked streaming so that they do not evict the
-//    activations from L1; and the 16 activations at the same k of token 8i + g, which every block
+//    activations from L1; and the activations at the same k of token 8i + g, which every block
 //    reads (cached).
-//  - The k order inside a step is w8a16_kernel's: elements 16t + 4q .. 16t + 4q + 3 are the
-//    fragment's k = 2t, 2t+1, 2t+8, 2t+9 of the q-th MMA.
+//  - The k order inside a step is permuted alike for both operands: for 16-bit x, elements 16t + 4q
+//    .. 16t + 4q + 3 are the fragment's k = 2t, 2t+1, 2t+8, 2t+9 of the q-th MMA (w8a16_kernel's
+//    order); for FP8, codes 16t + 8q .. + 7 are its k = 4t .. 4t+3, 16+4t .. 16+4t+3.
 //  - Channels past N and tokens past M read the last channel and token: an MMA output's row depends
 //    only on its A row and its column only on its B column, so they reach only outputs that are
 //    not written.
@@ -286,15 +289,16 @@ constexpr int stream_smem_bytes() {
 
 template <typename T, int CT, int TT>
 __global__ void __launch_bounds__(kStreamWarps * 32)
-    w8a16_stream_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int M, int N, int K, Epilogue e,
-                        float* __restrict__ out) {
+    stream_linear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K, Epilogue e,
+                         float* __restrict__ out) {
+  constexpr bool kFp8 = sizeof(T) == 1;  // FP8 codes on both sides, else INT8 codes and 16-bit x
   constexpr int kSteps = kStreamLoads / (2 * CT);  // K steps loaded per iteration
   constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
-  static_assert(sizeof(T) == 2 && kSteps >= 1, "16-bit activations; whole steps in flight");
+  static_assert(kSteps >= 1, "whole steps in flight");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kChannels, k_steps = K / kBK;
 
-  const int8_t* w_row[CT][2];  // channels 16c + g and 16c + g + 8, at k 16t
+  const uint8_t* w_row[CT][2];  // channels 16c + g and 16c + g + 8, at k 16t
 #pragma unroll
   for (int c = 0; c < CT; ++c)
 #pragma unroll
@@ -320,25 +324,46 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
     for (int u = 0; u < kSteps; ++u) {
       const int s = s0 + u * kStreamWarps;
       if (s >= k_steps) break;  // the same for the whole warp
-      // A fragments of the 4 MMAs of the step: rows g (registers 0, 2) and g + 8 (1, 3).
-      uint32_t a[CT][4][4];
+      if constexpr (kFp8) {
+        // 2 MMAs of k32 a step: codes 16t + 8q .. 16t + 8q + 7 are the fragment's k = 4t .. 4t+3,
+        // 16+4t .. 16+4t+3 of the q-th; A rows g (registers 0, 2) and g + 8 (1, 3), as they are.
 #pragma unroll
-      for (int c = 0; c < CT; ++c)
+        for (int i = 0; i < TT; ++i) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + int64_t(min(8 * i + g, M - 1)) * K +
+                                                                 int64_t(s) * kBK + 16 * t));
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          i8x4_to_pairs(word(raw[u][c][0], q), a[c][q][0], a[c][q][2], T{});
-          i8x4_to_pairs(word(raw[u][c][1], q), a[c][q][1], a[c][q][3], T{});
+          for (int q = 0; q < 2; ++q) {
+            const uint32_t b[2] = {word(xv, 2 * q), word(xv, 2 * q + 1)};
+#pragma unroll
+            for (int c = 0; c < CT; ++c) {
+              const uint32_t a[4] = {word(raw[u][c][0], 2 * q), word(raw[u][c][1], 2 * q),
+                                     word(raw[u][c][0], 2 * q + 1), word(raw[u][c][1], 2 * q + 1)};
+              mma16832(acc[c][i], a, b, T{});
+            }
+          }
         }
+      } else {
+        // A fragments of the 4 MMAs of the step: rows g (registers 0, 2) and g + 8 (1, 3).
+        uint32_t a[CT][4][4];
 #pragma unroll
-      for (int i = 0; i < TT; ++i) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + int64_t(min(8 * i + g, M - 1)) * K + int64_t(s) * kBK + 16 * t);
-        const uint4 lo = __ldg(xp), hi = __ldg(xp + 1);  // elements 0..7 and 8..15
+        for (int c = 0; c < CT; ++c)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint4& half = q < 2 ? lo : hi;  // elements 4q .. 4q + 3
-          const uint32_t b[2] = {word(half, 2 * (q % 2)), word(half, 2 * (q % 2) + 1)};
+          for (int q = 0; q < 4; ++q) {
+            i8x4_to_pairs(word(raw[u][c][0], q), a[c][q][0], a[c][q][2], T{});
+            i8x4_to_pairs(word(raw[u][c][1], q), a[c][q][1], a[c][q][3], T{});
+          }
 #pragma unroll
-          for (int c = 0; c < CT; ++c) mma16816(acc[c][i], a[c][q], b, T{});
+        for (int i = 0; i < TT; ++i) {
+          const uint4* xp =
+              reinterpret_cast<const uint4*>(x + int64_t(min(8 * i + g, M - 1)) * K + int64_t(s) * kBK + 16 * t);
+          const uint4 lo = __ldg(xp), hi = __ldg(xp + 1);  // elements 0..7 and 8..15
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint4& half = q < 2 ? lo : hi;  // elements 4q .. 4q + 3
+            const uint32_t b[2] = {word(half, 2 * (q % 2)), word(half, 2 * (q % 2) + 1)};
+#pragma unroll
+            for (int c = 0; c < CT; ++c) mma16816(acc[c][i], a[c][q], b, T{});
+          }
         }
       }
     }
@@ -367,18 +392,18 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
 }
 
 // Calls launch(kernel, grid, threads, shared memory bytes) with the stream kernel's instantiation
-// for M (<= kW8A16StreamMaxM) rows of T activations and N channels: token tiles for M; 32 channels
-// a block (CT = 2) at 33-64 rows, where each step's 16 activation loads per lane would otherwise
+// for M (<= kStreamMaxM) rows of T activations and N channels: token tiles for M; 32 channels a
+// block (CT = 2) at 33-64 rows, where each step's 16 activation loads per lane would otherwise
 // take the L1 about as long as the step's weights take to stream in (CT = 1: 1 KB a warp).
 template <typename T, typename Launch>
-void w8a16_stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
+void stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
   auto with = [&](auto kernel, int ct, int smem) {
     launch(kernel, dim3(unsigned((N + 16 * ct - 1) / (16 * ct))), kStreamWarps * 32, smem);
   };
-  if (M <= 8) return with(w8a16_stream_kernel<T, 1, 1>, 1, stream_smem_bytes<1, 1>());
-  if (M <= 16) return with(w8a16_stream_kernel<T, 1, 2>, 1, stream_smem_bytes<1, 2>());
-  if (M <= 32) return with(w8a16_stream_kernel<T, 1, 4>, 1, stream_smem_bytes<1, 4>());
-  return with(w8a16_stream_kernel<T, 2, 8>, 2, stream_smem_bytes<2, 8>());
+  if (M <= 8) return with(stream_linear_kernel<T, 1, 1>, 1, stream_smem_bytes<1, 1>());
+  if (M <= 16) return with(stream_linear_kernel<T, 1, 2>, 1, stream_smem_bytes<1, 2>());
+  if (M <= 32) return with(stream_linear_kernel<T, 1, 4>, 1, stream_smem_bytes<1, 4>());
+  return with(stream_linear_kernel<T, 2, 8>, 2, stream_smem_bytes<2, 8>());
 }
 
 // ---- Prefill on Hopper: warpgroup MMAs over 8-bit weights -------------------------------------

@@ -5,8 +5,8 @@
 //    shared memory is a buffer filled with 0xff bytes before each block;
 //  - __syncthreads is a barrier that exited threads leave, as on the GPU;
 //  - warp collectives (shuffles, mma.sync, ldmatrix) exchange through per-warp slots between two
-//    warp barriers; mma.sync m16n8k16 reads its fragments by the PTX ISA's layouts and sums the
-//    16 products in double;
+//    warp barriers; mma.sync (m16n8k16 16-bit, m16n8k32 E4M3) reads its fragments by the PTX ISA's
+//    layouts and sums the products in double;
 //  - cp.async copies land when waited for (or at once, with eager_copies);
 //  - Hopper's wgmma (m64n128 over a 32-byte K slice: BF16/F16 k16, FP8 E4M3 k32; both operands in
 //    shared memory through descriptors with the 128-byte swizzle) runs when its group is waited
@@ -259,6 +259,37 @@ void mma16816(float* c, const uint32_t* a, const uint32_t* b, T) {
     const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
     double sum = 0;
     for (int k = 0; k < 16; ++k) sum += double(A(row, k)) * double(B(k, col));
+    out[e] = float(double(c[e]) + sum);
+  }
+  warp_barrier().wait();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3: D = A B + C for the warp, A 16 x 32, B 32 x 8 of
+// FP8 E4M3 codes, four a register (lowest k in the lowest byte). A[row][k] is in lane
+// 4 (row % 8) + (k % 16) / 4, register (row >= 8) + 2 (k >= 16), byte k % 4; B[k][col] in lane
+// 4 col + (k % 16) / 4, register k >= 16, byte k % 4; C as m16n8k16's.
+template <typename Fp8>  // the kernels' fp8 code type, declared after this header
+void mma16832(float* c, const uint32_t* a, const uint32_t* b, Fp8) {
+  static_assert(sizeof(Fp8) == 1, "one-byte codes");
+  using namespace llmq::emulation;
+  uint64_t* mine = slots(lane());
+  mine[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
+  mine[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
+  mine[2] = uint64_t(b[0]) | uint64_t(b[1]) << 32;
+  warp_barrier().wait();
+  auto reg = [&](int l, int i) { return uint32_t(slots(l)[i / 2] >> (32 * (i % 2))); };
+  auto code = [&](uint32_t r, int byte) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t((r >> (8 * byte)) & 0xffu), __NV_E4M3)));
+  };
+  auto A = [&](int row, int k) { return code(reg(4 * (row % 8) + (k % 16) / 4, (row >= 8) + 2 * (k >= 16)), k % 4); };
+  auto B = [&](int k, int col) { return code(reg(4 * col + (k % 16) / 4, 4 + (k >= 16)), k % 4); };
+  const int g = lane() / 4, t = lane() % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    double sum = 0;
+    for (int k = 0; k < 32; ++k) sum += double(A(row, k)) * double(B(k, col));
     out[e] = float(double(c[e]) + sum);
   }
   warp_barrier().wait();

@@ -2,9 +2,9 @@
 // tests/emulated/cuda_emulation.h against a float64 reference. The tiled GEMM with w8a16_plan's
 // tiles and splits: every tile shape (BM 16/32/64/128), partial tiles in M and N, split-K (a small
 // multiprocessor count forces it) summed in order, copies landing late or at once, repeated
-// launches bit for bit. The decode stream kernel: every instantiation, partial tiles, K rounds. The
-// Hopper (wgmma) kernel, with INT8 weights and 16-bit x, and with FP8 weights and codes: partial
-// tiles, pipeline depths, K splits.
+// launches bit for bit. The decode stream kernel and the Hopper (wgmma) kernel, each with INT8
+// weights and 16-bit x and with FP8 weights and codes: every instantiation, partial tiles, K rounds,
+// pipeline depths, K splits.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -146,21 +146,80 @@ void check(const GemmCase& c) {
 
 // The decode stream kernel: the tile shape it was launched with is checked too, so that every
 // instantiation runs.
+template <typename T>
+void launch_stream(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const cuda::Epilogue& e,
+                   int expected_channels_per_block, float* out) {
+  cuda::stream_for_rows<T>(M, N, [&](auto kernel, dim3 grid, int threads, int smem) {
+    EXPECT_EQ(int64_t(grid.x), (N + expected_channels_per_block - 1) / expected_channels_per_block);
+    emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
+      kernel(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K), e, out);
+    });
+  });
+}
+
 void check_stream(const GemmCase& c, int expected_channels_per_block) {
   SCOPED_TRACE(describe(c));
   const Problem p = make_problem(c);
-  ASSERT_TRUE(cuda::w8a16_stream_supported(c.M, c.N, c.K, p.x.data(), p.w.data()));
+  ASSERT_TRUE(cuda::stream_supported(c.act, c.M, c.N, c.K, p.x.data(), p.w.data()));
   std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
   cuda::with_float_type<false>(c.act, "activations", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    cuda::w8a16_stream_for_rows<T>(c.M, c.N, [&](auto kernel, dim3 grid, int threads, int smem) {
-      EXPECT_EQ(int64_t(grid.x), (c.N + expected_channels_per_block - 1) / expected_channels_per_block);
-      emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
-        kernel(reinterpret_cast<const T*>(p.x.data()), p.w.data(), int(c.M), int(c.N), int(c.K), p.e, out.data());
-      });
-    });
+    launch_stream<typename decltype(tag)::type>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e,
+                                                expected_channels_per_block, out.data());
   });
   expect_float64_result(c, p, out);
+}
+
+// FP8 linears: E4M3 codes of every finite value for x and the weights, the activations' row
+// scales, the weight's scale (per tensor, or per channel as pre-quantized checkpoints have), a bias.
+struct Fp8Problem {
+  int64_t M, N, K;
+  bool per_channel;
+  std::vector<uint8_t> x, w;
+  std::vector<float> row_scale, w_scale, bias;
+  cuda::Epilogue e;
+};
+
+Fp8Problem make_fp8_problem(int64_t M, int64_t N, int64_t K, bool per_channel) {
+  Fp8Problem p{M, N, K, per_channel, {}, {}, {}, {}, {}, {}};
+  Rng rng(uint64_t(M * 31 + N * 7 + K));
+  auto code = [&] {  // any E4M3 code but the two NaNs (S.1111.111)
+    uint8_t b;
+    do b = uint8_t(rng.next() % 256); while ((b & 0x7f) == 0x7f);
+    return b;
+  };
+  p.x.resize(size_t(M * K));
+  p.w.resize(size_t(N * K));
+  for (uint8_t& b : p.x) b = code();
+  for (uint8_t& b : p.w) b = code();
+  p.row_scale.resize(size_t(M));
+  p.w_scale.resize(per_channel ? size_t(N) : 1);
+  p.bias.resize(size_t(N));
+  for (float& v : p.row_scale) v = float(0.001 + 0.01 * rng.uniform());
+  for (float& v : p.w_scale) v = float(0.001 + 0.01 * rng.uniform());
+  for (float& v : p.bias) v = float(rng.uniform() * 2.0 - 1.0);
+  p.e = cuda::Epilogue{p.row_scale.data(), p.w_scale.data(), per_channel, p.bias.data(), DType::F32};
+  return p;
+}
+
+// Every output within 1e-6 of the sum of |products| (times the scales) of the float64 result.
+void expect_fp8_result(const Fp8Problem& p, const std::vector<float>& out) {
+  int64_t bad = 0;
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = 0; n < p.N; ++n) {
+      double dot = 0, magnitude = 0;
+      for (int64_t k = 0; k < p.K; ++k) {
+        const double product =
+            double(cuda::fp8_to_f32(p.x[size_t(m * p.K + k)])) * cuda::fp8_to_f32(p.w[size_t(n * p.K + k)]);
+        dot += product;
+        magnitude += std::fabs(product);
+      }
+      const double s = double(p.row_scale[size_t(m)]) * p.w_scale[p.per_channel ? size_t(n) : 0];
+      const double expected = dot * s + p.bias[size_t(n)];
+      const double got = out[size_t(m * p.N + n)];
+      if (!(std::fabs(got - expected) <= magnitude * s * 1e-6 + 1e-6) && ++bad <= 5)
+        ADD_FAILURE() << "out[" << m << ", " << n << "] = " << got << ", expected " << expected;
+    }
+  EXPECT_EQ(bad, 0);
 }
 
 TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
@@ -217,9 +276,8 @@ TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
   for (const WgmmaCase& w : cases) check_wgmma(w.c, w.splits);
 }
 
-// The same kernel with FP8 weights and FP8 activation codes (the FP8 linear): E4M3 codes of every
-// finite value, the activations' row scales and the weight's scale (per tensor, or per channel as
-// pre-quantized checkpoints have), a bias; K steps of 128 codes, split 1 and 2 ways.
+// The same kernel with FP8 weights and FP8 activation codes (the FP8 linear): K steps of 128
+// codes, split 1 and 2 ways.
 TEST(W8A16KernelEmulated, WgmmaKernelFp8MatchesFloat64) {
   struct Fp8Case {
     int64_t M, N, K;
@@ -229,47 +287,39 @@ TEST(W8A16KernelEmulated, WgmmaKernelFp8MatchesFloat64) {
   for (const Fp8Case& c : {Fp8Case{1, 19, 128, false, 132, 1}, Fp8Case{130, 150, 640, true, 132, 1},
                            Fp8Case{64, 70, 2048, false, 2, 2}}) {
     SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K << " sms " << c.num_sms);
-    Rng rng(uint64_t(c.M * 31 + c.N * 7 + c.K));
-    auto code = [&] {  // any E4M3 code but the two NaNs (S.1111.111)
-      uint8_t b;
-      do b = uint8_t(rng.next() % 256); while ((b & 0x7f) == 0x7f);
-      return b;
-    };
-    std::vector<uint8_t> x(size_t(c.M * c.K)), w(size_t(c.N * c.K));
-    for (uint8_t& b : x) b = code();
-    for (uint8_t& b : w) b = code();
-    std::vector<float> row_scale(size_t(c.M)), w_scale(c.per_channel ? size_t(c.N) : 1), bias(size_t(c.N));
-    for (float& v : row_scale) v = float(0.001 + 0.01 * rng.uniform());
-    for (float& v : w_scale) v = float(0.001 + 0.01 * rng.uniform());
-    for (float& v : bias) v = float(rng.uniform() * 2.0 - 1.0);
-    const cuda::Epilogue e{row_scale.data(), w_scale.data(), c.per_channel, bias.data(), DType::F32};
-    ASSERT_TRUE(cuda::wgmma_supported(DType::F8_E4M3, c.M, c.N, c.K, x.data(), w.data()));
+    const Fp8Problem p = make_fp8_problem(c.M, c.N, c.K, c.per_channel);
+    ASSERT_TRUE(cuda::wgmma_supported(DType::F8_E4M3, c.M, c.N, c.K, p.x.data(), p.w.data()));
     const cuda::SplitKPlan plan = cuda::wgmma_plan(DType::F8_E4M3, c.M, c.N, c.K, c.num_sms);
     EXPECT_EQ(plan.splits, c.splits);
     std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN), out(size_t(c.M * c.N), NAN);
     std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
     emulation::launch(cuda::wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::WgmmaTiles<cuda::fp8>::kSmemBytes,
                       [&] {
-                        cuda::wgmma_linear_kernel<cuda::fp8>(reinterpret_cast<const cuda::fp8*>(x.data()), w.data(),
-                                                             int(c.M), int(c.N), int(c.K), plan.k_steps_per_split, e,
-                                                             out.data(), partial.data(), counters.data());
+                        cuda::wgmma_linear_kernel<cuda::fp8>(reinterpret_cast<const cuda::fp8*>(p.x.data()),
+                                                             p.w.data(), int(c.M), int(c.N), int(c.K),
+                                                             plan.k_steps_per_split, p.e, out.data(), partial.data(),
+                                                             counters.data());
                       });
-    int64_t bad = 0;
-    for (int64_t m = 0; m < c.M; ++m)
-      for (int64_t n = 0; n < c.N; ++n) {
-        double dot = 0, magnitude = 0;
-        for (int64_t k = 0; k < c.K; ++k) {
-          const double product = double(cuda::fp8_to_f32(x[size_t(m * c.K + k)])) * cuda::fp8_to_f32(w[size_t(n * c.K + k)]);
-          dot += product;
-          magnitude += std::fabs(product);
-        }
-        const double s = double(row_scale[size_t(m)]) * w_scale[c.per_channel ? size_t(n) : 0];
-        const double expected = dot * s + bias[size_t(n)];
-        const double got = out[size_t(m * c.N + n)];
-        if (!(std::fabs(got - expected) <= magnitude * s * 1e-6 + 1e-6) && ++bad <= 5)
-          ADD_FAILURE() << "out[" << m << ", " << n << "] = " << got << ", expected " << expected;
-      }
-    EXPECT_EQ(bad, 0);
+    expect_fp8_result(p, out);
+  }
+}
+
+// The stream kernel with FP8 weights and codes (mma m16n8k32 E4M3): every instantiation, partial
+// tiles, more than one round of loads per warp.
+TEST(W8A16KernelEmulated, StreamKernelFp8MatchesFloat64) {
+  struct Fp8Case {
+    int64_t M, N, K;
+    bool per_channel;
+    int channels_per_block;
+  };
+  for (const Fp8Case& c : {Fp8Case{1, 19, 64, false, 16}, Fp8Case{9, 40, 2560, true, 16},
+                           Fp8Case{17, 33, 192, false, 16}, Fp8Case{64, 70, 1280, true, 32}}) {
+    SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K);
+    const Fp8Problem p = make_fp8_problem(c.M, c.N, c.K, c.per_channel);
+    ASSERT_TRUE(cuda::stream_supported(DType::F8_E4M3, c.M, c.N, c.K, p.x.data(), p.w.data()));
+    std::vector<float> out(size_t(c.M * c.N), NAN);
+    launch_stream<cuda::fp8>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, c.channels_per_block, out.data());
+    expect_fp8_result(p, out);
   }
 }
 

@@ -249,10 +249,11 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
 }
 
 // Each path forced in turn (where it applies; elsewhere the fastest): the GEMV (up to 16 rows, 8
-// per launch), cuBLASLt (INT8 weights dequantized first), and on compute capability 9.0 the wgmma
-// kernel (INT8 weights with K a multiple of 64, FP8 with K a multiple of 128).
+// per launch), cuBLASLt (INT8 weights dequantized first), the stream kernel (INT8 and FP8 weights,
+// up to 64 rows, K a multiple of 64), and on compute capability 9.0 the wgmma kernel (INT8 weights
+// with K a multiple of 64, FP8 with K a multiple of 128).
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
-  for (const char* path : {"gemv", "gemm", "wgmma"}) {
+  for (const char* path : {"gemv", "gemm", "stream", "wgmma"}) {
     SCOPED_TRACE(path);
     setenv("LLMQ_LINEAR_PATH", path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
