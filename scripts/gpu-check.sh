@@ -90,6 +90,13 @@ run() {
   grep -E "llmq profile|linear (I8|F8_E4M3)|wgmma" "$out/wgmma_profile.log" | head -16 || true
   echo "   ($((SECONDS - start)) s so far)"
 
+  # The stream kernel's FP8 form, likewise forced until verified: fp8 decode lines to compare with
+  # fp8's above.
+  echo "== 3d. fp8 decode with the stream kernel forced (LLMQ_LINEAR_PATH=stream)"
+  LLMQ_LINEAR_PATH=stream timeout 60 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant fp8 \
+    --batches 1,16,64 --prompt-len 128 --decode-steps 16 --prefill 0 2>&1 | tee "$out/stream_fp8_forced.txt" || status=1
+  echo "   ($((SECONDS - start)) s so far)"
+
   echo "== 4. PyTorch peer"
   local reps=10
   [ $quick = 1 ] && reps=3
