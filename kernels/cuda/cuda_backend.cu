@@ -731,9 +731,12 @@ class CudaBackend final : public Backend {
   // Whether the wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and (until
   // a GPU run has checked the kernel, kWgmmaInTimedChoice) only when LLMQ_LINEAR_PATH=wgmma.
   bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
-    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) &&
-           (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma);
+    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) && admitted(LinearPath::Wgmma, kWgmmaInTimedChoice);
   }
+
+  // A path whose kernel a GPU run may not have checked yet: in the timed choice once `verified`,
+  // else only when LLMQ_LINEAR_PATH forces it.
+  bool admitted(LinearPath path, bool verified) const { return verified || forced_path_ == path; }
 
   // The stream kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales).
   void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K,
@@ -844,7 +847,7 @@ class CudaBackend final : public Backend {
     if (K % 16 == 0 && N % 16 == 0) paths.push_back(LinearPath::Gemm);
     if (wgmma_applies(DType::F8_E4M3, M, N, K, codes, weight.w.data)) paths.push_back(LinearPath::Wgmma);
     if (cuda::stream_supported(DType::F8_E4M3, M, N, K, codes, weight.w.data) &&
-        (kFp8StreamInTimedChoice || forced_path_ == LinearPath::Stream))
+        admitted(LinearPath::Stream, kFp8StreamInTimedChoice))
       paths.push_back(LinearPath::Stream);
     if (paths.empty()) return gemv_all();
     run(choose_path(DType::F8_E4M3, DType::F8_E4M3, M, N, K, paths, run));

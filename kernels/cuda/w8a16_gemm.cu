@@ -67,7 +67,9 @@ void launch_wgmma(const void* x, const void* w, int64_t M, int64_t N, int64_t K,
 }
 
 // The wgmma kernel's K step for activations of x_dtype: 128 bytes of a row.
-int64_t wgmma_step_k(DType x_dtype) { return x_dtype == DType::F8_E4M3 ? 128 : 64; }
+int64_t wgmma_step_k(DType x_dtype) {
+  return x_dtype == DType::F8_E4M3 ? WgmmaTiles<fp8>::kStepK : WgmmaTiles<bf16>::kStepK;
+}
 
 }  // namespace
 
@@ -117,9 +119,9 @@ void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64
 }
 
 bool wgmma_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
-  return (x_dtype == DType::BF16 || x_dtype == DType::F16 || x_dtype == DType::F8_E4M3) && M > 0 && N > 0 && K > 0 &&
-         K % wgmma_step_k(x_dtype) == 0 && M <= INT32_MAX / 2 && N <= INT32_MAX / 2 && K <= INT32_MAX / 2 &&
-         aligned(x) && aligned(w);
+  // The tiled kernel's limits (K a multiple of 64), and whole K steps.
+  return (x_dtype == DType::BF16 || x_dtype == DType::F16 || x_dtype == DType::F8_E4M3) &&
+         w8a16_supported(M, N, K, x, w) && K % wgmma_step_k(x_dtype) == 0;
 }
 
 SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sms) {

@@ -238,62 +238,52 @@ using std::min;
 
 // ---- The PTX instructions of kernels/cuda/common.cuh ---------------------------------------
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D = A B + C for the warp, A 16 x 16, B 16 x 8.
-// A[row][k] is in lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2;
-// B[k][col] in lane 4 col + (k % 8) / 2, register k >= 8, half k % 2; C[row][col] in lane
+namespace llmq::emulation {
+// One mma.sync m16n8kK of the warp (A 16 x K, B K x 8, kK / 8 elements a register, lowest k in the
+// lowest bits): the lanes' fragments are exchanged, then each lane adds its C elements' products,
+// summed in double, to its accumulators. element(reg, i) is the i-th element of a register.
+// A[row][k] is in lane 4 (row % 8) + (k % (K/2)) / (K/8), register (row >= 8) + 2 (k >= K/2);
+// B[k][col] in lane 4 col + (k % (K/2)) / (K/8), register k >= K/2; C[row][col] in lane
 // 4 (row % 8) + col / 2, register 2 (row >= 8) + col % 2.
-template <typename T>
-void mma16816(float* c, const uint32_t* a, const uint32_t* b, T) {
-  using namespace llmq::emulation;
+template <int kK, typename Element>
+void warp_mma(float* c, const uint32_t* a, const uint32_t* b, Element&& element) {
+  constexpr int kPer = kK / 8, kHalf = kK / 2;
   uint64_t* mine = slots(lane());
   mine[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
   mine[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
   mine[2] = uint64_t(b[0]) | uint64_t(b[1]) << 32;
   warp_barrier().wait();
   auto reg = [&](int l, int i) { return uint32_t(slots(l)[i / 2] >> (32 * (i % 2))); };
-  auto A = [&](int row, int k) { return half_of(reg(4 * (row % 8) + (k % 8) / 2, (row >= 8) + 2 * (k >= 8)), k % 2, T{}); };
-  auto B = [&](int k, int col) { return half_of(reg(4 * col + (k % 8) / 2, 4 + (k >= 8)), k % 2, T{}); };
+  auto A = [&](int row, int k) {
+    return element(reg(4 * (row % 8) + (k % kHalf) / kPer, (row >= 8) + 2 * (k >= kHalf)), k % kPer);
+  };
+  auto B = [&](int k, int col) { return element(reg(4 * col + (k % kHalf) / kPer, 4 + (k >= kHalf)), k % kPer); };
   const int g = lane() / 4, t = lane() % 4;
   float out[4];
   for (int e = 0; e < 4; ++e) {
     const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
     double sum = 0;
-    for (int k = 0; k < 16; ++k) sum += double(A(row, k)) * double(B(k, col));
+    for (int k = 0; k < kK; ++k) sum += double(A(row, k)) * double(B(k, col));
     out[e] = float(double(c[e]) + sum);
   }
   warp_barrier().wait();
   for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
+}  // namespace llmq::emulation
 
-// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3: D = A B + C for the warp, A 16 x 32, B 32 x 8 of
-// FP8 E4M3 codes, four a register (lowest k in the lowest byte). A[row][k] is in lane
-// 4 (row % 8) + (k % 16) / 4, register (row >= 8) + 2 (k >= 16), byte k % 4; B[k][col] in lane
-// 4 col + (k % 16) / 4, register k >= 16, byte k % 4; C as m16n8k16's.
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: two 16-bit values a register.
+template <typename T>
+void mma16816(float* c, const uint32_t* a, const uint32_t* b, T) {
+  llmq::emulation::warp_mma<16>(c, a, b, [](uint32_t r, int i) { return llmq::emulation::half_of(r, i, T{}); });
+}
+
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3: four FP8 E4M3 codes a register.
 template <typename Fp8>  // the kernels' fp8 code type, declared after this header
 void mma16832(float* c, const uint32_t* a, const uint32_t* b, Fp8) {
   static_assert(sizeof(Fp8) == 1, "one-byte codes");
-  using namespace llmq::emulation;
-  uint64_t* mine = slots(lane());
-  mine[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
-  mine[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
-  mine[2] = uint64_t(b[0]) | uint64_t(b[1]) << 32;
-  warp_barrier().wait();
-  auto reg = [&](int l, int i) { return uint32_t(slots(l)[i / 2] >> (32 * (i % 2))); };
-  auto code = [&](uint32_t r, int byte) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t((r >> (8 * byte)) & 0xffu), __NV_E4M3)));
-  };
-  auto A = [&](int row, int k) { return code(reg(4 * (row % 8) + (k % 16) / 4, (row >= 8) + 2 * (k >= 16)), k % 4); };
-  auto B = [&](int k, int col) { return code(reg(4 * col + (k % 16) / 4, 4 + (k >= 16)), k % 4); };
-  const int g = lane() / 4, t = lane() % 4;
-  float out[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    double sum = 0;
-    for (int k = 0; k < 32; ++k) sum += double(A(row, k)) * double(B(k, col));
-    out[e] = float(double(c[e]) + sum);
-  }
-  warp_barrier().wait();
-  for (int e = 0; e < 4; ++e) c[e] = out[e];
+  llmq::emulation::warp_mma<32>(c, a, b, [](uint32_t r, int i) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t((r >> (8 * i)) & 0xffu), __NV_E4M3)));
+  });
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lane 8 m + r gives the address of row r of 8 x 8
