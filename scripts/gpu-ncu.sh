@@ -17,12 +17,13 @@ wanted=" $* "
 profile() {
   local name=$1 quant=$2 batch=$3 regex=$4 count=$5 path=$6 prompt=$7
   [ "$wanted" = "  " ] || [[ $wanted == *" $name "* ]] || return 0
-  LLMQ_LINEAR_PATH=$path timeout 120 "$ncu" --target-processes all --kernel-name "regex:$regex" --launch-count "$count" \
+  LLMQ_LINEAR_PATH=$path timeout 120 "$ncu" --target-processes all --clock-control none --kernel-name "regex:$regex" --launch-count "$count" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis -f -o "/tmp/ncu-$name" \
     "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant "$quant" --batches "$batch" \
     --prompt-len "$prompt" --decode-steps 2 --prefill 0 >"/tmp/ncu-$name.log" 2>&1 || { tail -5 "/tmp/ncu-$name.log"; return; }
   "$ncu" --import "/tmp/ncu-$name.ncu-rep" --csv --page details >"$out/$name.csv" 2>&1
+  "$ncu" --import "/tmp/ncu-$name.ncu-rep" --csv --page raw >"$out/$name.raw.csv" 2>&1  # stall reasons too
   echo "$name: $(grep -c '"Duration"' "$out/$name.csv") launches profiled"
 }
 profile gemv-bf16 none 1 gemv 16 gemv 1
@@ -30,9 +31,10 @@ profile gemv-int8 int8wo 1 gemv 16 gemv 1
 profile gemv-fp8 fp8 1 gemv 16 gemv 1
 profile w8a16-b16 int8wo 16 w8a16 16 w8a16 1
 profile w8a16-b64 int8wo 64 w8a16 16 w8a16 1
-profile stream-b1 int8wo 1 w8a16_stream 16 stream 1
-profile stream-b16 int8wo 16 w8a16_stream 16 stream 1
-profile stream-b64 int8wo 64 w8a16_stream 16 stream 1
+profile stream-b1 int8wo 1 stream_linear 16 stream 1
+profile stream-b16 int8wo 16 stream_linear 16 stream 1
+profile stream-b64 int8wo 64 stream_linear 16 stream 1
+profile stream16-b64 int8wo 64 stream_linear 16 stream16 1
 profile w8a16-prefill int8wo 1 w8a16 8 w8a16 512
 profile wgmma-prefill int8wo 1 wgmma_linear 8 wgmma 512
 profile wgmma-fp8-prefill fp8 1 wgmma_linear 8 wgmma 512

@@ -9,6 +9,7 @@
 #include "engine/device.h"
 #include "engine/engine.h"
 #include "engine/error.h"
+#include "greedy_check.h"
 #include "test_util.h"
 
 namespace {
@@ -56,6 +57,29 @@ TEST(Engine, DownProjectionPathsGiveTheSameLogits) {
     EXPECT_EQ(down_in, int(stories()->config().num_layers)) << quant_mode_name(quant);
     ASSERT_EQ(a.size(), b.size());
     EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << quant_mode_name(quant);
+  }
+}
+
+// Greedy decoding (chunked prefill, then one token a step) picks exactly the argmax of the scores
+// of the whole sequence (one pass), in every weight and cache mode: the CPU backend is batch
+// invariant, so the gap is 0, not small. The GPU end-to-end test judges GPU tokens by these scores.
+TEST(Engine, GreedyTokensAreTheArgmaxesOfTheScores) {
+  const std::vector<int32_t> prompt = story_tokens(9, 5);
+  for (QuantMode quant : {QuantMode::None, QuantMode::Int8WeightOnly, QuantMode::Fp8}) {
+    for (llmq_kv_dtype kv : {LLMQ_KV_DTYPE_AUTO, LLMQ_KV_DTYPE_INT8, LLMQ_KV_DTYPE_FP8}) {
+      EngineOptions o = options_with(2, 7);
+      o.quant = quant;
+      o.kv_dtype = kv;
+      Engine engine(stories(), o);
+      GenerateOptions g;
+      g.sampling.temperature = 0.0f;
+      g.max_new_tokens = 60;
+      const std::vector<int32_t> tokens = engine.generate(prompt, g).tokens;
+      ASSERT_EQ(tokens.size(), 60u);
+      const std::vector<float> gaps = test::greedy_gaps(engine, prompt, tokens);
+      for (size_t i = 0; i < gaps.size(); ++i)
+        EXPECT_EQ(gaps[i], 0.0f) << quant_mode_name(quant) << " kv " << int(kv) << ", token " << i;
+    }
   }
 }
 

@@ -133,12 +133,13 @@ void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_
 // kernel), the weights streamed once into registers, no scratch: INT8 codes with BF16/F16
 // activations (the same result as w8a16_gemm), or FP8 codes with FP8 activation codes and their
 // row_scale (the FP8 linear's; compute capability 8.9 and newer: the caller checks). K a multiple
-// of 64, x and w 16-byte aligned.
+// of 64, x and w 16-byte aligned. split_tokens: blocks of 16 rows, which read the weights from L2
+// but for the first (the same sums; a different speed above 16 rows).
 constexpr int64_t kStreamMaxM = 64;
 bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w);
 void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
-                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, float* out,
-                   cudaStream_t stream);
+                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, bool split_tokens,
+                   float* out, cudaStream_t stream);
 
 // Linears with 8-bit weights on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for
 // prefill), on compute capability 9.0 only (the caller checks): INT8 codes with BF16/F16

@@ -264,12 +264,14 @@ void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launc
 // (T = fp8: mma m16n8k32 E4M3 on the codes as they are). It computes the product transposed,
 // out^T = W . x^T, so that the weights are the MMA's A operand (16 channels) and the rows its B
 // operand (8 tokens): 1..8 rows leave 8 - M columns of each MMA unused, not 16 - M rows.
-//  - A block of kStreamWarps warps computes 16 * CT channels over all of K for all rows, in tiles of
-//    8 tokens (TT of them). Warp w takes the 64-wide K steps w, w + kStreamWarps, ...; the warps'
-//    sums are added in warp order through shared memory (deterministic).
+//  - A block of kStreamWarps warps computes 16 * CT channels over all of K for 8 * TT tokens (TT
+//    tiles of 8): all rows, or with the tokens split, rows 8 * TT * blockIdx.x onwards (blocks of
+//    the same channels run side by side, so their weights come from DRAM about once). Warp w takes
+//    the 64-wide K steps w, w + kStreamWarps, ...; the warps' sums are added in warp order through
+//    shared memory (deterministic).
 //  - Lane (g, t) loads the 16 codes at k 16t .. 16t+15 of a step of channels 16c + g and
 //    16c + g + 8 straight from global memory (the 4 lanes of a group read 64 consecutive bytes of a
-//    row), kStreamLoads 16-byte loads in flight, marked streaming so that they do not evict the
+//    row), kStreamLoads 16-byte loads in flight, cached in L2 only so that they do not evict the
 //    activations from L1; and the activations at the same k of token 8i + g, which every block
 //    reads (cached).
 //  - The k order inside a step is permuted alike for both operands: for 16-bit x, elements 16t + 4q
@@ -296,7 +298,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
   constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
   static_assert(kSteps >= 1, "whole steps in flight");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int n0 = blockIdx.x * kChannels, k_steps = K / kBK;
+  const int n0 = blockIdx.y * kChannels, m0 = blockIdx.x * kTokens, k_steps = K / kBK;
+  x += int64_t(m0) * K;  // from here on x and M are the block's rows, m0 onwards
+  M -= m0;
 
   const uint8_t* w_row[CT][2];  // channels 16c + g and 16c + g + 8, at k 16t
 #pragma unroll
@@ -318,7 +322,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
 #pragma unroll
         for (int c = 0; c < CT; ++c)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) raw[u][c][h] = __ldcs(reinterpret_cast<const uint4*>(w_row[c][h] + int64_t(s) * kBK));
+          for (int h = 0; h < 2; ++h) raw[u][c][h] = __ldcg(reinterpret_cast<const uint4*>(w_row[c][h] + int64_t(s) * kBK));
     }
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
@@ -387,23 +391,26 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
     float v = sums[channel * kTokens + m];
 #pragma unroll
     for (int wi = 1; wi < kStreamWarps; ++wi) v += sums[wi * kTile + channel * kTokens + m];
-    out[int64_t(m) * N + n] = e.apply(v, m, n);
+    out[int64_t(m0 + m) * N + n] = e.apply(v, m0 + m, n);
   }
 }
 
 // Calls launch(kernel, grid, threads, shared memory bytes) with the stream kernel's instantiation
-// for M (<= kStreamMaxM) rows of T activations and N channels: token tiles for M; 32 channels a
-// block (CT = 2) at 33-64 rows, where each step's 16 activation loads per lane would otherwise
-// take the L1 about as long as the step's weights take to stream in (CT = 1: 1 KB a warp).
+// for M (<= kStreamMaxM) rows of T activations and N channels. All rows in one block: token tiles
+// for M; 32 channels a block (CT = 2) at 33-64 rows, where each step's 16 activation loads per lane
+// would otherwise take the L1 about as long as the step's weights take to stream in (CT = 1: 1 KB
+// a warp). With split_tokens, 16 rows a block (the 9-16 row instantiation, fewer registers, more
+// blocks a multiprocessor), each weight read by ceil(M / 16) blocks, from L2 but for the first.
 template <typename T, typename Launch>
-void stream_for_rows(int64_t M, int64_t N, Launch&& launch) {
-  auto with = [&](auto kernel, int ct, int smem) {
-    launch(kernel, dim3(unsigned((N + 16 * ct - 1) / (16 * ct))), kStreamWarps * 32, smem);
+void stream_for_rows(int64_t M, int64_t N, bool split_tokens, Launch&& launch) {
+  auto with = [&](auto kernel, int ct, int tokens, int smem) {
+    launch(kernel, dim3(unsigned((M + tokens - 1) / tokens), unsigned((N + 16 * ct - 1) / (16 * ct))),
+           kStreamWarps * 32, smem);
   };
-  if (M <= 8) return with(stream_linear_kernel<T, 1, 1>, 1, stream_smem_bytes<1, 1>());
-  if (M <= 16) return with(stream_linear_kernel<T, 1, 2>, 1, stream_smem_bytes<1, 2>());
-  if (M <= 32) return with(stream_linear_kernel<T, 1, 4>, 1, stream_smem_bytes<1, 4>());
-  return with(stream_linear_kernel<T, 2, 8>, 2, stream_smem_bytes<2, 8>());
+  if (M <= 8) return with(stream_linear_kernel<T, 1, 1>, 1, 8, stream_smem_bytes<1, 1>());
+  if (M <= 16 || split_tokens) return with(stream_linear_kernel<T, 1, 2>, 1, 16, stream_smem_bytes<1, 2>());
+  if (M <= 32) return with(stream_linear_kernel<T, 1, 4>, 1, 32, stream_smem_bytes<1, 4>());
+  return with(stream_linear_kernel<T, 2, 8>, 2, 64, stream_smem_bytes<2, 8>());
 }
 
 // ---- Prefill on Hopper: warpgroup MMAs over 8-bit weights -------------------------------------
@@ -484,9 +491,11 @@ __global__ void __launch_bounds__(kWgThreads)
     }
   };
 
-  float d[64];
+  float d[64], sums[Tiles::kConvert ? 1 : 64];  // sums: FP8's fp32 sums of the steps' MMA sums
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < int(sizeof(sums) / sizeof(float)); ++i) sums[i] = 0.0f;
   // One commit group per K step, empty past the end: step j has landed when at most
   // kWgStages - 3 groups are pending at iteration j.
 #pragma unroll
@@ -523,11 +532,28 @@ __global__ void __launch_bounds__(kWgThreads)
 #pragma unroll
     for (int q = 0; q < 4; ++q) wgmma_m64n128(d, wgmma_descriptor(xa + 32 * q), wgmma_descriptor(wa + 32 * q), T{});
     wgmma_commit();
-    wgmma_wait<1>();  // the MMAs of step j - 1 are done
+    if constexpr (Tiles::kConvert) {
+      wgmma_wait<1>();  // the MMAs of step j - 1 are done
+    } else {
+      // FP8 MMAs keep fewer bits in their sums than fp32 (an H200 run: 0.57 off at K = 4096), so
+      // each step's sums (128 products) are added into fp32 ones, as cuBLASLt does without fast
+      // accumulation. This waits for the step's MMAs: the copies ahead still overlap them.
+      wgmma_wait<0>();
+      wgmma_hold(d, 64);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        sums[i] += d[i];
+        d[i] = 0.0f;
+      }
+    }
   }
   wgmma_wait<0>();
   wgmma_hold(d, 64);
   cp_async_wait<0>();  // only empty groups remain
+  if constexpr (!Tiles::kConvert) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[i] = sums[i];
+  }
 
   // d[4j + 2h + c]: token 16 warp + g + 8h of the warpgroup's 64, channel 8j + 2t + c.
   // Slice q: channels 32q .. 32q + 31 of the block's 128.

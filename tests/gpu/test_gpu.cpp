@@ -26,6 +26,7 @@
 #include "engine/fp8.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
+#include "greedy_check.h"
 #include "paged_plan.h"
 #include "sampling_cases.h"
 #include "test_util.h"
@@ -250,10 +251,10 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
 
 // Each path forced in turn (where it applies; elsewhere the fastest): the GEMV (up to 16 rows, 8
 // per launch), cuBLASLt (INT8 weights dequantized first), the stream kernel (INT8 and FP8 weights,
-// up to 64 rows, K a multiple of 64), and on compute capability 9.0 the wgmma kernel (INT8 weights
-// with K a multiple of 64, FP8 with K a multiple of 128).
+// up to 64 rows, K a multiple of 64; whole, and in blocks of 16 rows above 16), and on compute
+// capability 9.0 the wgmma kernel (INT8 weights with K a multiple of 64, FP8 with K a multiple of 128).
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
-  for (const char* path : {"gemv", "gemm", "stream", "wgmma"}) {
+  for (const char* path : {"gemv", "gemm", "stream", "stream16", "wgmma"}) {
     SCOPED_TRACE(path);
     setenv("LLMQ_LINEAR_PATH", path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
@@ -308,7 +309,7 @@ int compute_capability() {
 // the tiled GEMM from 9 rows: its tile shapes (16/32/64 rows for decode batches, 128 for prefill),
 // split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its repeatability; the
 // stream kernel up to 64 rows: every token-tile count (16 channels a block up to 32 rows, 32 above),
-// its repeatability; the Hopper (wgmma) kernel, on compute capability 9.0 only. N and M not tile
+// and in blocks of 16 rows, its repeatability; the Hopper (wgmma) kernel, on compute capability 9.0 only. N and M not tile
 // multiples, both activation types, per-channel and per-tensor scales, BF16 and F32 biases; and a
 // shape all leave to dequantize + cuBLASLt (K = 96).
 TEST_F(GpuLinear, Int8TensorCoreKernels) {
@@ -318,6 +319,7 @@ TEST_F(GpuLinear, Int8TensorCoreKernels) {
   };
   const Kernel kernels[] = {{"w8a16", {9, 16, 17, 33, 64, 65, 128, 733, 2048}},
                             {"stream", {1, 2, 7, 8, 9, 16, 17, 33, 64}},
+                            {"stream16", {17, 33, 64}},
                             {"wgmma", {1, 9, 64, 65, 128, 733, 2048}}};
   const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
   for (const Kernel& kernel : kernels) {
@@ -681,22 +683,31 @@ TEST_F(GpuAttention, LongContextDecodeSplitsKeys) {
 
 // ---- End to end on stories260K -------------------------------------------------------------------
 
-std::vector<int32_t> greedy(const std::shared_ptr<const Model>& model, llmq_backend backend, QuantMode quant,
-                            llmq_kv_dtype kv, const std::vector<int32_t>& prompt) {
+EngineOptions greedy_options(llmq_backend backend, QuantMode quant, llmq_kv_dtype kv) {
   EngineOptions o;
   o.backend = backend;
   o.n_threads = 2;
   o.quant = quant;
   o.kv_dtype = kv;
   o.max_batch_tokens = 7;  // chunked prefill, then decode
-  Engine engine(model, o);
+  return o;
+}
+
+std::vector<int32_t> greedy(Engine& engine, const std::vector<int32_t>& prompt) {
   GenerateOptions g;
   g.sampling.temperature = 0.0f;
   g.max_new_tokens = 200;
   return engine.generate(prompt, g).tokens;
 }
 
-TEST(GpuEndToEnd, GreedyTokensEqualCpuInEveryMode) {
+// 200 greedy tokens on the GPU and on the CPU, in every mode. The backends sum in different orders,
+// so where a step's top two logits nearly tie they may pick differently, and the sequences part
+// there (an H200 run, int8wo with an INT8 cache: equal for 32+ tokens, then not). So each GPU
+// token is judged by the CPU's scores of the GPU's own sequence: its logit is at most a tie below
+// the best. A tie: 0.02 (20 times ScoreLogitsMatchCpu's 1e-3 between the backends' scores), 0.25
+// with FP8 activations, whose codes may round apart on the two backends (see that test). And the
+// sequences agree at first: 16 tokens at least.
+TEST(GpuEndToEnd, GreedyTokensAreCpuArgmaxesInEveryMode) {
   REQUIRE_GPU();
   auto model = Model::load(test::stories_dir());
   const std::vector<int32_t> prompt = model->tokenizer()->encode("Once upon a time, there was a little", true);
@@ -707,10 +718,19 @@ TEST(GpuEndToEnd, GreedyTokensEqualCpuInEveryMode) {
   for (Mode m : {Mode{QuantMode::None, LLMQ_KV_DTYPE_AUTO}, Mode{QuantMode::Int8WeightOnly, LLMQ_KV_DTYPE_AUTO},
                  Mode{QuantMode::Fp8, LLMQ_KV_DTYPE_AUTO}, Mode{QuantMode::Int8WeightOnly, LLMQ_KV_DTYPE_INT8},
                  Mode{QuantMode::Fp8, LLMQ_KV_DTYPE_FP8}, Mode{QuantMode::None, LLMQ_KV_DTYPE_BF16}}) {
-    std::vector<int32_t> cpu = greedy(model, LLMQ_BACKEND_CPU, m.quant, m.kv, prompt);
-    std::vector<int32_t> gpu = greedy(model, LLMQ_BACKEND_CUDA, m.quant, m.kv, prompt);
-    EXPECT_GE(cpu.size(), 50u) << quant_mode_name(m.quant) << " kv " << int(m.kv);
-    EXPECT_EQ(cpu, gpu) << quant_mode_name(m.quant) << " kv " << int(m.kv);
+    const std::string mode = std::string(quant_mode_name(m.quant)) + " kv " + std::to_string(int(m.kv));
+    const float tie = m.quant == QuantMode::Fp8 ? 0.25f : 0.02f;
+    Engine cpu_engine(model, greedy_options(LLMQ_BACKEND_CPU, m.quant, m.kv));
+    Engine gpu_engine(model, greedy_options(LLMQ_BACKEND_CUDA, m.quant, m.kv));
+    const std::vector<int32_t> cpu = greedy(cpu_engine, prompt), gpu = greedy(gpu_engine, prompt);
+    ASSERT_EQ(gpu.size(), 200u) << mode;
+    const std::vector<float> gaps = test::greedy_gaps(cpu_engine, prompt, gpu);
+    for (size_t i = 0; i < gaps.size(); ++i) EXPECT_LE(gaps[i], tie) << mode << ", GPU token " << i;
+    const size_t same = size_t(std::mismatch(cpu.begin(), cpu.end(), gpu.begin(), gpu.end()).first - cpu.begin());
+    EXPECT_GE(same, 16u) << mode;
+    if (same < cpu.size())
+      std::printf("greedy %s: GPU equal to CPU for %zu tokens, then a near tie (gap %.3g)\n", mode.c_str(), same,
+                  double(gaps[same]));
   }
 }
 
