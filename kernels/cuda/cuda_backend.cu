@@ -227,10 +227,11 @@ class Profiler {
 // and bias epilogue. W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
 // decode kernel (up to 64 rows), which streams INT8 or FP8 weights into tensor-core fragments;
 // StreamSplit: the same kernel in blocks of 16 rows (17-64 rows: more blocks, fewer registers, the
-// weights read again from L2); Wgmma:
+// weights read again from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
+// activations read from L2 once for 128 channels); Wgmma:
 // the Hopper kernel (compute capability 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared
 // memory.
-enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, Wgmma };
+enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma };
 // The wgmma kernel runs only when LLMQ_LINEAR_PATH asks for it (the gpu tests, gpu-check.sh's
 // forced passes), never as the timed choice: on an H200 (session 7) its INT8 form was right but
 // took twice the time of dequantize + cuBLASLt at 2048 tokens, and its FP8 form's sums were off
@@ -251,13 +252,15 @@ const char* linear_path_name(LinearPath path) {
       return "stream";
     case LinearPath::StreamSplit:
       return "stream16";
+    case LinearPath::StreamWide:
+      return "stream-wide";
     default:
       return "wgmma";
   }
 }
 std::optional<LinearPath> linear_path_named(const std::string& name) {
   for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16, LinearPath::Stream,
-                          LinearPath::StreamSplit, LinearPath::Wgmma})
+                          LinearPath::StreamSplit, LinearPath::StreamWide, LinearPath::Wgmma})
     if (name == linear_path_name(path)) return path;
   return std::nullopt;
 }
@@ -297,13 +300,13 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|wgmma: that path wherever it applies, instead of the
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma: that path wherever it applies, instead of the
     // fastest (tests and profiling).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
       forced_path_ = linear_path_named(path);
       if (!forced_path_)
         fail(LLMQ_ERR_INVALID_ARGUMENT,
-             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, wgmma", path);
+             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, stream-wide, wgmma", path);
     }
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -542,8 +545,9 @@ class CudaBackend final : public Backend {
         }
         case LinearPath::Stream:
         case LinearPath::StreamSplit:
+        case LinearPath::StreamWide:
           return stream_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype,
-                               path == LinearPath::StreamSplit, y);
+                               stream_layout(path), y);
         case LinearPath::Wgmma:
           return wgmma_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype, y);
         case LinearPath::Gemm:
@@ -742,22 +746,28 @@ class CudaBackend final : public Backend {
            (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma);
   }
 
-  // The stream kernel's paths for a linear it takes: all rows in one block, and above 16 rows in
-  // blocks of 16 too.
+  // The stream kernel's paths for a linear it takes: all rows in one block, and above 16 rows its
+  // other block layouts too.
   static void add_stream_paths(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w,
                                std::vector<LinearPath>& paths) {
     if (!cuda::stream_supported(x_dtype, M, N, K, x, w)) return;
     paths.push_back(LinearPath::Stream);
-    if (M > 16) paths.push_back(LinearPath::StreamSplit);
+    if (M <= 16) return;
+    paths.push_back(LinearPath::StreamSplit);
+    paths.push_back(LinearPath::StreamWide);
+  }
+  static cuda::StreamLayout stream_layout(LinearPath path) {
+    return path == LinearPath::StreamSplit ? cuda::StreamLayout::Rows16
+           : path == LinearPath::StreamWide ? cuda::StreamLayout::Wide
+                                            : cuda::StreamLayout::Whole;
   }
 
   // The stream kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales).
   void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K,
                      const float* row_scales, const float* w_scale, bool per_channel, const void* bias,
-                     DType bias_dtype, bool split_tokens, float* y) {
+                     DType bias_dtype, cuda::StreamLayout layout, float* y) {
     Profiler::Scope part(profiler_, "  (in linear) stream kernel", stream_);
-    cuda::stream_linear(x, x_dtype, w, M, N, K, row_scales, w_scale, per_channel, bias, bias_dtype, split_tokens, y,
-                        stream_);
+    cuda::stream_linear(x, x_dtype, w, M, N, K, row_scales, w_scale, per_channel, bias, bias_dtype, layout, y, stream_);
     check(cudaGetLastError(), "stream_linear kernel");
   }
 
@@ -843,9 +853,9 @@ class CudaBackend final : public Backend {
       if (path == LinearPath::Wgmma)
         return wgmma_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel, bias_data,
                             bias_dtype, y);
-      if (path == LinearPath::Stream || path == LinearPath::StreamSplit)
+      if (path == LinearPath::Stream || path == LinearPath::StreamSplit || path == LinearPath::StreamWide)
         return stream_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel,
-                             bias_data, bias_dtype, path == LinearPath::StreamSplit, y);
+                             bias_data, bias_dtype, stream_layout(path), y);
       if (path == LinearPath::Gemm) {
         // A static activation scale and a per-tensor weight scale: cuBLASLt applies both (its A/B
         // scale pointers). (Its per-channel / per-token scale vectors, OUTER_VEC_32F, and a BF16

@@ -133,12 +133,15 @@ void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_
 // kernel), the weights streamed once into registers, no scratch: INT8 codes with BF16/F16
 // activations (the same result as w8a16_gemm), or FP8 codes with FP8 activation codes and their
 // row_scale (the FP8 linear's; compute capability 8.9 and newer: the caller checks). K a multiple
-// of 64, x and w 16-byte aligned. split_tokens: blocks of 16 rows, which read the weights from L2
-// but for the first (the same sums; a different speed above 16 rows).
+// of 64, x and w 16-byte aligned. The layout of its blocks above 16 rows (the same sums, a
+// different speed): all rows a block (Whole); blocks of 16 rows, which read the weights from L2
+// but for the first (Rows16); blocks of 16 rows and 128 channels, which read the activations from
+// L2 once for 128 channels (Wide).
 constexpr int64_t kStreamMaxM = 64;
+enum class StreamLayout { Whole, Rows16, Wide };
 bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w);
 void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
-                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, bool split_tokens,
+                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, StreamLayout layout,
                    float* out, cudaStream_t stream);
 
 // Linears with 8-bit weights on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for

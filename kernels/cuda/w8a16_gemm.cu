@@ -45,9 +45,9 @@ void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64
 }
 
 template <typename T>
-void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K, bool split_tokens, const Epilogue& e,
+void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K, StreamLayout layout, const Epilogue& e,
                    float* out, cudaStream_t stream) {
-  stream_for_rows<T>(M, N, split_tokens, [&](auto kernel, dim3 grid, int threads, int smem) {
+  stream_for_rows<T>(M, N, layout, [&](auto kernel, dim3 grid, int threads, int smem) {
     allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N),
                                             int(K), e, out);
@@ -108,13 +108,13 @@ bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void
 }
 
 void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
-                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, bool split_tokens,
+                   const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, StreamLayout layout,
                    float* out, cudaStream_t stream) {
   check_launch(stream_supported(x_dtype, M, N, K, x, w), SplitKPlan{}, nullptr, nullptr, "stream kernel", M, N, K);
   const Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
-  if (x_dtype == DType::F8_E4M3) return launch_stream<fp8>(x, w, M, N, K, split_tokens, e, out, stream);
+  if (x_dtype == DType::F8_E4M3) return launch_stream<fp8>(x, w, M, N, K, layout, e, out, stream);
   with_float_type<false>(x_dtype, "stream kernel activations", [&](auto tag) {
-    launch_stream<typename decltype(tag)::type>(x, w, M, N, K, split_tokens, e, out, stream);
+    launch_stream<typename decltype(tag)::type>(x, w, M, N, K, layout, e, out, stream);
   });
 }
 

@@ -269,6 +269,11 @@ void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launc
 //    the same channels run side by side, so their weights come from DRAM about once). Warp w takes
 //    the 64-wide K steps w, w + kStreamWarps, ...; the warps' sums are added in warp order through
 //    shared memory (deterministic).
+//  - Wide (kWide): the block's warps take kStreamWarps tiles of 16 * CT channels instead, each
+//    over all of K, and write their own sums. The block's warps read the same activations at about
+//    the same time, so each block fetches them from L2 once for 8x the channels: at 17-64 rows the
+//    activations, not the weights, are most of what the narrow blocks move (an H200 profile: one
+//    64-row block of 32 channels per multiprocessor, L1 hits 42%, DRAM 10-13% busy).
 //  - Lane (g, t) loads the 16 codes at k 16t .. 16t+15 of a step of channels 16c + g and
 //    16c + g + 8 straight from global memory (the 4 lanes of a group read 64 consecutive bytes of a
 //    row), kStreamLoads 16-byte loads in flight, cached in L2 only so that they do not evict the
@@ -283,22 +288,26 @@ void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launc
 constexpr int kStreamWarps = 8;
 constexpr int kStreamLoads = 8;  // 16-byte weight loads in flight per lane
 
-// Shared memory: every warp's sums, [kStreamWarps][16 * CT channels][8 * TT tokens] floats.
-template <int CT, int TT>
+// Shared memory: every warp's sums, [kStreamWarps][16 * CT channels][8 * TT tokens] floats (none
+// for the wide form).
+template <int CT, int TT, bool kWide = false>
 constexpr int stream_smem_bytes() {
-  return kStreamWarps * 16 * CT * 8 * TT * int(sizeof(float));
+  return kWide ? 0 : kStreamWarps * 16 * CT * 8 * TT * int(sizeof(float));
 }
 
-template <typename T, int CT, int TT>
+template <typename T, int CT, int TT, bool kWide = false>
 __global__ void __launch_bounds__(kStreamWarps * 32)
     stream_linear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K, Epilogue e,
                          float* __restrict__ out) {
   constexpr bool kFp8 = sizeof(T) == 1;  // FP8 codes on both sides, else INT8 codes and 16-bit x
   constexpr int kSteps = kStreamLoads / (2 * CT);  // K steps loaded per iteration
   constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
+  // The warps' K steps: every kStreamWarps-th from the warp's index, or (wide) all of them.
+  constexpr int kStepStride = kWide ? 1 : kStreamWarps;
   static_assert(kSteps >= 1, "whole steps in flight");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int n0 = blockIdx.y * kChannels, m0 = blockIdx.x * kTokens, k_steps = K / kBK;
+  const int n0 = kWide ? (blockIdx.y * kStreamWarps + warp) * kChannels : blockIdx.y * kChannels;
+  const int m0 = blockIdx.x * kTokens, k_steps = K / kBK;
   x += int64_t(m0) * K;  // from here on x and M are the block's rows, m0 onwards
   M -= m0;
 
@@ -313,11 +322,11 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
 #pragma unroll
     for (int i = 0; i < TT; ++i) acc[c][i][0] = acc[c][i][1] = acc[c][i][2] = acc[c][i][3] = 0.0f;
 
-  for (int s0 = warp; s0 < k_steps; s0 += kStreamWarps * kSteps) {
+  for (int s0 = kWide ? 0 : warp; s0 < k_steps; s0 += kStepStride * kSteps) {
     uint4 raw[kSteps][CT][2];
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
-      const int s = s0 + u * kStreamWarps;
+      const int s = s0 + u * kStepStride;
       if (s < k_steps)
 #pragma unroll
         for (int c = 0; c < CT; ++c)
@@ -326,7 +335,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
     }
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
-      const int s = s0 + u * kStreamWarps;
+      const int s = s0 + u * kStepStride;
       if (s >= k_steps) break;  // the same for the whole warp
       if constexpr (kFp8) {
         // 2 MMAs of k32 a step: codes 16t + 8q .. 16t + 8q + 7 are the fragment's k = 4t .. 4t+3,
@@ -374,6 +383,18 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
   }
 
   // C fragment element r of tile (c, i): channel 16c + g (+8 for r >= 2), token 8i + 2t + (r & 1).
+  if constexpr (kWide) {
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int i = 0; i < TT; ++i)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int m = 8 * i + 2 * t + (r & 1), n = n0 + 16 * c + g + (r >= 2 ? 8 : 0);
+          if (m < M && n < N) out[int64_t(m0 + m) * N + n] = e.apply(acc[c][i][r], m0 + m, n);
+        }
+    return;
+  }
   LLMQ_DYNAMIC_SHARED(uint4, smem);
   float* const sums = reinterpret_cast<float*>(smem);
 #pragma unroll
@@ -396,21 +417,27 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
 }
 
 // Calls launch(kernel, grid, threads, shared memory bytes) with the stream kernel's instantiation
-// for M (<= kStreamMaxM) rows of T activations and N channels. All rows in one block: token tiles
-// for M; 32 channels a block (CT = 2) at 33-64 rows, where each step's 16 activation loads per lane
-// would otherwise take the L1 about as long as the step's weights take to stream in (CT = 1: 1 KB
-// a warp). With split_tokens, 16 rows a block (the 9-16 row instantiation, fewer registers, more
-// blocks a multiprocessor), each weight read by ceil(M / 16) blocks, from L2 but for the first.
+// for M (<= kStreamMaxM) rows of T activations and N channels, in the layout asked for:
+//  - Whole: all rows in one block, token tiles for M; 32 channels a block (CT = 2) at 33-64 rows,
+//    where each step's 16 activation loads per lane would otherwise take the L1 about as long as
+//    the step's weights take to stream in (CT = 1: 1 KB a warp);
+//  - Rows16: 16 rows a block (the 9-16 row instantiation, fewer registers, more blocks a
+//    multiprocessor), each weight read by ceil(M / 16) blocks, from L2 but for the first;
+//  - Wide: 16 rows and 128 channels (8 warps of 16) a block, the warps over all of K.
+// Up to 16 rows every layout is Whole's.
 template <typename T, typename Launch>
-void stream_for_rows(int64_t M, int64_t N, bool split_tokens, Launch&& launch) {
-  auto with = [&](auto kernel, int ct, int tokens, int smem) {
-    launch(kernel, dim3(unsigned((M + tokens - 1) / tokens), unsigned((N + 16 * ct - 1) / (16 * ct))),
+void stream_for_rows(int64_t M, int64_t N, StreamLayout layout, Launch&& launch) {
+  auto with = [&](auto kernel, int block_channels, int tokens, int smem) {
+    launch(kernel, dim3(unsigned((M + tokens - 1) / tokens), unsigned((N + block_channels - 1) / block_channels)),
            kStreamWarps * 32, smem);
   };
-  if (M <= 8) return with(stream_linear_kernel<T, 1, 1>, 1, 8, stream_smem_bytes<1, 1>());
-  if (M <= 16 || split_tokens) return with(stream_linear_kernel<T, 1, 2>, 1, 16, stream_smem_bytes<1, 2>());
-  if (M <= 32) return with(stream_linear_kernel<T, 1, 4>, 1, 32, stream_smem_bytes<1, 4>());
-  return with(stream_linear_kernel<T, 2, 8>, 2, 64, stream_smem_bytes<2, 8>());
+  if (M <= 8) return with(stream_linear_kernel<T, 1, 1>, 16, 8, stream_smem_bytes<1, 1>());
+  if (M <= 16 || layout == StreamLayout::Rows16)
+    return with(stream_linear_kernel<T, 1, 2>, 16, 16, stream_smem_bytes<1, 2>());
+  if (layout == StreamLayout::Wide)
+    return with(stream_linear_kernel<T, 1, 2, true>, 16 * kStreamWarps, 16, stream_smem_bytes<1, 2, true>());
+  if (M <= 32) return with(stream_linear_kernel<T, 1, 4>, 16, 32, stream_smem_bytes<1, 4>());
+  return with(stream_linear_kernel<T, 2, 8>, 32, 64, stream_smem_bytes<2, 8>());
 }
 
 // ---- Prefill on Hopper: warpgroup MMAs over 8-bit weights -------------------------------------

@@ -145,27 +145,28 @@ void check(const GemmCase& c) {
 }
 
 // The decode stream kernel: the tile shape it was launched with is checked too, so that every
-// instantiation runs; split: blocks of 16 rows.
+// instantiation runs; a layout other than Whole: blocks of 16 rows above 16.
 template <typename T>
 void launch_stream(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const cuda::Epilogue& e,
-                   int expected_channels_per_block, bool split, float* out) {
-  cuda::stream_for_rows<T>(M, N, split, [&](auto kernel, dim3 grid, int threads, int smem) {
+                   int expected_channels_per_block, cuda::StreamLayout layout, float* out) {
+  cuda::stream_for_rows<T>(M, N, layout, [&](auto kernel, dim3 grid, int threads, int smem) {
     EXPECT_EQ(int64_t(grid.y), (N + expected_channels_per_block - 1) / expected_channels_per_block);
-    EXPECT_EQ(int64_t(grid.x), split ? (M + 15) / 16 : 1);
+    EXPECT_EQ(int64_t(grid.x), layout != cuda::StreamLayout::Whole && M > 16 ? (M + 15) / 16 : 1);
     emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
       kernel(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K), e, out);
     });
   });
 }
 
-void check_stream(const GemmCase& c, int expected_channels_per_block, bool split) {
-  SCOPED_TRACE(describe(c) + (split ? " split" : ""));
+void check_stream(const GemmCase& c, int expected_channels_per_block,
+                  cuda::StreamLayout layout = cuda::StreamLayout::Whole) {
+  SCOPED_TRACE(describe(c) + " layout " + std::to_string(int(layout)));
   const Problem p = make_problem(c);
   ASSERT_TRUE(cuda::stream_supported(c.act, c.M, c.N, c.K, p.x.data(), p.w.data()));
   std::vector<float> out(size_t(c.M * c.N), NAN);  // poisoned: every element must be written
   cuda::with_float_type<false>(c.act, "activations", [&](auto tag) {
     launch_stream<typename decltype(tag)::type>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e,
-                                                expected_channels_per_block, split, out.data());
+                                                expected_channels_per_block, layout, out.data());
   });
   expect_float64_result(c, p, out);
 }
@@ -306,22 +307,23 @@ TEST(W8A16KernelEmulated, WgmmaKernelFp8MatchesFloat64) {
 }
 
 // The stream kernel with FP8 weights and codes (mma m16n8k32 E4M3): every instantiation, partial
-// tiles, more than one round of loads per warp, and blocks of 16 rows (each block's row scales).
+// tiles, more than one round of loads per warp, and the 16-row layouts (each block's row scales).
 TEST(W8A16KernelEmulated, StreamKernelFp8MatchesFloat64) {
   struct Fp8Case {
     int64_t M, N, K;
     bool per_channel;
     int channels_per_block;
-    bool split;
+    cuda::StreamLayout layout;
   };
-  for (const Fp8Case& c : {Fp8Case{1, 19, 64, false, 16, false}, Fp8Case{9, 40, 2560, true, 16, false},
-                           Fp8Case{17, 33, 192, false, 16, false}, Fp8Case{64, 70, 1280, true, 32, false},
-                           Fp8Case{40, 33, 1280, true, 16, true}}) {
+  using L = cuda::StreamLayout;
+  for (const Fp8Case& c : {Fp8Case{1, 19, 64, false, 16, L::Whole}, Fp8Case{9, 40, 2560, true, 16, L::Whole},
+                           Fp8Case{17, 33, 192, false, 16, L::Whole}, Fp8Case{64, 70, 1280, true, 32, L::Whole},
+                           Fp8Case{40, 33, 1280, true, 16, L::Rows16}, Fp8Case{40, 150, 1280, true, 128, L::Wide}}) {
     SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K);
     const Fp8Problem p = make_fp8_problem(c.M, c.N, c.K, c.per_channel);
     ASSERT_TRUE(cuda::stream_supported(DType::F8_E4M3, c.M, c.N, c.K, p.x.data(), p.w.data()));
     std::vector<float> out(size_t(c.M * c.N), NAN);
-    launch_stream<cuda::fp8>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, c.channels_per_block, c.split, out.data());
+    launch_stream<cuda::fp8>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, c.channels_per_block, c.layout, out.data());
     expect_fp8_result(p, out);
   }
 }
@@ -347,11 +349,16 @@ TEST(W8A16KernelEmulated, StreamKernelMatchesFloat64) {
       {{64, 40, 1280, DType::F16, true, 1, 0, false}, 32},
       {{64, 70, 64, DType::BF16, false, 2, 0, false}, 32},
   };
-  for (const StreamCase& s : cases) check_stream(s.c, s.channels_per_block, false);
-  // In blocks of 16 rows: a last block of 1, of 15, and full ones.
-  check_stream({17, 70, 192, DType::BF16, true, 0, 0, false}, 16, true);
-  check_stream({47, 19, 1280, DType::F16, false, 2, 0, false}, 16, true);
-  check_stream({64, 40, 640, DType::BF16, true, 1, 0, false}, 16, true);
+  for (const StreamCase& s : cases) check_stream(s.c, s.channels_per_block);
+  // In blocks of 16 rows: a last block of 1, of 15, and full ones; and 128 channels a block (the
+  // warps over all of K, more than one round of loads each), N past a block, K of one step.
+  using L = cuda::StreamLayout;
+  check_stream({17, 70, 192, DType::BF16, true, 0, 0, false}, 16, L::Rows16);
+  check_stream({47, 19, 1280, DType::F16, false, 2, 0, false}, 16, L::Rows16);
+  check_stream({64, 40, 640, DType::BF16, true, 1, 0, false}, 16, L::Rows16);
+  check_stream({17, 150, 640, DType::BF16, true, 2, 0, false}, 128, L::Wide);
+  check_stream({47, 300, 128, DType::F16, false, 1, 0, false}, 128, L::Wide);
+  check_stream({64, 129, 64, DType::BF16, true, 0, 0, false}, 128, L::Wide);
 }
 
 }  // namespace
