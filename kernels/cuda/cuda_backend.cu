@@ -126,7 +126,9 @@ class DeviceBuffer final : public Buffer {
 };
 
 // LLMQ_PROFILE=1: GPU time per op (CUDA events around each), and the host's time to enqueue a step
-// against the step's wall time, printed to stderr when the backend is destroyed.
+// against the step's wall time, by kind of step (prefill, decode of N rows), printed to stderr
+// when the backend is destroyed. Steps that timed linear paths or GEMM plans (a shape's first use)
+// are left out, so that the rows are the steady state's.
 class Profiler {
  public:
   Profiler() {
@@ -165,18 +167,28 @@ class Profiler {
     cudaEvent_t start_ = nullptr;
   };
 
-  void step_begin() { step_start_ = std::chrono::steady_clock::now(); }
+  void step_begin(std::string kind) {
+    kind_ = std::move(kind);
+    tuned_ = false;
+    step_start_ = std::chrono::steady_clock::now();
+  }
   void step_enqueued() { enqueued_ = std::chrono::steady_clock::now(); }
+  void tuning() { tuned_ = true; }  // this step times paths or plans: not the steady state
   // After the stream is synchronized: collect the step's timings.
   void step_done() {
     if (!enabled_) return;
     const auto now = std::chrono::steady_clock::now();
-    add("(host) enqueue a step", std::chrono::duration<double, std::milli>(enqueued_ - step_start_).count());
-    add("(host) step wall time", std::chrono::duration<double, std::milli>(now - step_start_).count());
+    auto& totals = totals_[kind_];
+    if (tuned_) {
+      ++tuned_steps_;
+    } else {
+      add(totals, "(host) enqueue a step", std::chrono::duration<double, std::milli>(enqueued_ - step_start_).count());
+      add(totals, "(host) step wall time", std::chrono::duration<double, std::milli>(now - step_start_).count());
+    }
     for (auto& p : pending_) {
       float ms = 0;
       cudaEventElapsedTime(&ms, p.start, p.stop);
-      add(p.name, ms);
+      if (!tuned_) add(totals, p.name, ms);
       pool_.push_back(p.start);
       pool_.push_back(p.stop);
     }
@@ -184,11 +196,17 @@ class Profiler {
   }
   void print(const std::string& device) const {
     if (!enabled_ || totals_.empty()) return;
-    std::vector<std::pair<std::string, Total>> rows(totals_.begin(), totals_.end());
-    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.ms > b.second.ms; });
-    std::fprintf(stderr, "llmq profile (%s): op, calls, total ms, us per call\n", device.c_str());
-    for (auto& [name, t] : rows)
-      std::fprintf(stderr, "  %-44s %8lld %10.2f %10.1f\n", name.c_str(), (long long)t.calls, t.ms, 1e3 * t.ms / double(t.calls));
+    std::fprintf(stderr, "llmq profile (%s): op, calls, total ms, us per call, by kind of step (%lld steps that timed paths or plans left out)\n",
+                 device.c_str(), (long long)tuned_steps_);
+    for (auto& [kind, totals] : totals_) {
+      if (totals.empty()) continue;
+      std::vector<std::pair<std::string, Total>> rows(totals.begin(), totals.end());
+      std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.ms > b.second.ms; });
+      std::fprintf(stderr, "  %s:\n", kind.c_str());
+      for (auto& [name, t] : rows)
+        std::fprintf(stderr, "    %-44s %8lld %10.2f %10.1f\n", name.c_str(), (long long)t.calls, t.ms,
+                     1e3 * t.ms / double(t.calls));
+    }
   }
 
  private:
@@ -210,15 +228,18 @@ class Profiler {
     cudaEventCreate(&e);
     return e;
   }
-  void add(const std::string& name, double ms) {
-    Total& t = totals_[name];
+  static void add(std::map<std::string, Total>& totals, const std::string& name, double ms) {
+    Total& t = totals[name];
     t.ms += ms;
     ++t.calls;
   }
   bool enabled_ = false;
   std::vector<Pending> pending_;
   std::vector<cudaEvent_t> pool_;
-  std::map<std::string, Total> totals_;
+  std::map<std::string, std::map<std::string, Total>> totals_;  // kind of step -> op -> total
+  std::string kind_;
+  bool tuned_ = false;
+  int64_t tuned_steps_ = 0;
   std::chrono::steady_clock::time_point step_start_, enqueued_;
 };
 
@@ -405,7 +426,11 @@ class CudaBackend final : public Backend {
   void begin_step(const BatchPlan& plan) override {
     check(cudaSetDevice(device_), "cudaSetDevice");
     abandon_capture();  // a step that failed while being recorded
-    profiler_.step_begin();
+    const int32_t n_seqs = int32_t(plan.block_offsets.size()) - 1;
+    if (profiler_.enabled())
+      profiler_.step_begin(plan.n_tokens() == n_seqs
+                               ? fmt::format("decode, {} rows", n_seqs)
+                               : fmt::format("prefill, {} tokens of {} sequences", plan.n_tokens(), n_seqs));
     cuda::make_query_tiles(plan.token_seq.data(), plan.positions.data(), plan.n_tokens(), &tiles_);
     max_keys_ = 0;
     for (int32_t position : plan.positions) max_keys_ = std::max(max_keys_, position + 1);
@@ -439,7 +464,6 @@ class CudaBackend final : public Backend {
 
     // Decode steps (one token per sequence) are recorded as CUDA graphs, keyed by what fixes their
     // kernels' launch shapes and the metadata's addresses.
-    const int32_t n_seqs = int32_t(plan.block_offsets.size()) - 1;
     step_key_.reset();
     if (graphs_enabled_ && !profiler_.enabled() && plan.n_tokens() == n_seqs && n_seqs <= 1024)
       step_key_ = std::make_tuple(plan.n_tokens(), int32_t(plan.logit_rows.size()), max_keys_ > 64);
@@ -943,6 +967,7 @@ class CudaBackend final : public Backend {
   template <typename Fn>
   float time_ms(Fn&& fn) {
     if (capturing_) fail(LLMQ_ERR_INTERNAL, "cuda backend: autotuning while a step was being recorded");
+    profiler_.tuning();
     cudaEvent_t start = nullptr, stop = nullptr;
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&stop), "cudaEventCreate");
