@@ -307,7 +307,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
   static_assert(kSteps >= 1, "whole steps in flight");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int n0 = kWide ? (blockIdx.y * kStreamWarps + warp) * kChannels : blockIdx.y * kChannels;
-  const int m0 = blockIdx.x * kTokens, k_steps = K / kBK;
+  // Blocks of rows (grid.x > 1) come only in 16-row blocks (stream_for_rows); a constant 0 for the
+  // other forms keeps their registers (the 64-row FP8 form: 198 rather than 255 and a spill).
+  const int m0 = TT == 2 ? int(blockIdx.x) * kTokens : 0, k_steps = K / kBK;
   x += int64_t(m0) * K;  // from here on x and M are the block's rows, m0 onwards
   M -= m0;
 
