@@ -81,22 +81,15 @@ run() {
        p && /^    / && ++n <= 8 {print}' "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"
 
-  # The Hopper wgmma kernel (INT8 and FP8 weights) joins the timed choice only once verified on a
-  # GPU (kWgmmaInTimedChoice in kernels/cuda/cuda_backend.cu); until then this pass forces it for
-  # every linear it takes, so that its prefill lines compare with int8wo's and fp8's above (and the
-  # profile's "linear I8 / F8_E4M3 M>512" lines with profile.log's).
+  # The Hopper wgmma kernel (INT8 and FP8 weights) is never the timed choice (kWgmmaInTimedChoice in
+  # kernels/cuda/cuda_backend.cu: slower than dequantize + cuBLASLt on an H200); this pass forces it
+  # for every linear it takes, so that its prefill lines compare with int8wo's and fp8's above (and
+  # the profile's "linear I8 / F8_E4M3 M>512" lines with profile.log's).
   echo "== 3c. int8wo and fp8 with the wgmma kernel forced (LLMQ_LINEAR_PATH=wgmma; their prefill lines)"
   LLMQ_LINEAR_PATH=wgmma LLMQ_PROFILE=1 timeout 90 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
     --quant int8wo,fp8 --batches 1 --prompt-len 128 --decode-steps 4 --prefill 2048 2>"$out/wgmma_profile.log" |
     tee "$out/wgmma_forced.txt" || status=1
   grep -E "llmq profile|linear (I8|F8_E4M3)|wgmma" "$out/wgmma_profile.log" | head -16 || true
-  echo "   ($((SECONDS - start)) s so far)"
-
-  # The stream kernel's FP8 form, likewise forced until verified: fp8 decode lines to compare with
-  # fp8's above.
-  echo "== 3d. fp8 decode with the stream kernel forced (LLMQ_LINEAR_PATH=stream)"
-  LLMQ_LINEAR_PATH=stream timeout 60 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda --quant fp8 \
-    --batches 1,16,64 --prompt-len 128 --decode-steps 16 --prefill 0 2>&1 | tee "$out/stream_fp8_forced.txt" || status=1
   echo "   ($((SECONDS - start)) s so far)"
 
   echo "== 4. PyTorch peer"

@@ -178,17 +178,19 @@ class Profiler {
   void step_done() {
     if (!enabled_) return;
     const auto now = std::chrono::steady_clock::now();
-    auto& totals = totals_[kind_];
-    if (tuned_) {
-      ++tuned_steps_;
-    } else {
-      add(totals, "(host) enqueue a step", std::chrono::duration<double, std::milli>(enqueued_ - step_start_).count());
-      add(totals, "(host) step wall time", std::chrono::duration<double, std::milli>(now - step_start_).count());
-    }
+    if (tuned_) ++tuned_steps_;
+    auto record = [&](const std::string& name, double ms) {
+      if (tuned_) return;
+      Total& t = totals_[kind_][name];
+      t.ms += ms;
+      ++t.calls;
+    };
+    record("(host) enqueue a step", std::chrono::duration<double, std::milli>(enqueued_ - step_start_).count());
+    record("(host) step wall time", std::chrono::duration<double, std::milli>(now - step_start_).count());
     for (auto& p : pending_) {
       float ms = 0;
       cudaEventElapsedTime(&ms, p.start, p.stop);
-      if (!tuned_) add(totals, p.name, ms);
+      record(p.name, ms);
       pool_.push_back(p.start);
       pool_.push_back(p.stop);
     }
@@ -196,10 +198,11 @@ class Profiler {
   }
   void print(const std::string& device) const {
     if (!enabled_ || totals_.empty()) return;
-    std::fprintf(stderr, "llmq profile (%s): op, calls, total ms, us per call, by kind of step (%lld steps that timed paths or plans left out)\n",
+    std::fprintf(stderr,
+                 "llmq profile (%s): op, calls, total ms, us per call, by kind of step (%lld steps that timed "
+                 "paths or plans left out)\n",
                  device.c_str(), (long long)tuned_steps_);
     for (auto& [kind, totals] : totals_) {
-      if (totals.empty()) continue;
       std::vector<std::pair<std::string, Total>> rows(totals.begin(), totals.end());
       std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.ms > b.second.ms; });
       std::fprintf(stderr, "  %s:\n", kind.c_str());
@@ -228,11 +231,6 @@ class Profiler {
     cudaEventCreate(&e);
     return e;
   }
-  static void add(std::map<std::string, Total>& totals, const std::string& name, double ms) {
-    Total& t = totals[name];
-    t.ms += ms;
-    ++t.calls;
-  }
   bool enabled_ = false;
   std::vector<Pending> pending_;
   std::vector<cudaEvent_t> pool_;
@@ -249,15 +247,13 @@ class Profiler {
 // decode kernel (up to 64 rows), which streams INT8 or FP8 weights into tensor-core fragments;
 // StreamSplit: the same kernel in blocks of 16 rows (17-64 rows: more blocks, fewer registers, the
 // weights read again from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
-// activations read from L2 once for 128 channels); Wgmma:
-// the Hopper kernel (compute capability 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared
-// memory.
+// activations read from L2 once for 128 channels); Wgmma: the Hopper kernel (compute capability
+// 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared memory.
 enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma };
 // The wgmma kernel runs only when LLMQ_LINEAR_PATH asks for it (the gpu tests, gpu-check.sh's
 // forced passes), never as the timed choice: on an H200 (session 7) its INT8 form was right but
-// took twice the time of dequantize + cuBLASLt at 2048 tokens, and its FP8 form's sums were off
-// at K = 4096 (fixed since, not yet rerun). The stream kernel's FP8 form, checked on that run, is
-// in the timed choice.
+// took twice the time of dequantize + cuBLASLt at 2048 tokens, and its FP8 form (once its sums
+// were kept in fp32 every K step) 105 against 56 ms with cuBLASLt.
 constexpr bool kWgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
@@ -321,8 +317,8 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma: that path wherever it applies, instead of the
-    // fastest (tests and profiling).
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma: that path wherever it
+    // applies, instead of the fastest (tests and profiling).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
       forced_path_ = linear_path_named(path);
       if (!forced_path_)
@@ -881,9 +877,8 @@ class CudaBackend final : public Backend {
         return stream_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel,
                              bias_data, bias_dtype, stream_layout(path), y);
       if (path == LinearPath::Gemm) {
-        // A static activation scale and a per-tensor weight scale: cuBLASLt applies both (its A/B
-        // scale pointers). (Its per-channel / per-token scale vectors, OUTER_VEC_32F, and a BF16
-        // GEMM's alpha vector had no algorithm on an H200 with CUDA 13: the epilogue does those.)
+        // (cuBLASLt's per-channel / per-token scale vectors, OUTER_VEC_32F, and a BF16 GEMM's alpha
+        // vector had no algorithm on an H200 with CUDA 13: the epilogue applies those scales.)
         if (static_scale && !per_channel &&
             gemm(weight.w.data, DType::F8_E4M3, codes, DType::F8_E4M3, M, N, K, y, /*required=*/false, w_scale,
                  static_scale))

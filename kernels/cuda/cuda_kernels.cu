@@ -18,7 +18,6 @@ namespace llmq::cuda {
 
 namespace {
 
-
 // Calls fn(Tag<T>{}) for a KV cache dtype: the float types, INT8 codes or FP8 codes.
 template <typename Fn>
 void with_kv_type(DType dtype, Fn&& fn) {

@@ -45,8 +45,8 @@ void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64
 }
 
 template <typename T>
-void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K, StreamLayout layout, const Epilogue& e,
-                   float* out, cudaStream_t stream) {
+void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K, StreamLayout layout,
+                   const Epilogue& e, float* out, cudaStream_t stream) {
   stream_for_rows<T>(M, N, layout, [&](auto kernel, dim3 grid, int threads, int smem) {
     allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N),
@@ -64,6 +64,17 @@ void launch_wgmma(const void* x, const void* w, int64_t M, int64_t N, int64_t K,
                                                                 static_cast<const uint8_t*>(w), int(M), int(N),
                                                                 int(K), plan.k_steps_per_split, e, out, partial,
                                                                 counters);
+}
+
+// The activations the 8-bit kernels take with the weights' codes: 16-bit (INT8 weights) or FP8 codes
+// (FP8 weights); and fn(Tag<T>{}) called for them.
+bool eight_bit_linear_activations(DType x_dtype) {
+  return x_dtype == DType::BF16 || x_dtype == DType::F16 || x_dtype == DType::F8_E4M3;
+}
+template <typename Fn>
+void with_activation_type(DType x_dtype, const char* what, Fn&& fn) {
+  if (x_dtype == DType::F8_E4M3) return fn(Tag<fp8>{});
+  with_float_type<false>(x_dtype, what, fn);
 }
 
 // The wgmma kernel's K step for activations of x_dtype: 128 bytes of a row.
@@ -103,8 +114,7 @@ void w8a16_gemm(const void* x, DType x_dtype, const int8_t* w, int64_t M, int64_
 
 bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
   // The same 16-byte loads of x and W rows as the tiled kernel.
-  return (x_dtype == DType::BF16 || x_dtype == DType::F16 || x_dtype == DType::F8_E4M3) && M <= kStreamMaxM &&
-         w8a16_supported(M, N, K, x, w);
+  return eight_bit_linear_activations(x_dtype) && M <= kStreamMaxM && w8a16_supported(M, N, K, x, w);
 }
 
 void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
@@ -112,23 +122,22 @@ void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64
                    float* out, cudaStream_t stream) {
   check_launch(stream_supported(x_dtype, M, N, K, x, w), SplitKPlan{}, nullptr, nullptr, "stream kernel", M, N, K);
   const Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
-  if (x_dtype == DType::F8_E4M3) return launch_stream<fp8>(x, w, M, N, K, layout, e, out, stream);
-  with_float_type<false>(x_dtype, "stream kernel activations", [&](auto tag) {
+  with_activation_type(x_dtype, "stream kernel activations", [&](auto tag) {
     launch_stream<typename decltype(tag)::type>(x, w, M, N, K, layout, e, out, stream);
   });
 }
 
 bool wgmma_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
   // The tiled kernel's limits (K a multiple of 64), and whole K steps.
-  return (x_dtype == DType::BF16 || x_dtype == DType::F16 || x_dtype == DType::F8_E4M3) &&
-         w8a16_supported(M, N, K, x, w) && K % wgmma_step_k(x_dtype) == 0;
+  return eight_bit_linear_activations(x_dtype) && w8a16_supported(M, N, K, x, w) && K % wgmma_step_k(x_dtype) == 0;
 }
 
 SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sms) {
   const int64_t tiles = ((N + kWgChannels - 1) / kWgChannels) * ((M + kWgTokens - 1) / kWgTokens);
   const int64_t k_steps = K / wgmma_step_k(x_dtype);
   // One block per multiprocessor (the pipeline's shared memory): split K so that the tiles' splits
-  // fill at most one wave, each split at least 8 K steps (the pipeline's depth is 3). Without a GPU.
+  // fill at most one wave, each split at least 8 K steps (the pipeline's depth is 3). Not tuned on
+  // a GPU.
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({num_sms / tiles, k_steps / 8, 16}));
   return split_plan(M, N, k_steps, tiles, splits);
 }
@@ -138,8 +147,7 @@ void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_
                   const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream) {
   check_launch(wgmma_supported(x_dtype, M, N, K, x, w), plan, partial, counters, "wgmma kernel", M, N, K);
   const Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
-  if (x_dtype == DType::F8_E4M3) return launch_wgmma<fp8>(x, w, M, N, K, plan, e, out, partial, counters, stream);
-  with_float_type<false>(x_dtype, "wgmma activations", [&](auto tag) {
+  with_activation_type(x_dtype, "wgmma activations", [&](auto tag) {
     launch_wgmma<typename decltype(tag)::type>(x, w, M, N, K, plan, e, out, partial, counters, stream);
   });
 }

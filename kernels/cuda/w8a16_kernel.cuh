@@ -495,28 +495,29 @@ __global__ void __launch_bounds__(kWgThreads)
   auto w_tile = [&](int stage) { return x_tile(stage) + Tiles::kXBytes; };
   auto code_tile = [&](int stage) { return w_tile(stage) + Tiles::kWBytes; };
 
-  // Copies the split's K step i (byte columns k0 .. k0 + 127 of x, codes k .. of the weights);
-  // rows past M or N are zero-filled.
+  // Copies 128 bytes (from byte `col`) of 128 rows (`row0` onwards, `row_bytes` apart) of src into a
+  // swizzled tile; rows at or past `rows` are zero-filled.
+  auto copy_swizzled = [&](uint8_t* tile, const uint8_t* src, int64_t row_bytes, int row0, int rows, int64_t col) {
+    static_assert(kWgTokens == 128 && kWgChannels == 128, "128-row tiles");
+    for (int q = tid; q < 128 * 8; q += kWgThreads) {
+      const int r = q / 8, c = q % 8;
+      const bool valid = row0 + r < rows;
+      cp_async16(tile + r * 128 + (c ^ (r % 8)) * 16, src + int64_t(valid ? row0 + r : 0) * row_bytes + col + c * 16,
+                 valid);
+    }
+  };
+  // Copies the split's K step i (values k .. k + kStepK - 1 of x's rows and of the weights' codes).
   auto load = [&](int i) {
     const int stage = i % kWgStages, k = (step_begin + i) * Tiles::kStepK;
-    for (int q = tid; q < kWgTokens * 8; q += kWgThreads) {
-      const int r = q / 8, c = q % 8;
-      const bool valid = m0 + r < M;
-      cp_async16(x_tile(stage) + r * 128 + (c ^ (r % 8)) * 16,
-                 xb + (int64_t(valid ? m0 + r : 0) * K + k) * int64_t(sizeof(T)) + c * 16, valid);
-    }
-    if constexpr (Tiles::kConvert) {
+    copy_swizzled(x_tile(stage), xb, K * int64_t(sizeof(T)), m0, M, k * int64_t(sizeof(T)));
+    if constexpr (Tiles::kConvert) {  // INT8 codes, 64 a row, to the staging tile as they are
       for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
         const int r = q / 4, c = q % 4;
         const bool valid = n0 + r < N;
         cp_async16(code_tile(stage) + r * Tiles::kStepK + c * 16, w + int64_t(valid ? n0 + r : 0) * K + k + c * 16, valid);
       }
     } else {
-      for (int q = tid; q < kWgChannels * 8; q += kWgThreads) {
-        const int r = q / 8, c = q % 8;
-        const bool valid = n0 + r < N;
-        cp_async16(w_tile(stage) + r * 128 + (c ^ (r % 8)) * 16, w + int64_t(valid ? n0 + r : 0) * K + k + c * 16, valid);
-      }
+      copy_swizzled(w_tile(stage), w, K, n0, N, k);
     }
   };
 

@@ -239,6 +239,11 @@ using std::min;
 // ---- The PTX instructions of kernels/cuda/common.cuh ---------------------------------------
 
 namespace llmq::emulation {
+// The value of an FP8 E4M3 code (by cuda_fp8.h's host conversion).
+inline float fp8_value(uint32_t code) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(code & 0xffu), __NV_E4M3)));
+}
+
 // One mma.sync m16n8kK of the warp (A 16 x K, B K x 8, kK / 8 elements a register, lowest k in the
 // lowest bits): the lanes' fragments are exchanged, then each lane adds its C elements' products,
 // summed in double, to its accumulators. element(reg, i) is the i-th element of a register.
@@ -281,9 +286,7 @@ void mma16816(float* c, const uint32_t* a, const uint32_t* b, T) {
 template <typename Fp8>  // the kernels' fp8 code type, declared after this header
 void mma16832(float* c, const uint32_t* a, const uint32_t* b, Fp8) {
   static_assert(sizeof(Fp8) == 1, "one-byte codes");
-  llmq::emulation::warp_mma<32>(c, a, b, [](uint32_t r, int i) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t((r >> (8 * i)) & 0xffu), __NV_E4M3)));
-  });
+  llmq::emulation::warp_mma<32>(c, a, b, [](uint32_t r, int i) { return llmq::emulation::fp8_value(r >> (8 * i)); });
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lane 8 m + r gives the address of row r of 8 x 8
@@ -354,8 +357,7 @@ inline void run(const Wgmma& op) {
   auto value = [&](uint64_t desc, int row, int k) {
     uint16_t v = 0;
     std::memcpy(&v, shared_at(operand_address(desc, row, k * size)), size_t(size));
-    if (op.type == DType::F8_E4M3)
-      return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(v), __NV_E4M3)));
+    if (op.type == DType::F8_E4M3) return fp8_value(v);
     return op.type == DType::BF16 ? half_of(v, 0, __nv_bfloat16{}) : half_of(v, 0, __half{});
   };
   const int warp = int(thread_index.x) / 32 % 4, g = lane() / 4, t = lane() % 4;

@@ -241,6 +241,16 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
   for (const GemmCase& c : cases) check(c);
 }
 
+// The Hopper kernel's launch for T activations (16-bit, or FP8 codes) under `plan`.
+template <typename T>
+void launch_wgmma(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const cuda::Epilogue& e,
+                  const cuda::SplitKPlan& plan, float* out, float* partial, unsigned* counters) {
+  emulation::launch(cuda::wgmma_grid(M, N, plan), cuda::kWgThreads, cuda::WgmmaTiles<T>::kSmemBytes, [&] {
+    cuda::wgmma_linear_kernel<T>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K),
+                                 plan.k_steps_per_split, e, out, partial, counters);
+  });
+}
+
 // The Hopper kernel: its wgmma descriptors and swizzled tiles against float64 (the emulation reads
 // the operands through the descriptors as the PTX ISA defines them), a dynamic shared memory that
 // starts off 1024-byte alignment, and wgmma_plan's K splits (few multiprocessors force them):
@@ -252,11 +262,8 @@ void check_wgmma(const GemmCase& c, int expected_splits) {
   const cuda::SplitKPlan plan = cuda::wgmma_plan(c.act, c.M, c.N, c.K, c.num_sms);
   EXPECT_EQ(plan.splits, expected_splits);
   check_with_plan(c, p, plan, [&](auto tag, float* out, float* partial, unsigned* counters) {
-    using T = typename decltype(tag)::type;
-    emulation::launch(cuda::wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::WgmmaTiles<T>::kSmemBytes, [&] {
-      cuda::wgmma_linear_kernel<T>(reinterpret_cast<const T*>(p.x.data()), reinterpret_cast<const uint8_t*>(p.w.data()),
-                                   int(c.M), int(c.N), int(c.K), plan.k_steps_per_split, p.e, out, partial, counters);
-    });
+    launch_wgmma<typename decltype(tag)::type>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, plan, out, partial,
+                                                counters);
   });
 }
 
@@ -295,13 +302,8 @@ TEST(W8A16KernelEmulated, WgmmaKernelFp8MatchesFloat64) {
     EXPECT_EQ(plan.splits, c.splits);
     std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN), out(size_t(c.M * c.N), NAN);
     std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);
-    emulation::launch(cuda::wgmma_grid(c.M, c.N, plan), cuda::kWgThreads, cuda::WgmmaTiles<cuda::fp8>::kSmemBytes,
-                      [&] {
-                        cuda::wgmma_linear_kernel<cuda::fp8>(reinterpret_cast<const cuda::fp8*>(p.x.data()),
-                                                             p.w.data(), int(c.M), int(c.N), int(c.K),
-                                                             plan.k_steps_per_split, p.e, out.data(), partial.data(),
-                                                             counters.data());
-                      });
+    launch_wgmma<cuda::fp8>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, plan, out.data(), partial.data(),
+                            counters.data());
     expect_fp8_result(p, out);
   }
 }

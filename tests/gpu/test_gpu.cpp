@@ -309,9 +309,10 @@ int compute_capability() {
 // the tiled GEMM from 9 rows: its tile shapes (16/32/64 rows for decode batches, 128 for prefill),
 // split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its repeatability; the
 // stream kernel up to 64 rows: every token-tile count (16 channels a block up to 32 rows, 32 above),
-// and in its 16-row layouts (16 and 128 channels a block), its repeatability; the Hopper (wgmma) kernel, on compute capability 9.0 only. N and M not tile
-// multiples, both activation types, per-channel and per-tensor scales, BF16 and F32 biases; and a
-// shape all leave to dequantize + cuBLASLt (K = 96).
+// and in its 16-row layouts (16 and 128 channels a block), its repeatability; the Hopper (wgmma)
+// kernel, on compute capability 9.0 only. N and M not tile multiples, both activation types,
+// per-channel and per-tensor scales, BF16 and F32 biases; and a shape all leave to dequantize +
+// cuBLASLt (K = 96).
 TEST_F(GpuLinear, Int8TensorCoreKernels) {
   struct Kernel {
     const char* path;
