@@ -37,6 +37,6 @@ profile stream-b64 int8wo 64 stream_linear 16 stream 1
 profile stream16-b64 int8wo 64 stream_linear 16 stream16 1
 profile stream-wide-b64 int8wo 64 stream_linear 16 stream-wide 1
 profile w8a16-prefill int8wo 1 w8a16 8 w8a16 512
-profile wgmma-prefill int8wo 1 wgmma_linear 8 wgmma 512
-profile wgmma-fp8-prefill fp8 1 wgmma_linear 8 wgmma 512
+profile wgmma-prefill int8wo 1 wgmma_w8a16 8 wgmma 2048
+profile wgmma-fp8-prefill fp8 1 wgmma_fp8 8 wgmma 512
 profile attention-b64 none 64 attention_kernel 8 gemm 128

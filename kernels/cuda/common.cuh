@@ -197,22 +197,23 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 // One wgmma m64n128 of `types` ("k16.f32.bf16.bf16", ...) into this thread's 64 accumulators d,
-// operands from the descriptors a and b, then `flags` (scale and transpose immediates).
-#define LLMQ_WGMMA_M64N128(types, flags)                                                                  \
+// then `operands` (A's descriptor or registers, B's descriptor) from the asm inputs after d, then
+// `flags` (scale and transpose immediates).
+#define LLMQ_WGMMA_M64N128(types, operands, flags, ...)                                                   \
   asm volatile("{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"                              \
-               "wgmma.mma_async.sync.aligned.m64n128" types " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, accumulate" flags ";\n}\n" \
+               "wgmma.mma_async.sync.aligned.m64n128" types " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, " operands ", accumulate" flags ";\n}\n" \
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-               : "l"(a), "l"(b))
+               : __VA_ARGS__)
 __device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, bf16) {
 #ifdef LLMQ_WGMMA
-  LLMQ_WGMMA_M64N128("k16.f32.bf16.bf16", ", 1, 1, 0, 0");
+  LLMQ_WGMMA_M64N128("k16.f32.bf16.bf16", "%64, %65", ", 1, 1, 0, 0", "l"(a), "l"(b));
 #else
   __trap();
 #endif
 }
 __device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, f16) {
 #ifdef LLMQ_WGMMA
-  LLMQ_WGMMA_M64N128("k16.f32.f16.f16", ", 1, 1, 0, 0");
+  LLMQ_WGMMA_M64N128("k16.f32.f16.f16", "%64, %65", ", 1, 1, 0, 0", "l"(a), "l"(b));
 #else
   __trap();
 #endif
@@ -220,7 +221,27 @@ __device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, 
 // (FP8 operands are K-major only: the instruction has no transpose flags.)
 __device__ __forceinline__ void wgmma_m64n128(float* d, uint64_t a, uint64_t b, fp8) {
 #ifdef LLMQ_WGMMA
-  LLMQ_WGMMA_M64N128("k32.f32.e4m3.e4m3", ", 1, 1");
+  LLMQ_WGMMA_M64N128("k32.f32.e4m3.e4m3", "%64, %65", ", 1, 1", "l"(a), "l"(b));
+#else
+  __trap();
+#endif
+}
+// The same with A (64 x 16 16-bit values) from registers: warp w of the warpgroup holds rows 16w ..
+// 16w + 15 as mma.sync m16n8k16's A fragment (a[0]: row g, k 2t and 2t + 1; a[1]: row g + 8; a[2]
+// and a[3]: the same rows at k 2t + 8 and 2t + 9), and must leave them unchanged until the wgmma's
+// group is waited for.
+__device__ __forceinline__ void wgmma_m64n128(float* d, const uint32_t* a, uint64_t b, bf16) {
+#ifdef LLMQ_WGMMA
+  LLMQ_WGMMA_M64N128("k16.f32.bf16.bf16", "{%64, %65, %66, %67}, %68", ", 1, 1, 0", "r"(a[0]), "r"(a[1]), "r"(a[2]),
+                     "r"(a[3]), "l"(b));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n128(float* d, const uint32_t* a, uint64_t b, f16) {
+#ifdef LLMQ_WGMMA
+  LLMQ_WGMMA_M64N128("k16.f32.f16.f16", "{%64, %65, %66, %67}, %68", ", 1, 1, 0", "r"(a[0]), "r"(a[1]), "r"(a[2]),
+                     "r"(a[3]), "l"(b));
 #else
   __trap();
 #endif

@@ -250,11 +250,12 @@ class Profiler {
 // activations read from L2 once for 128 channels); Wgmma: the Hopper kernel (compute capability
 // 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared memory.
 enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma };
-// The wgmma kernel runs only when LLMQ_LINEAR_PATH asks for it (the gpu tests, gpu-check.sh's
-// forced passes), never as the timed choice: on an H200 (session 7) its INT8 form was right but
-// took twice the time of dequantize + cuBLASLt at 2048 tokens, and its FP8 form (once its sums
-// were kept in fp32 every K step) 105 against 56 ms with cuBLASLt.
-constexpr bool kWgmmaInTimedChoice = false;
+// The wgmma kernels in the timed choice: the INT8 one (weights as A from registers, rewritten in
+// session 8; its first form, which wrote the converted codes back to shared memory, took twice the
+// time of dequantize + cuBLASLt at 2048 tokens on an H200) above kStreamMaxM rows, where the stream
+// kernel stops. The FP8 one only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
+// pass): on an H200 (session 7) it took 105 against cuBLASLt's 56 ms a 2048-token prefill.
+constexpr bool kInt8WgmmaInTimedChoice = true, kFp8WgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
 const char* linear_path_name(LinearPath path) {
@@ -759,11 +760,12 @@ class CudaBackend final : public Backend {
     buffer = std::make_unique<DeviceBuffer>(std::max<uint64_t>(bytes, 1 << 20));
   }
 
-  // Whether the wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and (while
-  // kWgmmaInTimedChoice is false) only when LLMQ_LINEAR_PATH=wgmma.
+  // Whether a wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and
+  // LLMQ_LINEAR_PATH=wgmma or (the INT8 one, above the stream kernel's rows) the timed choice.
   bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
-    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) &&
-           (kWgmmaInTimedChoice || forced_path_ == LinearPath::Wgmma);
+    const bool timed = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice
+                                                 : kInt8WgmmaInTimedChoice && M > cuda::kStreamMaxM;
+    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) && (timed || forced_path_ == LinearPath::Wgmma);
   }
 
   // The stream kernel's paths for a linear it takes: all rows in one block, and above 16 rows its

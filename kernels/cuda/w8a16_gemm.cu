@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 
 #include "engine/error.h"
 #include "kernels/cuda/w8a16_kernel.cuh"
@@ -57,10 +58,10 @@ void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K
 template <typename T>
 void launch_wgmma(const void* x, const void* w, int64_t M, int64_t N, int64_t K, const SplitKPlan& plan,
                   const Epilogue& e, float* out, float* partial, unsigned* counters, cudaStream_t stream) {
-  const auto kernel = wgmma_linear_kernel<T>;
+  const auto kernel = wgmma_kernel<T>();
   constexpr int smem = WgmmaTiles<T>::kSmemBytes;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<wgmma_grid(M, N, plan), kWgThreads, smem, stream>>>(static_cast<const T*>(x),
+  kernel<<<wgmma_grid<T>(M, N, plan), kWgThreads, smem, stream>>>(static_cast<const T*>(x),
                                                                 static_cast<const uint8_t*>(w), int(M), int(N),
                                                                 int(K), plan.k_steps_per_split, e, out, partial,
                                                                 counters);
@@ -77,9 +78,10 @@ void with_activation_type(DType x_dtype, const char* what, Fn&& fn) {
   with_float_type<false>(x_dtype, what, fn);
 }
 
-// The wgmma kernel's K step for activations of x_dtype: 128 bytes of a row.
-int64_t wgmma_step_k(DType x_dtype) {
-  return x_dtype == DType::F8_E4M3 ? WgmmaTiles<fp8>::kStepK : WgmmaTiles<bf16>::kStepK;
+// The wgmma kernels' K step (128 bytes of a row) and tile (tokens x channels) for x_dtype.
+template <typename Fn>
+auto with_wgmma_tiles(DType x_dtype, Fn&& fn) {
+  return x_dtype == DType::F8_E4M3 ? fn(WgmmaTiles<fp8>{}) : fn(WgmmaTiles<bf16>{});
 }
 
 }  // namespace
@@ -129,12 +131,17 @@ void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64
 
 bool wgmma_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
   // The tiled kernel's limits (K a multiple of 64), and whole K steps.
-  return eight_bit_linear_activations(x_dtype) && w8a16_supported(M, N, K, x, w) && K % wgmma_step_k(x_dtype) == 0;
+  return eight_bit_linear_activations(x_dtype) && w8a16_supported(M, N, K, x, w) &&
+         K % with_wgmma_tiles(x_dtype, [](auto tiles) { return decltype(tiles)::kStepK; }) == 0;
 }
 
 SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sms) {
-  const int64_t tiles = ((N + kWgChannels - 1) / kWgChannels) * ((M + kWgTokens - 1) / kWgTokens);
-  const int64_t k_steps = K / wgmma_step_k(x_dtype);
+  const auto [tokens, channels, step_k] = with_wgmma_tiles(x_dtype, [](auto tiles) {
+    using Tiles = decltype(tiles);
+    return std::array<int64_t, 3>{Tiles::kTokens, Tiles::kChannels, Tiles::kStepK};
+  });
+  const int64_t tiles = ((N + channels - 1) / channels) * ((M + tokens - 1) / tokens);
+  const int64_t k_steps = K / step_k;
   // One block per multiprocessor (the pipeline's shared memory): split K so that the tiles' splits
   // fill at most one wave, each split at least 8 K steps (the pipeline's depth is 3). Not tuned on
   // a GPU.

@@ -2,7 +2,7 @@
 // tests/emulated/ runs them too (w8a16_gemm.cu plans and launches them):
 //  - the tiled INT8 weight-only GEMM (W8A16, below), any number of rows;
 //  - the decode kernel that streams INT8 or FP8 weights into registers (up to 64 rows);
-//  - the Hopper wgmma kernel for INT8 (with 16-bit x) and FP8 (with FP8 x) weights, for prefill.
+//  - the Hopper wgmma kernels for INT8 (with 16-bit x) and FP8 (with FP8 x) weights, for prefill.
 // The W8A16 ones compute out[M, N] (fp32) = x[M, K] (BF16/F16) . W[N, K]^T (INT8 codes), then the
 // weight scale per column and the bias (engine/quant.h). The codes travel as one byte each and
 // become 16-bit values exactly (|code| <= 128), so the weights cost a fifth of the bytes of
@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_kernels.h"
@@ -61,6 +62,24 @@ __device__ __forceinline__ void i8x4_to_pairs(uint32_t q, uint32_t& lo, uint32_t
   for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 | i)) - 8388736.0f;
   lo = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);
   hi = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);
+}
+
+// Two codes (bytes 0 and 1 of p) as one register of two 16-bit values, exact, code 0 in the lower
+// half: each code spread to the low byte of a half, then a bias trick in 16-bit arithmetic.
+__device__ __forceinline__ uint32_t i8x2_to_pair(uint32_t p, f16) {
+  // f16 0x64XX = 1024 + XX: with XX = code + 128 (the sign bit flipped), minus 1152.
+  const uint32_t u = __byte_perm(p, 0, 0x4140) ^ 0x64806480u;
+  const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&u), __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480)));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+__device__ __forceinline__ uint32_t i8x2_to_pair(uint32_t p, bf16) {
+  // bf16 0x43XX = 128 + XX for XX < 128 (7 mantissa bits): v = 128 + (code & 127), then minus 128
+  // for codes >= 0 and 256 (0x4380) for negative ones.
+  const uint32_t spread = __byte_perm(p, 0, 0x4140);
+  const uint32_t v = (spread & 0x007f007fu) | 0x43004300u, m = (spread & 0x00800080u) ^ 0x43004300u;
+  const __nv_bfloat162 r =
+      __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), *reinterpret_cast<const __nv_bfloat162*>(&m));
+  return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
@@ -444,32 +463,38 @@ void stream_for_rows(int64_t M, int64_t N, StreamLayout layout, Launch&& launch)
 
 // ---- Prefill on Hopper: warpgroup MMAs over 8-bit weights -------------------------------------
 //
-// For many rows on compute capability 9.0 (sm_90a), T being the activations' element type: INT8
-// weights with BF16/F16 activations (W8A16), or FP8 E4M3 weights with FP8 activation codes and
-// their row scales. A block computes 128 tokens x 128 channels over its range of K, its two
-// warpgroups 64 tokens each. Every K step (128 bytes of each row: 64 16-bit values, 128 codes):
-//  - the x tile (128 tokens) and the weight tile (128 channels) are copied into shared memory
-//    (cp.async, kWgStages - 2 steps ahead); INT8 codes go to a staging tile, and the block's
-//    threads convert them to T (exact) into the weight tile;
-//  - each warpgroup multiplies its 64 tokens by the 128 channels: 4 wgmma of one 32-byte K slice,
-//    both operands read from shared memory by the tensor cores, while the block converts and
-//    copies the next steps (one MMA group in flight).
-// The x and weight tiles are laid out as wgmma reads K-major operands with the 128-byte swizzle: a
-// row's 128 bytes are 8 chunks of 16, chunk c of row r stored at chunk c ^ (r % 8), 8-row groups
-// 1024 bytes apart from 1024-aligned tiles. Unlike the other INT8 kernels the k order is the
+// For many rows on compute capability 9.0 (sm_90a), T being the activations' element type, two
+// kernels with blocks of two warpgroups (256 threads), each over a range of K in steps of 128 bytes
+// of a row (64 16-bit values, 128 FP8 codes), through a kWgStages-deep cp.async pipeline (copies
+// kWgStages - 2 steps ahead, one MMA group in flight):
+//  - INT8 weights with BF16/F16 x (W8A16): out^T = W . x^T, so that the weights are wgmma's A
+//    operand, which may come from registers: the codes go from shared memory straight into A
+//    fragments, converted exactly to T on the way, and never back to shared memory (an H200 run of
+//    the earlier form that wrote them back: half the speed of dequantize + cuBLASLt). A block is
+//    128 channels x 256 tokens, each warpgroup 64 channels x 256 tokens (two m64n128 halves, 128
+//    fp32 accumulators a thread). Lane (g, t) needs k = 2t, 2t + 1, 2t + 8, 2t + 9 of each 16 of
+//    its rows g and g + 8, two bytes at a time; the code rows are 80 bytes apart in shared memory so
+//    that those loads fall in 32 different banks. Each K slice's fragments are built while the
+//    MMAs of the slices before run, in two buffers (even and odd steps).
+//  - FP8 weights with FP8 x codes and their row scales: both operands from shared memory, a block
+//    128 tokens x 128 channels, each warpgroup 64 tokens.
+// The x tiles (and FP8 weight tiles) are laid out as wgmma reads K-major operands with the 128-byte
+// swizzle: a row's 128 bytes are 8 chunks of 16, chunk c of row r stored at chunk c ^ (r % 8), 8-row
+// groups 1024 bytes apart from 1024-aligned tiles. Unlike the other INT8 kernels the k order is the
 // natural one (the descriptors cannot permute it). When the tiles cannot fill the GPU (short
 // prompts), K is split over blocks as in the tiled kernel (wgmma_plan). Scales (the weight's, FP8's
 // row scales) and bias are applied to the fp32 sums.
-constexpr int kWgTokens = 128, kWgChannels = 128, kWgStages = 5, kWgThreads = 256;
+constexpr int kWgStages = 5, kWgThreads = 256;
 
 template <typename T>
 struct WgmmaTiles {
-  static constexpr bool kConvert = sizeof(T) == 2;   // INT8 codes converted to T in shared memory
-  static constexpr int kStepK = 128 / int(sizeof(T));  // K per step: one 128-byte row of each tile
-  static constexpr int kXBytes = kWgTokens * 128, kWBytes = kWgChannels * 128;
-  static constexpr int kCodeBytes = kConvert ? kWgChannels * kStepK : 0;  // INT8 staging tile
-  static constexpr int kStageBytes = kXBytes + kWBytes + kCodeBytes;     // 1024-aligned stages
-  static constexpr int kSmemBytes = kWgStages * kStageBytes + 1024;     // + aligning the first stage
+  static constexpr bool kRegisterA = sizeof(T) == 2;  // INT8 weights as A from registers, 16-bit x
+  static constexpr int kTokens = kRegisterA ? 256 : 128, kChannels = 128;
+  static constexpr int kStepK = 128 / int(sizeof(T));         // K per step: one 128-byte row of x
+  static constexpr int kWRowBytes = kRegisterA ? 80 : 128;    // between the weight tile's rows
+  static constexpr int kXBytes = kTokens * 128, kWBytes = kChannels * kWRowBytes;
+  static constexpr int kStageBytes = kXBytes + kWBytes;       // 1024-aligned stages
+  static constexpr int kSmemBytes = kWgStages * kStageBytes + 1024;  // + aligning the first stage
   static_assert(kStageBytes % 1024 == 0, "1024-aligned stages");
 };
 
@@ -478,56 +503,161 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
   return uint64_t((address & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
+// The dynamic shared memory from its first 1024-aligned byte (wgmma's swizzle needs it).
+__device__ __forceinline__ uint8_t* wgmma_shared(uint4* smem_raw) {
+  return reinterpret_cast<uint8_t*>(smem_raw) + (1024 - smem_address(smem_raw) % 1024) % 1024;
+}
+
+// The block's threads copy 128 bytes (from byte `col`) of kRows rows (`row0` onwards, `row_bytes`
+// apart) of src into a swizzled tile; rows at or past `rows` are zero-filled.
+template <int kRows>
+__device__ __forceinline__ void copy_swizzled(uint8_t* tile, const uint8_t* src, int64_t row_bytes, int row0,
+                                              int rows, int64_t col) {
+  for (int q = int(threadIdx.x); q < kRows * 8; q += kWgThreads) {
+    const int r = q / 8, c = q % 8;
+    const bool valid = row0 + r < rows;
+    cp_async16(tile + r * 128 + (c ^ (r % 8)) * 16, src + int64_t(valid ? row0 + r : 0) * row_bytes + col + c * 16,
+               valid);
+  }
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kWgThreads)
-    wgmma_linear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K,
-                        int k_steps_per_split, Epilogue e, float* __restrict__ out, float* __restrict__ partial,
-                        unsigned* __restrict__ counters) {
+__global__ void __launch_bounds__(kWgThreads, 1)
+    wgmma_w8a16_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K,
+                       int k_steps_per_split, Epilogue e, float* __restrict__ out, float* __restrict__ partial,
+                       unsigned* __restrict__ counters) {
   using Tiles = WgmmaTiles<T>;
+  static_assert(Tiles::kRegisterA, "16-bit activations");
   LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
-  uint8_t* const smem = reinterpret_cast<uint8_t*>(smem_raw) + (1024 - smem_address(smem_raw) % 1024) % 1024;
+  uint8_t* const smem = wgmma_shared(smem_raw);
   const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int m0 = blockIdx.y * kWgTokens, n0 = blockIdx.x * kWgChannels;
+  const int n0 = blockIdx.x * Tiles::kChannels, m0 = blockIdx.y * Tiles::kTokens;
   const int step_begin = blockIdx.z * k_steps_per_split;
   const int n_k = min(K / Tiles::kStepK - step_begin, k_steps_per_split);  // >= 1: the plan leaves no split empty
-  const uint8_t* const xb = reinterpret_cast<const uint8_t*>(x);
+  auto x_tile = [&](int stage) { return smem + stage * Tiles::kStageBytes; };
+  auto code_tile = [&](int stage) { return x_tile(stage) + Tiles::kXBytes; };
+
+  // Copies the split's K step i: x's 64 values of the block's tokens, the codes of its channels.
+  // This thread copies 16-byte chunk tid % 8 of x's rows tid / 8 + 32 r (r < 8) and chunk tid % 4 of
+  // the code rows tid / 4 + 64 r (r < 2); rows past M or N are zero-filled (from a valid address).
+  constexpr int kXRounds = Tiles::kTokens * 8 / kWgThreads, kCodeRounds = Tiles::kChannels * 4 / kWgThreads;
+  const int64_t x_row_bytes = K * int64_t(sizeof(T));
+  const uint8_t* const x_src = reinterpret_cast<const uint8_t*>(x) + (tid % 8) * 16;
+  const uint8_t* const code_src = w + (tid % 4) * 16;
+  const int x_row = m0 + tid / 8, code_row = n0 + tid / 4;
+  const int x_dst = (tid / 8) * 128 + ((tid % 8) ^ (tid / 8 % 8)) * 16, code_dst = (tid / 4) * Tiles::kWRowBytes + (tid % 4) * 16;
+  auto load = [&](int i) {
+    const int stage = i % kWgStages;
+    const int64_t k = int64_t(step_begin + i) * Tiles::kStepK;
+#pragma unroll
+    for (int r = 0; r < kXRounds; ++r) {  // rows 32 apart: the same swizzle
+      const int row = x_row + 32 * r;
+      cp_async16(x_tile(stage) + x_dst + r * 32 * 128, x_src + (row < M ? row : 0) * x_row_bytes + k * int64_t(sizeof(T)),
+                 row < M);
+    }
+#pragma unroll
+    for (int r = 0; r < kCodeRounds; ++r) {
+      const int row = code_row + 64 * r;
+      cp_async16(code_tile(stage) + code_dst + r * 64 * Tiles::kWRowBytes, code_src + (row < N ? row : 0) * int64_t(K) + k,
+                 row < N);
+    }
+  };
+
+  float d[2][64];  // the two 128-token halves
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[0][i] = d[1][i] = 0.0f;
+  uint32_t a_even[4][4], a_odd[4][4];  // A fragments of the 4 K slices of even and odd steps
+  // One step: its copies landed and made visible to the tensor cores, the next copies issued, then
+  // for each K slice its fragments built from the codes (a[slice]: a[0], a[1] k = 2t, 2t + 1 of rows
+  // g, g + 8; a[2], a[3] k = 2t + 8, 2t + 9) and its 2 MMAs issued, so that the tensor cores start
+  // on the step while its later slices convert; then the MMAs of the step before waited for. (One
+  // buffer of fragments, rebuilt a slice at a time after waiting for that slice of the step before,
+  // spilled 116 bytes to ptxas's 24 with two.)
+  auto step = [&](int j, uint32_t(&a)[4][4]) {
+    cp_async_wait<kWgStages - 3>();
+    fence_proxy_async();
+    // Step j is visible to all threads, and every warpgroup has waited for its MMAs of step j - 2,
+    // whose stage the copy below refills (and whose fragment registers `a` are).
+    __syncthreads();
+    if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
+    cp_async_commit();
+    const int stage = j % kWgStages;
+    const uint8_t* const codes = code_tile(stage) + (64 * group + 16 * warp + g) * Tiles::kWRowBytes + 2 * t;
+    const uint32_t xa = smem_address(x_tile(stage));
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // rows g (i even), g + 8 (i odd); k 2t (i < 2), 2t + 8
+        a[s][i] = i8x2_to_pair(
+            *reinterpret_cast<const uint16_t*>(codes + (i % 2) * 8 * Tiles::kWRowBytes + 16 * s + (i / 2) * 8), T{});
+      wgmma_fence();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wgmma_m64n128(d[h], a[s], wgmma_descriptor(xa + h * 128 * 128 + 32 * s), T{});
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  };
+  // One commit group of copies per K step, empty past the end: step j has landed when at most
+  // kWgStages - 3 groups are pending at step j.
+#pragma unroll
+  for (int p = 0; p < kWgStages - 2; ++p) {
+    if (p < n_k) load(p);
+    cp_async_commit();
+  }
+  for (int j = 0; j < n_k; j += 2) {
+    step(j, a_even);
+    if (j + 1 < n_k) step(j + 1, a_odd);
+  }
+  wgmma_wait<0>();
+  wgmma_hold(d[0], 64);
+  wgmma_hold(d[1], 64);
+  cp_async_wait<0>();  // only empty groups remain
+
+  // d[h][4j + 2i + c]: channel 64 group + 16 warp + g + 8i, token 128h + 8j + 2t + c.
+  // Slice q: tokens 64q .. 64q + 63 of the block's 256.
+  auto for_outputs = [&](int q, auto&& fn) {
+#pragma unroll
+    for (int j = 8 * (q % 2); j < 8 * (q % 2) + 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int n = n0 + 64 * group + 16 * warp + g + 8 * i, m = m0 + 128 * (q / 2) + 8 * j + 2 * t + c;
+          if (m < M && n < N) fn(d[q / 2][4 * j + 2 * i + c], int64_t(m) * N + n, m, n);
+        }
+  };
+  if (gridDim.z > 1 && !gather_splits<4>(for_outputs, M, N, partial, counters + blockIdx.y * gridDim.x + blockIdx.x))
+    return;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
+}
+
+__global__ void __launch_bounds__(kWgThreads)
+    wgmma_fp8_kernel(const fp8* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K,
+                     int k_steps_per_split, Epilogue e, float* __restrict__ out, float* __restrict__ partial,
+                     unsigned* __restrict__ counters) {
+  using Tiles = WgmmaTiles<fp8>;
+  LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
+  uint8_t* const smem = wgmma_shared(smem_raw);
+  const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m0 = blockIdx.y * Tiles::kTokens, n0 = blockIdx.x * Tiles::kChannels;
+  const int step_begin = blockIdx.z * k_steps_per_split;
+  const int n_k = min(K / Tiles::kStepK - step_begin, k_steps_per_split);  // >= 1: the plan leaves no split empty
   auto x_tile = [&](int stage) { return smem + stage * Tiles::kStageBytes; };
   auto w_tile = [&](int stage) { return x_tile(stage) + Tiles::kXBytes; };
-  auto code_tile = [&](int stage) { return w_tile(stage) + Tiles::kWBytes; };
-
-  // Copies 128 bytes (from byte `col`) of 128 rows (`row0` onwards, `row_bytes` apart) of src into a
-  // swizzled tile; rows at or past `rows` are zero-filled.
-  auto copy_swizzled = [&](uint8_t* tile, const uint8_t* src, int64_t row_bytes, int row0, int rows, int64_t col) {
-    static_assert(kWgTokens == 128 && kWgChannels == 128, "128-row tiles");
-    for (int q = tid; q < 128 * 8; q += kWgThreads) {
-      const int r = q / 8, c = q % 8;
-      const bool valid = row0 + r < rows;
-      cp_async16(tile + r * 128 + (c ^ (r % 8)) * 16, src + int64_t(valid ? row0 + r : 0) * row_bytes + col + c * 16,
-                 valid);
-    }
-  };
-  // Copies the split's K step i (values k .. k + kStepK - 1 of x's rows and of the weights' codes).
+  // Copies the split's K step i (codes k .. k + 127 of x's rows and of the weights' rows).
   auto load = [&](int i) {
     const int stage = i % kWgStages, k = (step_begin + i) * Tiles::kStepK;
-    copy_swizzled(x_tile(stage), xb, K * int64_t(sizeof(T)), m0, M, k * int64_t(sizeof(T)));
-    if constexpr (Tiles::kConvert) {  // INT8 codes, 64 a row, to the staging tile as they are
-      for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
-        const int r = q / 4, c = q % 4;
-        const bool valid = n0 + r < N;
-        cp_async16(code_tile(stage) + r * Tiles::kStepK + c * 16, w + int64_t(valid ? n0 + r : 0) * K + k + c * 16, valid);
-      }
-    } else {
-      copy_swizzled(w_tile(stage), w, K, n0, N, k);
-    }
+    copy_swizzled<Tiles::kTokens>(x_tile(stage), reinterpret_cast<const uint8_t*>(x), K, m0, M, k);
+    copy_swizzled<Tiles::kChannels>(w_tile(stage), w, K, n0, N, k);
   };
 
-  float d[64], sums[Tiles::kConvert ? 1 : 64];  // sums: FP8's fp32 sums of the steps' MMA sums
+  // FP8 MMAs keep fewer bits in their sums than fp32 (an H200 run: 0.57 off at K = 4096), so each
+  // step's sums (128 products) are added into fp32 ones, as cuBLASLt does without fast
+  // accumulation. This waits for the step's MMAs: the copies ahead still overlap them.
+  float d[64], sums[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
-#pragma unroll
-  for (int i = 0; i < int(sizeof(sums) / sizeof(float)); ++i) sums[i] = 0.0f;
-  // One commit group per K step, empty past the end: step j has landed when at most
-  // kWgStages - 3 groups are pending at iteration j.
+  for (int i = 0; i < 64; ++i) d[i] = sums[i] = 0.0f;
 #pragma unroll
   for (int p = 0; p < kWgStages - 2; ++p) {
     if (p < n_k) load(p);
@@ -535,57 +665,28 @@ __global__ void __launch_bounds__(kWgThreads)
   }
   for (int j = 0; j < n_k; ++j) {
     cp_async_wait<kWgStages - 3>();
-    // Step j is visible to all threads, and every warpgroup has waited for its MMAs of step j - 2,
-    // whose stage the copy below refills.
+    fence_proxy_async();  // this thread's landed copies, to the tensor cores' reads
+    // Step j is visible to all threads, and every warpgroup has waited for its MMAs of step j - 1.
     __syncthreads();
     if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
     cp_async_commit();
-
     const int stage = j % kWgStages;
-    if constexpr (Tiles::kConvert) {
-      for (int q = tid; q < kWgChannels * 4; q += kWgThreads) {
-        const int r = q / 4, c = q % 4;  // codes 16c .. 16c + 15 of row r: 16-bit chunks 2c, 2c + 1
-        const uint4 codes = *reinterpret_cast<const uint4*>(code_tile(stage) + r * Tiles::kStepK + c * 16);
-        uint32_t v[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) i8x4_to_pairs(word(codes, i), v[2 * i], v[2 * i + 1], T{});
-        uint8_t* row = w_tile(stage) + r * 128;
-        *reinterpret_cast<uint4*>(row + ((2 * c) ^ (r % 8)) * 16) = make_uint4(v[0], v[1], v[2], v[3]);
-        *reinterpret_cast<uint4*>(row + ((2 * c + 1) ^ (r % 8)) * 16) = make_uint4(v[4], v[5], v[6], v[7]);
-      }
-    }
-    fence_proxy_async();  // this thread's landed copies and its stores, to the tensor cores' reads
-    __syncthreads();
-
     const uint32_t xa = smem_address(x_tile(stage) + group * 64 * 128), wa = smem_address(w_tile(stage));
     wgmma_fence();
 #pragma unroll
-    for (int q = 0; q < 4; ++q) wgmma_m64n128(d, wgmma_descriptor(xa + 32 * q), wgmma_descriptor(wa + 32 * q), T{});
+    for (int q = 0; q < 4; ++q) wgmma_m64n128(d, wgmma_descriptor(xa + 32 * q), wgmma_descriptor(wa + 32 * q), fp8{});
     wgmma_commit();
-    if constexpr (Tiles::kConvert) {
-      wgmma_wait<1>();  // the MMAs of step j - 1 are done
-    } else {
-      // FP8 MMAs keep fewer bits in their sums than fp32 (an H200 run: 0.57 off at K = 4096), so
-      // each step's sums (128 products) are added into fp32 ones, as cuBLASLt does without fast
-      // accumulation. This waits for the step's MMAs: the copies ahead still overlap them.
-      wgmma_wait<0>();
-      wgmma_hold(d, 64);
+    wgmma_wait<0>();
+    wgmma_hold(d, 64);
 #pragma unroll
-      for (int i = 0; i < 64; ++i) {
-        sums[i] += d[i];
-        d[i] = 0.0f;
-      }
+    for (int i = 0; i < 64; ++i) {
+      sums[i] += d[i];
+      d[i] = 0.0f;
     }
   }
-  wgmma_wait<0>();
-  wgmma_hold(d, 64);
   cp_async_wait<0>();  // only empty groups remain
-  if constexpr (!Tiles::kConvert) {
-#pragma unroll
-    for (int i = 0; i < 64; ++i) d[i] = sums[i];
-  }
 
-  // d[4j + 2h + c]: token 16 warp + g + 8h of the warpgroup's 64, channel 8j + 2t + c.
+  // sums[4j + 2h + c]: token 16 warp + g + 8h of the warpgroup's 64, channel 8j + 2t + c.
   // Slice q: channels 32q .. 32q + 31 of the block's 128.
   auto for_outputs = [&](int q, auto&& fn) {
 #pragma unroll
@@ -595,7 +696,7 @@ __global__ void __launch_bounds__(kWgThreads)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int m = m0 + 64 * group + 16 * warp + g + 8 * h, n = n0 + 8 * j + 2 * t + c;
-          if (m < M && n < N) fn(d[4 * j + 2 * h + c], int64_t(m) * N + n, m, n);
+          if (m < M && n < N) fn(sums[4 * j + 2 * h + c], int64_t(m) * N + n, m, n);
         }
   };
   if (gridDim.z > 1 && !gather_splits<4>(for_outputs, M, N, partial, counters + blockIdx.y * gridDim.x + blockIdx.x))
@@ -604,8 +705,18 @@ __global__ void __launch_bounds__(kWgThreads)
   for (int q = 0; q < 4; ++q) for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
 }
 
-inline dim3 wgmma_grid(int64_t M, int64_t N, const SplitKPlan& plan) {
-  return dim3(unsigned((N + kWgChannels - 1) / kWgChannels), unsigned((M + kWgTokens - 1) / kWgTokens),
+// The Hopper kernel for T activations (16-bit: INT8 weights; fp8: FP8 weights), and its grid.
+template <typename T>
+constexpr auto wgmma_kernel() {
+  if constexpr (std::is_same_v<T, fp8>)
+    return wgmma_fp8_kernel;
+  else
+    return wgmma_w8a16_kernel<T>;
+}
+template <typename T>
+dim3 wgmma_grid(int64_t M, int64_t N, const SplitKPlan& plan) {
+  using Tiles = WgmmaTiles<T>;
+  return dim3(unsigned((N + Tiles::kChannels - 1) / Tiles::kChannels), unsigned((M + Tiles::kTokens - 1) / Tiles::kTokens),
               unsigned(plan.splits));
 }
 

@@ -8,10 +8,11 @@
 //    warp barriers; mma.sync (m16n8k16 16-bit, m16n8k32 E4M3) reads its fragments by the PTX ISA's
 //    layouts and sums the products in double;
 //  - cp.async copies land when waited for (or at once, with eager_copies);
-//  - Hopper's wgmma (m64n128 over a 32-byte K slice: BF16/F16 k16, FP8 E4M3 k32; both operands in
-//    shared memory through descriptors with the 128-byte swizzle) runs when its group is waited
-//    for, reading shared memory then; shared memory addresses start at a base that is not
-//    1024-aligned, as kernels must not assume;
+//  - Hopper's wgmma (m64n128 over a 32-byte K slice: BF16/F16 k16, FP8 E4M3 k32; B, and A unless it
+//    comes from registers, in shared memory through descriptors with the 128-byte swizzle) runs
+//    when its group is waited for, reading shared memory then; A from registers is gathered when
+//    issued, and the wait checks that the thread left its registers unchanged; shared memory
+//    addresses start at a base that is not 1024-aligned, as kernels must not assume;
 //  - atomics take a lock.
 // Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
 // the tensor cores, and everything else CUDA has. Include it before any kernel header.
@@ -24,6 +25,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <climits>
 #include <cmath>
 #include <condition_variable>
@@ -106,6 +108,11 @@ struct Wgmma {
   float* d;
   uint64_t a, b;
   DType type;  // the operands' element type: BF16, F16 or F8_E4M3
+  // A from registers: the thread's registers, their values when issued, and the values of A's rows
+  // this thread's accumulators need (16w + g and 16w + g + 8), gathered from the warp when issued.
+  const uint32_t* a_registers = nullptr;
+  uint32_t a_issued[4] = {};
+  float a_rows[2][16] = {};
 };
 inline thread_local std::vector<Wgmma> open_wgmma;
 inline thread_local std::deque<std::vector<Wgmma>> wgmma_groups;
@@ -360,13 +367,16 @@ inline void run(const Wgmma& op) {
     if (op.type == DType::F8_E4M3) return fp8_value(v);
     return op.type == DType::BF16 ? half_of(v, 0, __nv_bfloat16{}) : half_of(v, 0, __half{});
   };
+  if (op.a_registers && !std::equal(op.a_issued, op.a_issued + 4, op.a_registers))
+    throw std::logic_error("wgmma emulation: A's registers changed before the wgmma was waited for");
   const int warp = int(thread_index.x) / 32 % 4, g = lane() / 4, t = lane() % 4;
   for (int j = 0; j < 16; ++j)
     for (int h = 0; h < 2; ++h)
       for (int e = 0; e < 2; ++e) {
         const int row = 16 * warp + g + 8 * h, col = 8 * j + 2 * t + e;
         double sum = 0;
-        for (int k = 0; k < k_slice; ++k) sum += double(value(op.a, row, k)) * double(value(op.b, col, k));
+        for (int k = 0; k < k_slice; ++k)
+          sum += double(op.a_registers ? op.a_rows[h][k] : value(op.a, row, k)) * double(value(op.b, col, k));
         float& d = op.d[4 * j + 2 * h + e];
         d = float(double(d) + sum);
       }
@@ -385,6 +395,29 @@ inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __nv_bfloat16) {
 }
 inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __half) {
   llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::F16});
+}
+// A from registers (16-bit T): the warp's fragments are exchanged now, as mma.sync's are.
+template <typename T>
+void wgmma_m64n128(float* d, const uint32_t* a, uint64_t b, T) {
+  using namespace llmq::emulation;
+  Wgmma op{d, 0, b, std::is_same_v<T, __half> ? llmq::DType::F16 : llmq::DType::BF16};
+  op.a_registers = a;
+  std::copy(a, a + 4, op.a_issued);
+  uint64_t* mine = slots(lane());
+  mine[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
+  mine[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
+  warp_barrier().wait();
+  // A[row][k] (row < 16 of the warp's) is in lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) +
+  // 2 (k >= 8), half k % 2.
+  const int g = lane() / 4;
+  for (int h = 0; h < 2; ++h)
+    for (int k = 0; k < 16; ++k) {
+      const int reg = h + 2 * (k >= 8);
+      const uint32_t r = uint32_t(slots(4 * g + (k % 8) / 2)[reg / 2] >> (32 * (reg % 2)));
+      op.a_rows[h][k] = half_of(r, k % 2, T{});
+    }
+  warp_barrier().wait();
+  open_wgmma.push_back(op);
 }
 template <typename Fp8>  // the kernels' fp8 code type, declared after this header
 void wgmma_m64n128(float* d, uint64_t a, uint64_t b, Fp8) {

@@ -241,13 +241,25 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
   for (const GemmCase& c : cases) check(c);
 }
 
+// The Hopper INT8 kernel's conversion of two codes to two 16-bit values: every pair, exactly.
+TEST(W8A16KernelEmulated, CodePairsConvertExactly) {
+  for (uint32_t pair = 0; pair < 65536; ++pair) {
+    const float c0 = float(int8_t(pair & 0xff)), c1 = float(int8_t(pair >> 8));
+    const uint32_t b = cuda::i8x2_to_pair(pair | 0xabcd0000u, cuda::bf16{}), h = cuda::i8x2_to_pair(pair, cuda::f16{});
+    ASSERT_EQ(emulation::half_of(b, 0, cuda::bf16{}), c0) << pair;
+    ASSERT_EQ(emulation::half_of(b, 1, cuda::bf16{}), c1) << pair;
+    ASSERT_EQ(emulation::half_of(h, 0, cuda::f16{}), c0) << pair;
+    ASSERT_EQ(emulation::half_of(h, 1, cuda::f16{}), c1) << pair;
+  }
+}
+
 // The Hopper kernel's launch for T activations (16-bit, or FP8 codes) under `plan`.
 template <typename T>
 void launch_wgmma(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const cuda::Epilogue& e,
                   const cuda::SplitKPlan& plan, float* out, float* partial, unsigned* counters) {
-  emulation::launch(cuda::wgmma_grid(M, N, plan), cuda::kWgThreads, cuda::WgmmaTiles<T>::kSmemBytes, [&] {
-    cuda::wgmma_linear_kernel<T>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K),
-                                 plan.k_steps_per_split, e, out, partial, counters);
+  emulation::launch(cuda::wgmma_grid<T>(M, N, plan), cuda::kWgThreads, cuda::WgmmaTiles<T>::kSmemBytes, [&] {
+    cuda::wgmma_kernel<T>()(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K),
+                            plan.k_steps_per_split, e, out, partial, counters);
   });
 }
 
@@ -267,8 +279,10 @@ void check_wgmma(const GemmCase& c, int expected_splits) {
   });
 }
 
-// Partial tiles in M and N, one K step and more steps than pipeline stages, both activation
-// types, copies landing late or at once, K split 2 and 3 ways (uneven: 25 steps in splits of 9).
+// The INT8 form (weights as A from registers, 256-token tiles): partial tiles in M (in either
+// 128-token half) and N, one K step, even and odd numbers of steps (the two fragment buffers), more
+// steps than pipeline stages, both activation types, copies landing late or at once, K split 2 and
+// 3 ways (uneven: 25 steps in splits of 9).
 TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
   struct WgmmaCase {
     GemmCase c;
@@ -278,7 +292,8 @@ TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
       {{1, 19, 64, DType::BF16, true, 0, 132, false}, 1},
       {{65, 128, 128, DType::F16, true, 1, 132, false}, 1},
       {{130, 150, 448, DType::BF16, false, 2, 132, true}, 1},
-      {{256, 260, 448, DType::F16, true, 1, 6, false}, 1},  // 6 tiles: one wave already
+      {{300, 260, 448, DType::F16, true, 1, 6, false}, 1},  // 6 tiles: one wave already
+      {{256, 64, 128, DType::BF16, true, 0, 132, true}, 1},
       {{100, 200, 1024, DType::BF16, true, 2, 4, false}, 2},
       {{64, 130, 1600, DType::F16, false, 1, 6, true}, 3},
   };
