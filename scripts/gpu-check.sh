@@ -81,10 +81,11 @@ run() {
        p && /^    / && ++n <= 8 {print}' "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"
 
-  # The Hopper wgmma kernels: the INT8 one is in the timed choice above 64 rows, the FP8 one never
-  # (kFp8WgmmaInTimedChoice in kernels/cuda/cuda_backend.cu: slower than cuBLASLt on an H200); this
-  # pass forces them for every linear they take, so that their prefill lines compare with int8wo's
-  # and fp8's above (and the profile's "linear I8 / F8_E4M3 M>512" lines with profile.log's).
+  # The Hopper wgmma kernels are not in the timed choice (kInt8WgmmaInTimedChoice and
+  # kFp8WgmmaInTimedChoice in kernels/cuda/cuda_backend.cu: slower than the other paths on an H200);
+  # this pass forces them for every linear they take, so that their prefill lines compare with
+  # int8wo's and fp8's above (and the profile's "linear I8 / F8_E4M3 M>512" lines with
+  # profile.log's).
   echo "== 3c. int8wo and fp8 with the wgmma kernel forced (LLMQ_LINEAR_PATH=wgmma; their prefill lines)"
   LLMQ_LINEAR_PATH=wgmma LLMQ_PROFILE=1 timeout 90 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
     --quant int8wo,fp8 --batches 1 --prompt-len 128 --decode-steps 4 --prefill 2048 2>"$out/wgmma_profile.log" |

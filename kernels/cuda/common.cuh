@@ -171,7 +171,7 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) { return uint32_
 // thread (warp w of the warpgroup, g = lane / 4, t = lane % 4) holds d[4j + 2h + e] = D[16w + g +
 // 8h][8j + 2t + e]. It runs asynchronously: the accumulators are neither read nor written until
 // wgmma_wait says its group is done; wgmma_fence orders the accumulators' earlier register uses
-// before it; fence_proxy_async makes this thread's shared-memory writes visible to it.
+// before it.
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLMQ_WGMMA 1
 #endif
@@ -189,11 +189,6 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
 #ifdef LLMQ_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-__device__ __forceinline__ void fence_proxy_async() {
-#ifdef LLMQ_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 // One wgmma m64n128 of `types` ("k16.f32.bf16.bf16", ...) into this thread's 64 accumulators d,

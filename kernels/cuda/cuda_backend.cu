@@ -247,15 +247,17 @@ class Profiler {
 // decode kernel (up to 64 rows), which streams INT8 or FP8 weights into tensor-core fragments;
 // StreamSplit: the same kernel in blocks of 16 rows (17-64 rows: more blocks, fewer registers, the
 // weights read again from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
-// activations read from L2 once for 128 channels); Wgmma: the Hopper kernel (compute capability
-// 9.0) for INT8 and FP8 weights, warpgroup MMAs from shared memory.
+// activations read from L2 once for 128 channels); Wgmma: the Hopper kernels (compute capability
+// 9.0) for INT8 weights (warpgroup MMAs with the weights from registers) and FP8 weights (both
+// operands from shared memory).
 enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma };
-// The wgmma kernels in the timed choice: the INT8 one (weights as A from registers, rewritten in
-// session 8; its first form, which wrote the converted codes back to shared memory, took twice the
-// time of dequantize + cuBLASLt at 2048 tokens on an H200) above kStreamMaxM rows, where the stream
-// kernel stops. The FP8 one only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
-// pass): on an H200 (session 7) it took 105 against cuBLASLt's 56 ms a 2048-token prefill.
-constexpr bool kInt8WgmmaInTimedChoice = true, kFp8WgmmaInTimedChoice = false;
+// The wgmma kernels run only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
+// pass), not in the timed choice. On an H200 (session 8) the INT8 one (weights as A from registers)
+// was right and took 169 / 378 / 465 us at 2048 tokens of the Llama-2-7B layers against 132 / 285
+// / 322 for dequantize + cuBLASLt; its form without the per-step proxy fence (a MEMBAR in the
+// loop's SASS), written after that run, is not yet checked on a GPU. The FP8 one took 105 against
+// cuBLASLt's 56 ms a prefill (session 7).
+constexpr bool kInt8WgmmaInTimedChoice = false, kFp8WgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
 const char* linear_path_name(LinearPath path) {
@@ -761,7 +763,7 @@ class CudaBackend final : public Backend {
   }
 
   // Whether a wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and
-  // LLMQ_LINEAR_PATH=wgmma or (the INT8 one, above the stream kernel's rows) the timed choice.
+  // LLMQ_LINEAR_PATH=wgmma or (when in, and for INT8 above the stream kernel's rows) the timed choice.
   bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
     const bool timed = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice
                                                  : kInt8WgmmaInTimedChoice && M > cuda::kStreamMaxM;

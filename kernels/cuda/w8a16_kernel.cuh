@@ -575,9 +575,10 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   // spilled 116 bytes to ptxas's 24 with two.)
   auto step = [&](int j, uint32_t(&a)[4][4]) {
     cp_async_wait<kWgStages - 3>();
-    fence_proxy_async();
-    // Step j is visible to all threads, and every warpgroup has waited for its MMAs of step j - 2,
-    // whose stage the copy below refills (and whose fragment registers `a` are).
+    // Step j is visible to all threads (and to the tensor cores: cp.async writes need no proxy
+    // fence before wgmma reads them, as CUTLASS's and Triton's cp.async + wgmma loops have none),
+    // and every warpgroup has waited for its MMAs of step j - 2, whose stage the copy below
+    // refills (and whose fragment registers `a` are).
     __syncthreads();
     if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
     cp_async_commit();
@@ -665,8 +666,8 @@ __global__ void __launch_bounds__(kWgThreads)
   }
   for (int j = 0; j < n_k; ++j) {
     cp_async_wait<kWgStages - 3>();
-    fence_proxy_async();  // this thread's landed copies, to the tensor cores' reads
-    // Step j is visible to all threads, and every warpgroup has waited for its MMAs of step j - 1.
+    // Step j is visible to all threads (and to the tensor cores, as in the INT8 kernel), and every
+    // warpgroup has waited for its MMAs of step j - 1.
     __syncthreads();
     if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
     cp_async_commit();

@@ -388,7 +388,6 @@ inline uint32_t smem_address(const void* p) {
   return kSharedBase + uint32_t(static_cast<const uint8_t*>(p) - reinterpret_cast<const uint8_t*>(current->shared.data()));
 }
 inline void wgmma_fence() {}
-inline void fence_proxy_async() {}
 inline void wgmma_hold(float*, int) {}
 inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __nv_bfloat16) {
   llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::BF16});
