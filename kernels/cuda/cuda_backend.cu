@@ -321,12 +321,15 @@ class CudaBackend final : public Backend {
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
     // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma: that path wherever it
-    // applies, instead of the fastest (tests and profiling).
+    // applies, instead of the fastest (tests and profiling); =all: the fastest of every path, the
+    // wgmma kernels included (profiling them against the others).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
+      wgmma_timed_ = std::string(path) == "all";
       forced_path_ = linear_path_named(path);
-      if (!forced_path_)
+      if (!forced_path_ && !wgmma_timed_)
         fail(LLMQ_ERR_INVALID_ARGUMENT,
-             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, stream-wide, wgmma", path);
+             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, stream-wide, wgmma, all",
+             path);
     }
 
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -763,10 +766,11 @@ class CudaBackend final : public Backend {
   }
 
   // Whether a wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and
-  // LLMQ_LINEAR_PATH=wgmma or (when in, and for INT8 above the stream kernel's rows) the timed choice.
+  // LLMQ_LINEAR_PATH=wgmma, or the timed choice (when in it or LLMQ_LINEAR_PATH=all; INT8 above the
+  // stream kernel's rows).
   bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
-    const bool timed = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice
-                                                 : kInt8WgmmaInTimedChoice && M > cuda::kStreamMaxM;
+    const bool timed = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice || wgmma_timed_
+                                                 : (kInt8WgmmaInTimedChoice || wgmma_timed_) && M > cuda::kStreamMaxM;
     return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) && (timed || forced_path_ == LinearPath::Wgmma);
   }
 
@@ -1088,6 +1092,7 @@ class CudaBackend final : public Backend {
   };
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, PathChoice> path_choices_;
   std::optional<LinearPath> forced_path_;  // LLMQ_LINEAR_PATH
+  bool wgmma_timed_ = false;               // LLMQ_LINEAR_PATH=all
   // converted_ holds converted_of_'s data rounded to converted_dtype_; reused while shared_input_.
   bool shared_input_ = false;
   const void* converted_of_ = nullptr;
