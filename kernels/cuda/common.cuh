@@ -243,6 +243,43 @@ __device__ __forceinline__ void wgmma_m64n128(float* d, const uint32_t* a, uint6
 }
 #undef LLMQ_WGMMA_M64N128
 
+// mbarriers in shared memory (sm_90a kernels only): mbarrier_init(bar, n) before a block barrier,
+// then each phase completes when n arrivals have come: mbarrier_arrive (this thread, now),
+// cp_async_mbarrier_arrive (this thread, once its cp.async copies issued so far have landed).
+// mbarrier_wait(bar, parity) returns once the phase of that parity has completed (on a fresh
+// barrier, parity 1 counts as completed); it traps rather than hang after about 2^28 tries.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
+#ifdef LLMQ_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#ifdef LLMQ_WGMMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
+#ifdef LLMQ_WGMMA
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+#ifdef LLMQ_WGMMA
+  for (unsigned tries = 0;; ++tries) {
+    unsigned done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (tries == (1u << 28)) __trap();
+  }
+#endif
+}
+
 // Keeps the compiler from moving register uses of the accumulators across this point (after
 // wgmma_wait: the asynchronous MMA's results are only there from now on).
 __device__ __forceinline__ void wgmma_hold(float* d, int n) {

@@ -249,14 +249,14 @@ class Profiler {
 // weights read again from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
 // activations read from L2 once for 128 channels); Wgmma: the Hopper kernels (compute capability
 // 9.0) for INT8 weights (warpgroup MMAs with the weights from registers) and FP8 weights (both
-// operands from shared memory).
-enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma };
+// operands from shared memory); WgmmaCopiers: the INT8 one with a warpgroup that only copies.
+enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma, WgmmaCopiers };
 // The wgmma kernels run only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
 // pass), not in the timed choice. On an H200 (session 8) the INT8 one (weights as A from registers)
 // was right and took 169 / 378 / 465 us at 2048 tokens of the Llama-2-7B layers against 132 / 285
 // / 322 for dequantize + cuBLASLt; its form without the per-step proxy fence (a MEMBAR in the
-// loop's SASS), written after that run, is not yet checked on a GPU. The FP8 one took 105 against
-// cuBLASLt's 56 ms a prefill (session 7).
+// loop's SASS), written after that run, is not yet checked on a GPU, nor its form with a copier
+// warpgroup. The FP8 one took 105 against cuBLASLt's 56 ms a prefill (session 7).
 constexpr bool kInt8WgmmaInTimedChoice = false, kFp8WgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
@@ -274,13 +274,15 @@ const char* linear_path_name(LinearPath path) {
       return "stream16";
     case LinearPath::StreamWide:
       return "stream-wide";
-    default:
+    case LinearPath::Wgmma:
       return "wgmma";
+    default:
+      return "wgmma-copiers";
   }
 }
 std::optional<LinearPath> linear_path_named(const std::string& name) {
   for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16, LinearPath::Stream,
-                          LinearPath::StreamSplit, LinearPath::StreamWide, LinearPath::Wgmma})
+                          LinearPath::StreamSplit, LinearPath::StreamWide, LinearPath::Wgmma, LinearPath::WgmmaCopiers})
     if (name == linear_path_name(path)) return path;
   return std::nullopt;
 }
@@ -320,7 +322,7 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma: that path wherever it
+    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma|wgmma-copiers: that path wherever it
     // applies, instead of the fastest (tests and profiling); =all: the fastest of every path, the
     // wgmma kernels included (profiling them against the others).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
@@ -328,7 +330,8 @@ class CudaBackend final : public Backend {
       forced_path_ = linear_path_named(path);
       if (!forced_path_ && !wgmma_timed_)
         fail(LLMQ_ERR_INVALID_ARGUMENT,
-             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, stream-wide, wgmma, all",
+             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, stream-wide, wgmma, "
+             "wgmma-copiers, all",
              path);
     }
 
@@ -575,7 +578,9 @@ class CudaBackend final : public Backend {
           return stream_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype,
                                stream_layout(path), y);
         case LinearPath::Wgmma:
-          return wgmma_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype, y);
+        case LinearPath::WgmmaCopiers:
+          return wgmma_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype,
+                              path == LinearPath::WgmmaCopiers, y);
         case LinearPath::Gemm:
           if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first
             ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
@@ -593,7 +598,10 @@ class CudaBackend final : public Backend {
     if (M <= kGemvMaxRows) paths.push_back(LinearPath::Gemv);
     if (w_dtype == DType::I8 && cuda::w8a16_supported(M, N, K, xs, w)) paths.push_back(LinearPath::W8A16);
     if (w_dtype == DType::I8) add_stream_paths(x_dtype, M, N, K, xs, w, paths);
-    if (w_dtype == DType::I8 && wgmma_applies(x_dtype, M, N, K, xs, w)) paths.push_back(LinearPath::Wgmma);
+    if (w_dtype == DType::I8 && wgmma_applies(x_dtype, M, N, K, xs, w)) {
+      paths.push_back(LinearPath::Wgmma);
+      paths.push_back(LinearPath::WgmmaCopiers);
+    }
     paths.push_back(LinearPath::Gemm);
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }
@@ -771,7 +779,8 @@ class CudaBackend final : public Backend {
   bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
     const bool timed = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice || wgmma_timed_
                                                  : (kInt8WgmmaInTimedChoice || wgmma_timed_) && M > cuda::kStreamMaxM;
-    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) && (timed || forced_path_ == LinearPath::Wgmma);
+    return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) &&
+           (timed || forced_path_ == LinearPath::Wgmma || forced_path_ == LinearPath::WgmmaCopiers);
   }
 
   // The stream kernel's paths for a linear it takes: all rows in one block, and above 16 rows its
@@ -799,15 +808,17 @@ class CudaBackend final : public Backend {
     check(cudaGetLastError(), "stream_linear kernel");
   }
 
-  // The wgmma kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales).
+  // The wgmma kernel (INT8 weights with 16-bit x, or FP8 weights with FP8 codes and row scales;
+  // copier_group: the INT8 form with a copier warpgroup).
   void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K,
                     const float* row_scales, const float* w_scale, bool per_channel, const void* bias,
-                    DType bias_dtype, float* y) {
-    Profiler::Scope part(profiler_, "  (in linear) wgmma kernel", stream_);
-    const cuda::SplitKPlan plan = cuda::wgmma_plan(x_dtype, M, N, K, num_sms_);
+                    DType bias_dtype, bool copier_group, float* y) {
+    Profiler::Scope part(profiler_, copier_group ? "  (in linear) wgmma kernel, copiers" : "  (in linear) wgmma kernel",
+                         stream_);
+    const cuda::SplitKPlan plan = cuda::wgmma_plan(x_dtype, copier_group, M, N, K, num_sms_);
     auto [partial, counters] = split_scratch(plan);
-    cuda::wgmma_linear(x, x_dtype, w, M, N, K, row_scales, w_scale, per_channel, bias, bias_dtype, y, plan, partial,
-                       counters, stream_);
+    cuda::wgmma_linear(x, x_dtype, w, M, N, K, row_scales, w_scale, per_channel, bias, bias_dtype, copier_group, y, plan,
+                       partial, counters, stream_);
     check(cudaGetLastError(), "wgmma_linear kernel");
   }
 
@@ -880,7 +891,7 @@ class CudaBackend final : public Backend {
     auto run = [&](LinearPath path) {
       if (path == LinearPath::Wgmma)
         return wgmma_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel, bias_data,
-                            bias_dtype, y);
+                            bias_dtype, /*copier_group=*/false, y);
       if (path == LinearPath::Stream || path == LinearPath::StreamSplit || path == LinearPath::StreamWide)
         return stream_linear(codes, DType::F8_E4M3, weight.w.data, M, N, K, row_scales, w_scale, per_channel,
                              bias_data, bias_dtype, stream_layout(path), y);

@@ -149,11 +149,13 @@ void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64
 // activations (the same result as w8a16_gemm), or FP8 codes with FP8 activation codes and their
 // row_scale (the FP8 linear's: (sum * row_scale[m] * w_scale) + bias). K a multiple of 64 (16-bit
 // x) or 128 (FP8), x and w 16-byte aligned; its own split-K plan (scratch as w8a16_gemm's).
+// copier_group (INT8 only): the form with a warpgroup that only copies (mbarriers, no block barrier a
+// step).
 bool wgmma_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w);
-SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sms);
+SplitKPlan wgmma_plan(DType x_dtype, bool copier_group, int64_t M, int64_t N, int64_t K, int num_sms);
 void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
-                  const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, float* out,
-                  const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream);
+                  const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, bool copier_group,
+                  float* out, const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream);
 
 // RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
 // caches: codes and scales as engine/backend.h's KvLayer defines).

@@ -55,13 +55,13 @@ void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K
   });
 }
 
-template <typename T>
+template <typename T, bool kProducer>
 void launch_wgmma(const void* x, const void* w, int64_t M, int64_t N, int64_t K, const SplitKPlan& plan,
                   const Epilogue& e, float* out, float* partial, unsigned* counters, cudaStream_t stream) {
-  const auto kernel = wgmma_kernel<T>();
-  constexpr int smem = WgmmaTiles<T>::kSmemBytes;
+  const auto kernel = wgmma_kernel<T, kProducer>();
+  constexpr int smem = WgmmaTiles<T, kProducer>::kSmemBytes;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<wgmma_grid<T>(M, N, plan), kWgThreads, smem, stream>>>(static_cast<const T*>(x),
+  kernel<<<wgmma_grid<T, kProducer>(M, N, plan), wgmma_threads<T, kProducer>(), smem, stream>>>(static_cast<const T*>(x),
                                                                 static_cast<const uint8_t*>(w), int(M), int(N),
                                                                 int(K), plan.k_steps_per_split, e, out, partial,
                                                                 counters);
@@ -80,8 +80,10 @@ void with_activation_type(DType x_dtype, const char* what, Fn&& fn) {
 
 // The wgmma kernels' K step (128 bytes of a row) and tile (tokens x channels) for x_dtype.
 template <typename Fn>
-auto with_wgmma_tiles(DType x_dtype, Fn&& fn) {
-  return x_dtype == DType::F8_E4M3 ? fn(WgmmaTiles<fp8>{}) : fn(WgmmaTiles<bf16>{});
+auto with_wgmma_tiles(DType x_dtype, bool copier_group, Fn&& fn) {
+  return x_dtype == DType::F8_E4M3 ? fn(WgmmaTiles<fp8>{})
+         : copier_group            ? fn(WgmmaTiles<bf16, true>{})
+                                   : fn(WgmmaTiles<bf16>{});
 }
 
 }  // namespace
@@ -132,11 +134,11 @@ void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64
 bool wgmma_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) {
   // The tiled kernel's limits (K a multiple of 64), and whole K steps.
   return eight_bit_linear_activations(x_dtype) && w8a16_supported(M, N, K, x, w) &&
-         K % with_wgmma_tiles(x_dtype, [](auto tiles) { return decltype(tiles)::kStepK; }) == 0;
+         K % with_wgmma_tiles(x_dtype, false, [](auto tiles) { return decltype(tiles)::kStepK; }) == 0;
 }
 
-SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sms) {
-  const auto [tokens, channels, step_k] = with_wgmma_tiles(x_dtype, [](auto tiles) {
+SplitKPlan wgmma_plan(DType x_dtype, bool copier_group, int64_t M, int64_t N, int64_t K, int num_sms) {
+  const auto [tokens, channels, step_k] = with_wgmma_tiles(x_dtype, copier_group, [](auto tiles) {
     using Tiles = decltype(tiles);
     return std::array<int64_t, 3>{Tiles::kTokens, Tiles::kChannels, Tiles::kStepK};
   });
@@ -150,12 +152,17 @@ SplitKPlan wgmma_plan(DType x_dtype, int64_t M, int64_t N, int64_t K, int num_sm
 }
 
 void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
-                  const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, float* out,
-                  const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream) {
-  check_launch(wgmma_supported(x_dtype, M, N, K, x, w), plan, partial, counters, "wgmma kernel", M, N, K);
+                  const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, bool copier_group,
+                  float* out, const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream) {
+  check_launch(wgmma_supported(x_dtype, M, N, K, x, w) && !(copier_group && x_dtype == DType::F8_E4M3), plan, partial,
+               counters, "wgmma kernel", M, N, K);
   const Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
   with_activation_type(x_dtype, "wgmma activations", [&](auto tag) {
-    launch_wgmma<typename decltype(tag)::type>(x, w, M, N, K, plan, e, out, partial, counters, stream);
+    using T = typename decltype(tag)::type;
+    if (copier_group)
+      launch_wgmma<T, true>(x, w, M, N, K, plan, e, out, partial, counters, stream);
+    else
+      launch_wgmma<T, false>(x, w, M, N, K, plan, e, out, partial, counters, stream);
   });
 }
 

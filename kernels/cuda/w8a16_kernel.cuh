@@ -486,10 +486,11 @@ void stream_for_rows(int64_t M, int64_t N, StreamLayout layout, Launch&& launch)
 // row scales) and bias are applied to the fp32 sums.
 constexpr int kWgStages = 5, kWgThreads = 256;
 
-template <typename T>
+template <typename T, bool kCopiers = false>  // kCopiers: the INT8 form with a copier warpgroup
 struct WgmmaTiles {
   static constexpr bool kRegisterA = sizeof(T) == 2;  // INT8 weights as A from registers, 16-bit x
-  static constexpr int kTokens = kRegisterA ? 256 : 128, kChannels = 128;
+  static constexpr int kTokens = kRegisterA && !kCopiers ? 256 : 128, kChannels = 128;
+  static constexpr int kHalves = kTokens / 128;  // of 128 tokens: one m64n128 MMA each a K slice
   static constexpr int kStepK = 128 / int(sizeof(T));         // K per step: one 128-byte row of x
   static constexpr int kWRowBytes = kRegisterA ? 80 : 128;    // between the weight tile's rows
   static constexpr int kXBytes = kTokens * 128, kWBytes = kChannels * kWRowBytes;
@@ -521,68 +522,79 @@ __device__ __forceinline__ void copy_swizzled(uint8_t* tile, const uint8_t* src,
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kWgThreads, 1)
+// The INT8 kernel in two forms (kProducer):
+//  - false: the block's 256 threads all copy, convert and issue; one block barrier a step (a step's
+//    copies landed for all, and the stage refilled next freed by both warpgroups);
+//  - true: a third warpgroup only copies (kWgStages stages ahead), the other two only convert and
+//    issue; no block barrier in the loop: each stage has a "full" mbarrier (the 128 copiers arrive
+//    as their copies land: cp.async.mbarrier.arrive) and an "empty" one (the 256 consumer threads
+//    arrive once their MMAs of the stage are done). 384 threads get 168 registers a thread (ptxas
+//    keeps the kernel to that even with setmaxnreg in the branches), so a block is 128 channels x
+//    128 tokens here (64 accumulators a thread; 256 tokens spilled 5 KB). Written without a GPU:
+//    not yet run on one.
+template <bool kProducer>
+constexpr int w8a16_wgmma_threads() {
+  return kProducer ? kWgThreads + 128 : kWgThreads;
+}
+
+template <typename T, bool kProducer>
+__global__ void __launch_bounds__(w8a16_wgmma_threads<kProducer>(), 1)
     wgmma_w8a16_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K,
                        int k_steps_per_split, Epilogue e, float* __restrict__ out, float* __restrict__ partial,
                        unsigned* __restrict__ counters) {
-  using Tiles = WgmmaTiles<T>;
+  using Tiles = WgmmaTiles<T, kProducer>;
   static_assert(Tiles::kRegisterA, "16-bit activations");
+  constexpr int kHalves = Tiles::kHalves;
   LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
   uint8_t* const smem = wgmma_shared(smem_raw);
   const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const bool consumer = tid < kWgThreads;
   const int n0 = blockIdx.x * Tiles::kChannels, m0 = blockIdx.y * Tiles::kTokens;
   const int step_begin = blockIdx.z * k_steps_per_split;
   const int n_k = min(K / Tiles::kStepK - step_begin, k_steps_per_split);  // >= 1: the plan leaves no split empty
   auto x_tile = [&](int stage) { return smem + stage * Tiles::kStageBytes; };
   auto code_tile = [&](int stage) { return x_tile(stage) + Tiles::kXBytes; };
 
-  // Copies the split's K step i: x's 64 values of the block's tokens, the codes of its channels.
-  // This thread copies 16-byte chunk tid % 8 of x's rows tid / 8 + 32 r (r < 8) and chunk tid % 4 of
-  // the code rows tid / 4 + 64 r (r < 2); rows past M or N are zero-filled (from a valid address).
-  constexpr int kXRounds = Tiles::kTokens * 8 / kWgThreads, kCodeRounds = Tiles::kChannels * 4 / kWgThreads;
+  // Copies the split's K step i, x's 64 values of the block's tokens and the codes of its channels,
+  // by kCopiers threads, this one being copier c: 16-byte chunk c % 8 of x's rows c / 8 +
+  // kCopiers / 8 * r and chunk c % 4 of the code rows c / 4 + kCopiers / 4 * r; rows past M or N are
+  // zero-filled (from a valid address).
+  constexpr int kCopiers = kProducer ? 128 : kWgThreads;
+  constexpr int kXRounds = Tiles::kTokens * 8 / kCopiers, kCodeRounds = Tiles::kChannels * 4 / kCopiers;
+  const int copier = tid % kCopiers;
   const int64_t x_row_bytes = K * int64_t(sizeof(T));
-  const uint8_t* const x_src = reinterpret_cast<const uint8_t*>(x) + (tid % 8) * 16;
-  const uint8_t* const code_src = w + (tid % 4) * 16;
-  const int x_row = m0 + tid / 8, code_row = n0 + tid / 4;
-  const int x_dst = (tid / 8) * 128 + ((tid % 8) ^ (tid / 8 % 8)) * 16, code_dst = (tid / 4) * Tiles::kWRowBytes + (tid % 4) * 16;
+  const uint8_t* const x_src = reinterpret_cast<const uint8_t*>(x) + (copier % 8) * 16;
+  const uint8_t* const code_src = w + (copier % 4) * 16;
+  const int x_row = m0 + copier / 8, code_row = n0 + copier / 4;
+  const int x_dst = (copier / 8) * 128 + (copier % 8) * 16, code_dst = (copier / 4) * Tiles::kWRowBytes + (copier % 4) * 16;
   auto load = [&](int i) {
     const int stage = i % kWgStages;
     const int64_t k = int64_t(step_begin + i) * Tiles::kStepK;
 #pragma unroll
-    for (int r = 0; r < kXRounds; ++r) {  // rows 32 apart: the same swizzle
-      const int row = x_row + 32 * r;
-      cp_async16(x_tile(stage) + x_dst + r * 32 * 128, x_src + (row < M ? row : 0) * x_row_bytes + k * int64_t(sizeof(T)),
-                 row < M);
+    for (int r = 0; r < kXRounds; ++r) {
+      const int row = x_row + kCopiers / 8 * r;
+      const int at = x_dst + r * kCopiers / 8 * 128;  // swizzled: chunk c of row r at chunk c ^ (r % 8)
+      cp_async16(x_tile(stage) + (at ^ ((at / 128 % 8) * 16)),
+                 x_src + (row < M ? row : 0) * x_row_bytes + k * int64_t(sizeof(T)), row < M);
     }
 #pragma unroll
     for (int r = 0; r < kCodeRounds; ++r) {
-      const int row = code_row + 64 * r;
-      cp_async16(code_tile(stage) + code_dst + r * 64 * Tiles::kWRowBytes, code_src + (row < N ? row : 0) * int64_t(K) + k,
-                 row < N);
+      const int row = code_row + kCopiers / 4 * r;
+      cp_async16(code_tile(stage) + code_dst + r * kCopiers / 4 * Tiles::kWRowBytes,
+                 code_src + (row < N ? row : 0) * int64_t(K) + k, row < N);
     }
   };
 
-  float d[2][64];  // the two 128-token halves
+  float d[kHalves][64];  // the 128-token halves
 #pragma unroll
-  for (int i = 0; i < 64; ++i) d[0][i] = d[1][i] = 0.0f;
+  for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
   uint32_t a_even[4][4], a_odd[4][4];  // A fragments of the 4 K slices of even and odd steps
-  // One step: its copies landed and made visible to the tensor cores, the next copies issued, then
-  // for each K slice its fragments built from the codes (a[slice]: a[0], a[1] k = 2t, 2t + 1 of rows
-  // g, g + 8; a[2], a[3] k = 2t + 8, 2t + 9) and its 2 MMAs issued, so that the tensor cores start
-  // on the step while its later slices convert; then the MMAs of the step before waited for. (One
-  // buffer of fragments, rebuilt a slice at a time after waiting for that slice of the step before,
-  // spilled 116 bytes to ptxas's 24 with two.)
-  auto step = [&](int j, uint32_t(&a)[4][4]) {
-    cp_async_wait<kWgStages - 3>();
-    // Step j is visible to all threads (and to the tensor cores: cp.async writes need no proxy
-    // fence before wgmma reads them, as CUTLASS's and Triton's cp.async + wgmma loops have none),
-    // and every warpgroup has waited for its MMAs of step j - 2, whose stage the copy below
-    // refills (and whose fragment registers `a` are).
-    __syncthreads();
-    if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
-    cp_async_commit();
-    const int stage = j % kWgStages;
+  // The MMAs of the step in `stage`: for each K slice its fragments built from the codes (a[slice]:
+  // a[0], a[1] k = 2t, 2t + 1 of rows g, g + 8; a[2], a[3] k = 2t + 8, 2t + 9) and its 2 MMAs
+  // issued, so that the tensor cores start on the step while its later slices convert.
+  auto mmas = [&](int stage, uint32_t(&a)[4][4]) {
     const uint8_t* const codes = code_tile(stage) + (64 * group + 16 * warp + g) * Tiles::kWRowBytes + 2 * t;
     const uint32_t xa = smem_address(x_tile(stage));
 #pragma unroll
@@ -593,30 +605,79 @@ __global__ void __launch_bounds__(kWgThreads, 1)
             *reinterpret_cast<const uint16_t*>(codes + (i % 2) * 8 * Tiles::kWRowBytes + 16 * s + (i / 2) * 8), T{});
       wgmma_fence();
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wgmma_m64n128(d[h], a[s], wgmma_descriptor(xa + h * 128 * 128 + 32 * s), T{});
+      for (int h = 0; h < kHalves; ++h) wgmma_m64n128(d[h], a[s], wgmma_descriptor(xa + h * 128 * 128 + 32 * s), T{});
     }
     wgmma_commit();
-    wgmma_wait<1>();
   };
-  // One commit group of copies per K step, empty past the end: step j has landed when at most
-  // kWgStages - 3 groups are pending at step j.
+
+  if constexpr (kProducer) {
+    __shared__ uint64_t full[kWgStages], empty[kWgStages];
+    if (tid == 0)
+      for (int s = 0; s < kWgStages; ++s) {
+        mbarrier_init(&full[s], kCopiers);
+        mbarrier_init(&empty[s], kWgThreads);
+      }
+    __syncthreads();
+    if (!consumer) {
+      for (int i = 0; i < n_k; ++i) {
+        // The stage's previous round (step i - kWgStages) released; the first round passes (parity 1
+        // of a fresh barrier counts as complete).
+        mbarrier_wait(&empty[i % kWgStages], ((i / kWgStages) & 1) ^ 1);
+        load(i);
+        cp_async_mbarrier_arrive(&full[i % kWgStages]);
+      }
+      cp_async_wait<0>();
+    } else {
+      auto step = [&](int j, uint32_t(&a)[4][4]) {
+        mbarrier_wait(&full[j % kWgStages], (j / kWgStages) & 1);
+        mmas(j % kWgStages, a);
+        wgmma_wait<1>();
+        if (j > 0) mbarrier_arrive(&empty[(j - 1) % kWgStages]);  // step j - 1's MMAs are done
+      };
+      for (int j = 0; j < n_k; j += 2) {
+        step(j, a_even);
+        if (j + 1 < n_k) step(j + 1, a_odd);
+      }
+    }
+  } else {
+    auto step = [&](int j, uint32_t(&a)[4][4]) {
+      cp_async_wait<kWgStages - 3>();
+      // Step j is visible to all threads (and to the tensor cores: cp.async writes need no proxy
+      // fence before wgmma reads them, as CUTLASS's and Triton's cp.async + wgmma loops have none),
+      // and every warpgroup has waited for its MMAs of step j - 2, whose stage the copy below
+      // refills (and whose fragment registers `a` are).
+      __syncthreads();
+      if (j + kWgStages - 2 < n_k) load(j + kWgStages - 2);
+      cp_async_commit();
+      mmas(j % kWgStages, a);
+      // The MMAs of the step before are done. (One buffer of fragments, rebuilt a slice at a time
+      // after waiting for that slice of the step before, spilled 116 bytes to ptxas's 24 with two.)
+      wgmma_wait<1>();
+    };
+    // One commit group of copies per K step, empty past the end: step j has landed when at most
+    // kWgStages - 3 groups are pending at step j.
 #pragma unroll
-  for (int p = 0; p < kWgStages - 2; ++p) {
-    if (p < n_k) load(p);
-    cp_async_commit();
+    for (int p = 0; p < kWgStages - 2; ++p) {
+      if (p < n_k) load(p);
+      cp_async_commit();
+    }
+    for (int j = 0; j < n_k; j += 2) {
+      step(j, a_even);
+      if (j + 1 < n_k) step(j + 1, a_odd);
+    }
+    cp_async_wait<0>();  // only empty groups remain
   }
-  for (int j = 0; j < n_k; j += 2) {
-    step(j, a_even);
-    if (j + 1 < n_k) step(j + 1, a_odd);
+  if (consumer) {
+    wgmma_wait<0>();
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) wgmma_hold(d[h], 64);
   }
-  wgmma_wait<0>();
-  wgmma_hold(d[0], 64);
-  wgmma_hold(d[1], 64);
-  cp_async_wait<0>();  // only empty groups remain
 
   // d[h][4j + 2i + c]: channel 64 group + 16 warp + g + 8i, token 128h + 8j + 2t + c.
-  // Slice q: tokens 64q .. 64q + 63 of the block's 256.
+  // Slice q: tokens 64q .. 64q + 63 of the block's. The copiers have no outputs but take part in
+  // gather_splits's block barriers.
   auto for_outputs = [&](int q, auto&& fn) {
+    if (!consumer) return;
 #pragma unroll
     for (int j = 8 * (q % 2); j < 8 * (q % 2) + 8; ++j)
 #pragma unroll
@@ -627,10 +688,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
           if (m < M && n < N) fn(d[q / 2][4 * j + 2 * i + c], int64_t(m) * N + n, m, n);
         }
   };
-  if (gridDim.z > 1 && !gather_splits<4>(for_outputs, M, N, partial, counters + blockIdx.y * gridDim.x + blockIdx.x))
+  if (gridDim.z > 1 &&
+      !gather_splits<2 * kHalves>(for_outputs, M, N, partial, counters + blockIdx.y * gridDim.x + blockIdx.x))
     return;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
+  for (int q = 0; q < 2 * kHalves; ++q)
+    for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
 }
 
 __global__ void __launch_bounds__(kWgThreads)
@@ -706,17 +769,22 @@ __global__ void __launch_bounds__(kWgThreads)
   for (int q = 0; q < 4; ++q) for_outputs(q, [&](float& v, int64_t at, int m, int n) { out[at] = e.apply(v, m, n); });
 }
 
-// The Hopper kernel for T activations (16-bit: INT8 weights; fp8: FP8 weights), and its grid.
-template <typename T>
+// The Hopper kernel for T activations (16-bit: INT8 weights, with a copier warpgroup or not; fp8: FP8
+// weights), its threads and its grid.
+template <typename T, bool kProducer = false>
 constexpr auto wgmma_kernel() {
   if constexpr (std::is_same_v<T, fp8>)
     return wgmma_fp8_kernel;
   else
-    return wgmma_w8a16_kernel<T>;
+    return wgmma_w8a16_kernel<T, kProducer>;
 }
-template <typename T>
+template <typename T, bool kProducer = false>
+constexpr int wgmma_threads() {
+  return std::is_same_v<T, fp8> ? kWgThreads : w8a16_wgmma_threads<kProducer>();
+}
+template <typename T, bool kProducer = false>
 dim3 wgmma_grid(int64_t M, int64_t N, const SplitKPlan& plan) {
-  using Tiles = WgmmaTiles<T>;
+  using Tiles = WgmmaTiles<T, kProducer>;
   return dim3(unsigned((N + Tiles::kChannels - 1) / Tiles::kChannels), unsigned((M + Tiles::kTokens - 1) / Tiles::kTokens),
               unsigned(plan.splits));
 }

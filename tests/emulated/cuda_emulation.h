@@ -13,6 +13,8 @@
 //    when its group is waited for, reading shared memory then; A from registers is gathered when
 //    issued, and the wait checks that the thread left its registers unchanged; shared memory
 //    addresses start at a base that is not 1024-aligned, as kernels must not assume;
+//  - mbarriers keep their phase by address; cp.async.mbarrier.arrive lands the thread's copies
+//    first; a wait that lasts 20 s throws (a deadlock);
 //  - atomics take a lock.
 // Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
 // the tensor cores, and everything else CUDA has. Include it before any kernel header.
@@ -25,7 +27,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
-#include <type_traits>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <condition_variable>
@@ -33,10 +35,12 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "engine/dtype.h"
@@ -82,6 +86,12 @@ class Barrier {
   uint64_t generation_ = 0;
 };
 
+// An mbarrier's state: arrivals a phase, arrivals still pending in the current one, phases completed.
+struct Mbarrier {
+  int expected = 0, pending = 0;
+  unsigned phase = 0;
+};
+
 struct Block {
   explicit Block(int threads, size_t shared_bytes) : barrier(threads), exchange(size_t(threads) * 4) {
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Barrier>(32));
@@ -91,6 +101,9 @@ struct Block {
   std::vector<std::unique_ptr<Barrier>> warps;
   std::vector<uint64_t> exchange;  // four 64-bit slots per thread for warp collectives
   std::vector<uint4> shared;       // dynamic shared memory
+  std::mutex mbarrier_mutex;       // mbarriers, by address
+  std::condition_variable mbarrier_cv;
+  std::map<const void*, Mbarrier> mbarriers;
 };
 inline Block* current = nullptr;
 inline std::mutex atomics;
@@ -337,6 +350,43 @@ void cp_async_wait() {
     for (const Copy& c : copy_groups.front()) land(c);
     copy_groups.pop_front();
   }
+}
+
+// mbarriers (common.cuh's mbarrier_*).
+inline llmq::emulation::Mbarrier& mbarrier_at(const void* bar) {
+  auto it = llmq::emulation::current->mbarriers.find(bar);
+  if (it == llmq::emulation::current->mbarriers.end()) throw std::logic_error("mbarrier emulation: not initialized");
+  return it->second;
+}
+inline void mbarrier_init(uint64_t* bar, unsigned count) {
+  using namespace llmq::emulation;
+  std::lock_guard<std::mutex> lock(current->mbarrier_mutex);
+  current->mbarriers[bar] = Mbarrier{int(count), int(count), 0};
+}
+inline void mbarrier_arrive(uint64_t* bar) {
+  using namespace llmq::emulation;
+  std::lock_guard<std::mutex> lock(current->mbarrier_mutex);
+  Mbarrier& m = mbarrier_at(bar);
+  if (--m.pending > 0) return;
+  ++m.phase;
+  m.pending = m.expected;
+  current->mbarrier_cv.notify_all();
+}
+inline void cp_async_mbarrier_arrive(uint64_t* bar) {
+  using namespace llmq::emulation;
+  for (const std::vector<Copy>& group : copy_groups)
+    for (const Copy& c : group) land(c);
+  copy_groups.clear();
+  for (const Copy& c : open_copies) land(c);
+  open_copies.clear();
+  mbarrier_arrive(bar);
+}
+inline void mbarrier_wait(uint64_t* bar, unsigned parity) {
+  using namespace llmq::emulation;
+  std::unique_lock<std::mutex> lock(current->mbarrier_mutex);
+  if (!current->mbarrier_cv.wait_for(lock, std::chrono::seconds(20),
+                                     [&] { return (mbarrier_at(bar).phase & 1u) != (parity & 1u); }))
+    throw std::logic_error("mbarrier emulation: a wait lasted 20 s (a deadlock)");
 }
 
 // ---- Shared-memory addresses and Hopper's wgmma -------------------------------------------------

@@ -253,36 +253,41 @@ TEST(W8A16KernelEmulated, CodePairsConvertExactly) {
   }
 }
 
-// The Hopper kernel's launch for T activations (16-bit, or FP8 codes) under `plan`.
-template <typename T>
+// The Hopper kernel's launch for T activations (16-bit, or FP8 codes) under `plan` (kCopiers: the
+// INT8 form with a copier warpgroup).
+template <typename T, bool kCopiers = false>
 void launch_wgmma(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const cuda::Epilogue& e,
                   const cuda::SplitKPlan& plan, float* out, float* partial, unsigned* counters) {
-  emulation::launch(cuda::wgmma_grid<T>(M, N, plan), cuda::kWgThreads, cuda::WgmmaTiles<T>::kSmemBytes, [&] {
-    cuda::wgmma_kernel<T>()(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K),
-                            plan.k_steps_per_split, e, out, partial, counters);
-  });
+  emulation::launch(cuda::wgmma_grid<T, kCopiers>(M, N, plan), unsigned(cuda::wgmma_threads<T, kCopiers>()),
+                    cuda::WgmmaTiles<T, kCopiers>::kSmemBytes, [&] {
+                      cuda::wgmma_kernel<T, kCopiers>()(static_cast<const T*>(x), static_cast<const uint8_t*>(w),
+                                                        int(M), int(N), int(K), plan.k_steps_per_split, e, out,
+                                                        partial, counters);
+                    });
 }
 
 // The Hopper kernel: its wgmma descriptors and swizzled tiles against float64 (the emulation reads
 // the operands through the descriptors as the PTX ISA defines them), a dynamic shared memory that
 // starts off 1024-byte alignment, and wgmma_plan's K splits (few multiprocessors force them):
 // summed in order, repeated launches bit for bit, the tile counters left at zero.
+template <bool kCopiers>
 void check_wgmma(const GemmCase& c, int expected_splits) {
-  SCOPED_TRACE(describe(c));
+  SCOPED_TRACE(describe(c) + (kCopiers ? " copiers" : ""));
   const Problem p = make_problem(c);
   ASSERT_TRUE(cuda::wgmma_supported(c.act, c.M, c.N, c.K, p.x.data(), p.w.data()));
-  const cuda::SplitKPlan plan = cuda::wgmma_plan(c.act, c.M, c.N, c.K, c.num_sms);
+  const cuda::SplitKPlan plan = cuda::wgmma_plan(c.act, kCopiers, c.M, c.N, c.K, c.num_sms);
   EXPECT_EQ(plan.splits, expected_splits);
   check_with_plan(c, p, plan, [&](auto tag, float* out, float* partial, unsigned* counters) {
-    launch_wgmma<typename decltype(tag)::type>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, plan, out, partial,
-                                                counters);
+    launch_wgmma<typename decltype(tag)::type, kCopiers>(c.M, c.N, c.K, p.x.data(), p.w.data(), p.e, plan, out,
+                                                          partial, counters);
   });
 }
 
-// The INT8 form (weights as A from registers, 256-token tiles): partial tiles in M (in either
-// 128-token half) and N, one K step, even and odd numbers of steps (the two fragment buffers), more
-// steps than pipeline stages, both activation types, copies landing late or at once, K split 2 and
-// 3 ways (uneven: 25 steps in splits of 9).
+// The INT8 form (weights as A from registers, 256-token tiles), and with a copier warpgroup
+// (mbarriers, 128-token tiles): partial tiles in M (in either 128-token half) and N, one K step, even
+// and odd numbers of steps (the two fragment buffers), more steps than pipeline stages (the stages'
+// later rounds), both activation types, copies landing late or at once, K split 2 and 3 ways
+// (uneven: 25 steps in splits of 9).
 TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
   struct WgmmaCase {
     GemmCase c;
@@ -297,7 +302,10 @@ TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
       {{100, 200, 1024, DType::BF16, true, 2, 4, false}, 2},
       {{64, 130, 1600, DType::F16, false, 1, 6, true}, 3},
   };
-  for (const WgmmaCase& w : cases) check_wgmma(w.c, w.splits);
+  for (const WgmmaCase& w : cases) {
+    check_wgmma<false>(w.c, w.splits);
+    check_wgmma<true>(w.c, w.splits);
+  }
 }
 
 // The same kernel with FP8 weights and FP8 activation codes (the FP8 linear): K steps of 128
@@ -313,7 +321,7 @@ TEST(W8A16KernelEmulated, WgmmaKernelFp8MatchesFloat64) {
     SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K << " sms " << c.num_sms);
     const Fp8Problem p = make_fp8_problem(c.M, c.N, c.K, c.per_channel);
     ASSERT_TRUE(cuda::wgmma_supported(DType::F8_E4M3, c.M, c.N, c.K, p.x.data(), p.w.data()));
-    const cuda::SplitKPlan plan = cuda::wgmma_plan(DType::F8_E4M3, c.M, c.N, c.K, c.num_sms);
+    const cuda::SplitKPlan plan = cuda::wgmma_plan(DType::F8_E4M3, false, c.M, c.N, c.K, c.num_sms);
     EXPECT_EQ(plan.splits, c.splits);
     std::vector<float> partial(size_t(plan.partial_floats) + 1, NAN), out(size_t(c.M * c.N), NAN);
     std::vector<unsigned> counters(size_t(plan.counters) + 1, 0);

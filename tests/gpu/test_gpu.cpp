@@ -252,9 +252,10 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
 // Each path forced in turn (where it applies; elsewhere the fastest): the GEMV (up to 16 rows, 8
 // per launch), cuBLASLt (INT8 weights dequantized first), the stream kernel (INT8 and FP8 weights,
 // up to 64 rows, K a multiple of 64; whole, and in its 16-row layouts above 16), and on compute
-// capability 9.0 the wgmma kernel (INT8 weights with K a multiple of 64, FP8 with K a multiple of 128).
+// capability 9.0 the wgmma kernel (INT8 weights with K a multiple of 64, FP8 with K a multiple of 128)
+// and its INT8 form with a copier warpgroup.
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
-  for (const char* path : {"gemv", "gemm", "stream", "stream16", "stream-wide", "wgmma"}) {
+  for (const char* path : {"gemv", "gemm", "stream", "stream16", "stream-wide", "wgmma", "wgmma-copiers"}) {
     SCOPED_TRACE(path);
     setenv("LLMQ_LINEAR_PATH", path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
@@ -310,7 +311,7 @@ int compute_capability() {
 // split-K (few tiles on a large K: M <= 128 with N = 4096 or 11008) and its repeatability; the
 // stream kernel up to 64 rows: every token-tile count (16 channels a block up to 32 rows, 32 above),
 // and in its 16-row layouts (16 and 128 channels a block), its repeatability; the Hopper (wgmma)
-// kernel, on compute capability 9.0 only. N and M not tile multiples, both activation types,
+// kernels (with and without a copier warpgroup), on compute capability 9.0 only. N and M not tile multiples, both activation types,
 // per-channel and per-tensor scales, BF16 and F32 biases; and a shape all leave to dequantize +
 // cuBLASLt (K = 96).
 TEST_F(GpuLinear, Int8TensorCoreKernels) {
@@ -322,11 +323,12 @@ TEST_F(GpuLinear, Int8TensorCoreKernels) {
                             {"stream", {1, 2, 7, 8, 9, 16, 17, 33, 64}},
                             {"stream16", {17, 33, 64}},
                             {"stream-wide", {17, 33, 64}},
-                            {"wgmma", {1, 9, 64, 65, 128, 733, 2048}}};
+                            {"wgmma", {1, 9, 64, 65, 128, 733, 2048}},
+                            {"wgmma-copiers", {1, 9, 64, 65, 128, 733, 2048}}};
   const LinearCase c{DType::BF16, QuantMode::Int8WeightOnly, kInt8Tolerance};
   for (const Kernel& kernel : kernels) {
     SCOPED_TRACE(kernel.path);
-    if (std::string(kernel.path) == "wgmma" && compute_capability() != 90) {
+    if (std::string(kernel.path).rfind("wgmma", 0) == 0 && compute_capability() != 90) {
       std::printf("the wgmma kernel needs compute capability 9.0; this GPU has %d: not checked\n", compute_capability());
       continue;
     }
