@@ -55,16 +55,15 @@ void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K
   });
 }
 
-template <typename T, bool kProducer>
+template <typename T, bool kCopiers>
 void launch_wgmma(const void* x, const void* w, int64_t M, int64_t N, int64_t K, const SplitKPlan& plan,
                   const Epilogue& e, float* out, float* partial, unsigned* counters, cudaStream_t stream) {
-  const auto kernel = wgmma_kernel<T, kProducer>();
-  constexpr int smem = WgmmaTiles<T, kProducer>::kSmemBytes;
+  const auto kernel = wgmma_kernel<T, kCopiers>();
+  constexpr int smem = WgmmaTiles<T, kCopiers>::kSmemBytes;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<wgmma_grid<T, kProducer>(M, N, plan), wgmma_threads<T, kProducer>(), smem, stream>>>(static_cast<const T*>(x),
-                                                                static_cast<const uint8_t*>(w), int(M), int(N),
-                                                                int(K), plan.k_steps_per_split, e, out, partial,
-                                                                counters);
+  kernel<<<wgmma_grid<T, kCopiers>(M, N, plan), wgmma_threads<T, kCopiers>(), smem, stream>>>(
+      static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K), plan.k_steps_per_split, e, out,
+      partial, counters);
 }
 
 // The activations the 8-bit kernels take with the weights' codes: 16-bit (INT8 weights) or FP8 codes

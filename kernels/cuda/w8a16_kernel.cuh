@@ -509,20 +509,23 @@ __device__ __forceinline__ uint8_t* wgmma_shared(uint4* smem_raw) {
   return reinterpret_cast<uint8_t*>(smem_raw) + (1024 - smem_address(smem_raw) % 1024) % 1024;
 }
 
-// The block's threads copy 128 bytes (from byte `col`) of kRows rows (`row0` onwards, `row_bytes`
-// apart) of src into a swizzled tile; rows at or past `rows` are zero-filled.
-template <int kRows>
+// kThreads threads, this one being `copier`, copy 128 bytes (from byte `col`) of kRows rows (`row0`
+// onwards, `row_bytes` apart) of src into a swizzled tile: 16-byte chunk copier % 8 of rows
+// copier / 8 + kThreads / 8 * i; rows at or past `rows` are zero-filled (from a valid address).
+template <int kRows, int kThreads>
 __device__ __forceinline__ void copy_swizzled(uint8_t* tile, const uint8_t* src, int64_t row_bytes, int row0,
-                                              int rows, int64_t col) {
-  for (int q = int(threadIdx.x); q < kRows * 8; q += kWgThreads) {
-    const int r = q / 8, c = q % 8;
-    const bool valid = row0 + r < rows;
-    cp_async16(tile + r * 128 + (c ^ (r % 8)) * 16, src + int64_t(valid ? row0 + r : 0) * row_bytes + col + c * 16,
-               valid);
+                                              int rows, int64_t col, int copier) {
+  static_assert(kRows * 8 % kThreads == 0 && kThreads % 64 == 0, "whole rounds, rows 8k apart: one swizzle");
+  const int c = copier % 8, r0 = copier / 8;
+  uint8_t* const dst = tile + r0 * 128 + (c ^ (r0 % 8)) * 16;
+#pragma unroll
+  for (int i = 0; i < kRows * 8 / kThreads; ++i) {
+    const int r = r0 + kThreads / 8 * i, row = row0 + r;
+    cp_async16(dst + kThreads / 8 * i * 128, src + int64_t(row < rows ? row : 0) * row_bytes + col + c * 16, row < rows);
   }
 }
 
-// The INT8 kernel in two forms (kProducer):
+// The INT8 kernel in two forms (kCopiers):
 //  - false: the block's 256 threads all copy, convert and issue; one block barrier a step (a step's
 //    copies landed for all, and the stage refilled next freed by both warpgroups);
 //  - true: a third warpgroup only copies (kWgStages stages ahead), the other two only convert and
@@ -532,17 +535,17 @@ __device__ __forceinline__ void copy_swizzled(uint8_t* tile, const uint8_t* src,
 //    keeps the kernel to that even with setmaxnreg in the branches), so a block is 128 channels x
 //    128 tokens here (64 accumulators a thread; 256 tokens spilled 5 KB). Written without a GPU:
 //    not yet run on one.
-template <bool kProducer>
+template <bool kCopiers>
 constexpr int w8a16_wgmma_threads() {
-  return kProducer ? kWgThreads + 128 : kWgThreads;
+  return kCopiers ? kWgThreads + 128 : kWgThreads;
 }
 
-template <typename T, bool kProducer>
-__global__ void __launch_bounds__(w8a16_wgmma_threads<kProducer>(), 1)
+template <typename T, bool kCopiers>
+__global__ void __launch_bounds__(w8a16_wgmma_threads<kCopiers>(), 1)
     wgmma_w8a16_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K,
                        int k_steps_per_split, Epilogue e, float* __restrict__ out, float* __restrict__ partial,
                        unsigned* __restrict__ counters) {
-  using Tiles = WgmmaTiles<T, kProducer>;
+  using Tiles = WgmmaTiles<T, kCopiers>;
   static_assert(Tiles::kRegisterA, "16-bit activations");
   constexpr int kHalves = Tiles::kHalves;
   LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
@@ -556,31 +559,22 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kProducer>(), 1)
   auto code_tile = [&](int stage) { return x_tile(stage) + Tiles::kXBytes; };
 
   // Copies the split's K step i, x's 64 values of the block's tokens and the codes of its channels,
-  // by kCopiers threads, this one being copier c: 16-byte chunk c % 8 of x's rows c / 8 +
-  // kCopiers / 8 * r and chunk c % 4 of the code rows c / 4 + kCopiers / 4 * r; rows past M or N are
-  // zero-filled (from a valid address).
-  constexpr int kCopiers = kProducer ? 128 : kWgThreads;
-  constexpr int kXRounds = Tiles::kTokens * 8 / kCopiers, kCodeRounds = Tiles::kChannels * 4 / kCopiers;
-  const int copier = tid % kCopiers;
-  const int64_t x_row_bytes = K * int64_t(sizeof(T));
-  const uint8_t* const x_src = reinterpret_cast<const uint8_t*>(x) + (copier % 8) * 16;
+  // by kCopyThreads threads, this one being `copier`: for the codes, 16-byte chunk copier % 4 of rows
+  // copier / 4 + kCopyThreads / 4 * r (rows past N zero-filled, from a valid address).
+  constexpr int kCopyThreads = kCopiers ? 128 : kWgThreads;
+  constexpr int kCodeRounds = Tiles::kChannels * 4 / kCopyThreads;
+  const int copier = tid % kCopyThreads;
   const uint8_t* const code_src = w + (copier % 4) * 16;
-  const int x_row = m0 + copier / 8, code_row = n0 + copier / 4;
-  const int x_dst = (copier / 8) * 128 + (copier % 8) * 16, code_dst = (copier / 4) * Tiles::kWRowBytes + (copier % 4) * 16;
+  const int code_row = n0 + copier / 4, code_dst = (copier / 4) * Tiles::kWRowBytes + (copier % 4) * 16;
   auto load = [&](int i) {
     const int stage = i % kWgStages;
     const int64_t k = int64_t(step_begin + i) * Tiles::kStepK;
-#pragma unroll
-    for (int r = 0; r < kXRounds; ++r) {
-      const int row = x_row + kCopiers / 8 * r;
-      const int at = x_dst + r * kCopiers / 8 * 128;  // swizzled: chunk c of row r at chunk c ^ (r % 8)
-      cp_async16(x_tile(stage) + (at ^ ((at / 128 % 8) * 16)),
-                 x_src + (row < M ? row : 0) * x_row_bytes + k * int64_t(sizeof(T)), row < M);
-    }
+    copy_swizzled<Tiles::kTokens, kCopyThreads>(x_tile(stage), reinterpret_cast<const uint8_t*>(x),
+                                                K * int64_t(sizeof(T)), m0, M, k * int64_t(sizeof(T)), copier);
 #pragma unroll
     for (int r = 0; r < kCodeRounds; ++r) {
-      const int row = code_row + kCopiers / 4 * r;
-      cp_async16(code_tile(stage) + code_dst + r * kCopiers / 4 * Tiles::kWRowBytes,
+      const int row = code_row + kCopyThreads / 4 * r;
+      cp_async16(code_tile(stage) + code_dst + r * kCopyThreads / 4 * Tiles::kWRowBytes,
                  code_src + (row < N ? row : 0) * int64_t(K) + k, row < N);
     }
   };
@@ -610,11 +604,11 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kProducer>(), 1)
     wgmma_commit();
   };
 
-  if constexpr (kProducer) {
+  if constexpr (kCopiers) {
     __shared__ uint64_t full[kWgStages], empty[kWgStages];
     if (tid == 0)
       for (int s = 0; s < kWgStages; ++s) {
-        mbarrier_init(&full[s], kCopiers);
+        mbarrier_init(&full[s], kCopyThreads);
         mbarrier_init(&empty[s], kWgThreads);
       }
     __syncthreads();
@@ -712,8 +706,8 @@ __global__ void __launch_bounds__(kWgThreads)
   // Copies the split's K step i (codes k .. k + 127 of x's rows and of the weights' rows).
   auto load = [&](int i) {
     const int stage = i % kWgStages, k = (step_begin + i) * Tiles::kStepK;
-    copy_swizzled<Tiles::kTokens>(x_tile(stage), reinterpret_cast<const uint8_t*>(x), K, m0, M, k);
-    copy_swizzled<Tiles::kChannels>(w_tile(stage), w, K, n0, N, k);
+    copy_swizzled<Tiles::kTokens, kWgThreads>(x_tile(stage), reinterpret_cast<const uint8_t*>(x), K, m0, M, k, tid);
+    copy_swizzled<Tiles::kChannels, kWgThreads>(w_tile(stage), w, K, n0, N, k, tid);
   };
 
   // FP8 MMAs keep fewer bits in their sums than fp32 (an H200 run: 0.57 off at K = 4096), so each
@@ -771,20 +765,20 @@ __global__ void __launch_bounds__(kWgThreads)
 
 // The Hopper kernel for T activations (16-bit: INT8 weights, with a copier warpgroup or not; fp8: FP8
 // weights), its threads and its grid.
-template <typename T, bool kProducer = false>
+template <typename T, bool kCopiers = false>
 constexpr auto wgmma_kernel() {
   if constexpr (std::is_same_v<T, fp8>)
     return wgmma_fp8_kernel;
   else
-    return wgmma_w8a16_kernel<T, kProducer>;
+    return wgmma_w8a16_kernel<T, kCopiers>;
 }
-template <typename T, bool kProducer = false>
+template <typename T, bool kCopiers = false>
 constexpr int wgmma_threads() {
-  return std::is_same_v<T, fp8> ? kWgThreads : w8a16_wgmma_threads<kProducer>();
+  return std::is_same_v<T, fp8> ? kWgThreads : w8a16_wgmma_threads<kCopiers>();
 }
-template <typename T, bool kProducer = false>
+template <typename T, bool kCopiers = false>
 dim3 wgmma_grid(int64_t M, int64_t N, const SplitKPlan& plan) {
-  using Tiles = WgmmaTiles<T, kProducer>;
+  using Tiles = WgmmaTiles<T, kCopiers>;
   return dim3(unsigned((N + Tiles::kChannels - 1) / Tiles::kChannels), unsigned((M + Tiles::kTokens - 1) / Tiles::kTokens),
               unsigned(plan.splits));
 }
