@@ -122,6 +122,18 @@ class Backend {
   virtual void linears(const Tensor& x, std::initializer_list<LinearJob> jobs) {
     for (const LinearJob& job : jobs) linear(x, *job.weight, job.bias, *job.out);
   }
+  // A layer's norm and the projections that read it: rmsnorm(x) (residual null) or
+  // add_rmsnorm(*residual, x) into out, then linears(out, jobs), with the same bits. A backend may
+  // round out for the linears in the norm's own kernel (the CUDA backend does for 16-bit and INT8
+  // weights: no conversion pass of its own).
+  virtual void rmsnorm_linears(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                               std::initializer_list<LinearJob> jobs) {
+    if (residual)
+      add_rmsnorm(*residual, x, weight, eps, out);
+    else
+      rmsnorm(x, weight, eps, out);
+    linears(out, jobs);
+  }
   // out[m] = max_k |x[m, k]| (out F32 [M, 1]).
   virtual void row_absmax(const Tensor& x, Tensor& out) = 0;
   // Rotates q [T, Hq*D] in place and k [T, Hkv*D] in place (rotate-half RoPE at each token's
@@ -134,8 +146,9 @@ class Backend {
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // out = linear(silu(gate) * up, weight) (+ bias): the MLP's down projection. act (F32, gate's
   // shape; may be gate itself) is scratch: afterwards it holds silu(gate) * up, unless the backend
-  // fused the product into the weight's activation quantization (CUDA, FP8 weights), and then its
-  // contents are unspecified. Either way out has exactly the bits of silu_mul then linear.
+  // fused the product into the linear's input (CUDA: FP8 weights' activation quantization, or the
+  // 16-bit copy that 16-bit and INT8 weights read), and then its contents are unspecified. Either
+  // way out has exactly the bits of silu_mul then linear.
   virtual void silu_mul_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
                                const Tensor* bias, Tensor& out) {
     silu_mul(gate, up, act);

@@ -576,21 +576,17 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
   for (size_t l = 0; l < r.layers.size(); ++l) {
     const Layer& w = r.layers[l];
     // The residual stream is x; the previous layer's MLP output (proj) is added in the fused norm.
-    if (l == 0)
-      b.rmsnorm(x, w.attn_norm, eps, h);
-    else
-      b.add_rmsnorm(x, proj, w.attn_norm, eps, h);
+    b.rmsnorm_linears(l == 0 ? nullptr : &x, l == 0 ? x : proj, w.attn_norm, eps, h,
+                      {{&w.wq, bias(w.bq), &q}, {&w.wk, bias(w.bk), &k}, {&w.wv, bias(w.bv), &v}});
     observe(l, "attn_in", h);
-    b.linears(h, {{&w.wq, bias(w.bq), &q}, {&w.wk, bias(w.bk), &k}, {&w.wv, bias(w.bv), &v}});
     b.rope_kv_write(q, k, v, r.inv_freq, r.kv_layers[l]);
     observe(l, "k", k);
     observe(l, "v", v);
     b.attention(q, r.kv_layers[l], attention, attn);
     observe(l, "o_in", attn);
     row_parallel(attn, w.wo, bias(w.bo), proj);
-    b.add_rmsnorm(x, proj, w.mlp_norm, eps, h);
+    b.rmsnorm_linears(&x, proj, w.mlp_norm, eps, h, {{&w.w_gate, nullptr, &gate}, {&w.w_up, nullptr, &up}});
     observe(l, "mlp_in", h);
-    b.linears(h, {{&w.w_gate, nullptr, &gate}, {&w.w_up, nullptr, &up}});
     if (observer_ || needs_row_amax(w.w_down)) {
       // The fp32 product itself is needed: calibration observes it, or tensor parallelism takes its
       // per-token amax over the ranks before the FP8 quantization.

@@ -518,16 +518,24 @@ class CudaBackend final : public Backend {
   }
 
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
-    Profiler::Scope timer(profiler_, "rmsnorm", stream_);
-    cuda::rmsnorm(nullptr, x.as<float>(), weight.data, weight.dtype, eps, x.rows, x.cols, out.as<float>(), stream_);
-    check(cudaGetLastError(), "rmsnorm kernel");
+    norm(nullptr, x, weight, eps, out, DType::F32);
   }
 
   void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
-    Profiler::Scope timer(profiler_, "add_rmsnorm", stream_);
-    cuda::rmsnorm(residual.as<float>(), x.as<float>(), weight.data, weight.dtype, eps, x.rows, x.cols,
-                  out.as<float>(), stream_);
-    check(cudaGetLastError(), "add_rmsnorm kernel");
+    norm(&residual, x, weight, eps, out, DType::F32);
+  }
+
+  // When the linears all read one 16-bit copy of out, the norm's kernel writes it: the linears
+  // then take it as activations() would have made it, without a conversion pass.
+  void rmsnorm_linears(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                       std::initializer_list<LinearJob> jobs) override {
+    DType rounded = jobs.size() ? linear_input_dtype(*jobs.begin()->weight) : DType::F32;
+    for (const LinearJob& job : jobs)
+      if (linear_input_dtype(*job.weight) != rounded) rounded = DType::F32;
+    if (rounded == DType::F32) return Backend::rmsnorm_linears(residual, x, weight, eps, out, jobs);
+    norm(residual, x, weight, eps, out, rounded);
+    SharedInput sharing(*this, out.data, rounded);
+    for (const LinearJob& job : jobs) linear(out, *job.weight, job.bias, *job.out);
   }
 
   void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
@@ -555,7 +563,7 @@ class CudaBackend final : public Backend {
     // The products' input: fp32 for F32 weights, else rounded to the 16-bit type (INT8 weights: the
     // checkpoint's activation type), the same for every path, so that the path changes only the
     // order of the fp32 sums.
-    const DType x_dtype = w_dtype == DType::I8 ? weight.act_dtype : w_dtype;
+    const DType x_dtype = linear_input_dtype(weight);
     const void* xs = activations(x, x_dtype);
     const void* w = weight.w.data;
     auto run = [&](LinearPath path) {
@@ -607,22 +615,27 @@ class CudaBackend final : public Backend {
   }
 
   void linears(const Tensor& x, std::initializer_list<LinearJob> jobs) override {
-    struct Sharing {  // x's 16-bit copy is shared for this call only: x changes between calls
-      CudaBackend& b;
-      explicit Sharing(CudaBackend& backend) : b(backend) {
-        b.shared_input_ = true;
-        b.converted_of_ = nullptr;
-      }
-      ~Sharing() { b.shared_input_ = false; }
-    } sharing(*this);
+    SharedInput sharing(*this, nullptr, DType::F32);  // the first linear makes the copy
     Backend::linears(x, jobs);
   }
 
-  // FP8 weights: silu(gate) * up goes straight into the FP8 codes and row scales (one kernel, no
-  // fp32 product in memory), then the same GEMM / GEMV as linear. Other weights: silu_mul, linear.
+  // silu(gate) * up goes straight into the linear's input, with no fp32 product in memory: for
+  // FP8 weights its codes and row scales, then the same GEMM / GEMV as linear; for 16-bit and
+  // INT8 weights its 16-bit copy (act is not written), then linear. F32 weights: silu_mul, linear.
   void silu_mul_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
                        const Tensor* bias, Tensor& out) override {
-    if (weight.w.dtype != DType::F8_E4M3) return Backend::silu_mul_linear(gate, up, act, weight, bias, out);
+    if (weight.w.dtype != DType::F8_E4M3) {
+      const DType rounded = linear_input_dtype(weight);
+      if (rounded == DType::F32) return Backend::silu_mul_linear(gate, up, act, weight, bias, out);
+      {
+        Profiler::Scope timer(profiler_, "silu_mul (rounded for the linear)", stream_);
+        ensure(converted_, uint64_t(gate.numel()) * dtype_size(rounded));
+        cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), converted_->data(), rounded, stream_);
+        check(cudaGetLastError(), "silu_mul kernel");
+      }
+      SharedInput sharing(*this, act.data, rounded);
+      return linear(act, weight, bias, out);
+    }
     const int64_t M = gate.rows, K = gate.cols;
     Profiler::Scope timer(profiler_, profiler_.enabled() ? fmt::format("silu_mul_linear F8_E4M3 {}", rows_bucket(M)) : "",
                           stream_);
@@ -683,7 +696,7 @@ class CudaBackend final : public Backend {
 
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
     Profiler::Scope timer(profiler_, "silu_mul", stream_);
-    cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), out.as<float>(), stream_);
+    cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), out.data, DType::F32, stream_);
     check(cudaGetLastError(), "silu_mul kernel");
   }
 
@@ -962,8 +975,50 @@ class CudaBackend final : public Backend {
     return it->second.best;
   }
 
-  // x rounded to `dtype` in scratch memory (F32: x itself). Inside linears(), the copy made for
-  // the first linear serves the others.
+  // The type a linear's input is rounded to: BF16 or F16 (16-bit weights: theirs; INT8: the
+  // checkpoint's activation type), else F32 (F32 weights; FP8 weights quantize it their own way).
+  static DType linear_input_dtype(const LinearWeight& weight) {
+    const DType w_dtype = weight.w.dtype;
+    if (w_dtype == DType::I8) return weight.act_dtype;
+    return w_dtype == DType::BF16 || w_dtype == DType::F16 ? w_dtype : DType::F32;
+  }
+
+  // rmsnorm (residual null) or add_rmsnorm into out, and with `rounded` BF16 / F16, out rounded
+  // to it into converted_ as well.
+  void norm(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out, DType rounded) {
+    const bool copy_too = rounded != DType::F32;
+    Profiler::Scope timer(profiler_,
+                          residual ? (copy_too ? "add_rmsnorm (rounded for the linears)" : "add_rmsnorm")
+                                   : (copy_too ? "rmsnorm (rounded for the linears)" : "rmsnorm"),
+                          stream_);
+    void* copy = nullptr;
+    if (copy_too) {
+      ensure(converted_, uint64_t(out.numel()) * dtype_size(rounded));
+      copy = converted_->data();
+    }
+    cuda::rmsnorm(residual ? residual->as<float>() : nullptr, x.as<float>(), weight.data, weight.dtype, eps, x.rows,
+                  x.cols, out.as<float>(), copy, rounded, stream_);
+    check(cudaGetLastError(), residual ? "add_rmsnorm kernel" : "rmsnorm kernel");
+  }
+
+  // While alive, linears of one input share its 16-bit copy in converted_: the copy of `of` (the
+  // caller has just written it), or, with `of` null, the one the first linear makes. Copies never
+  // outlive it: the input changes between calls.
+  struct SharedInput {
+    CudaBackend& b;
+    SharedInput(CudaBackend& backend, const void* of, DType dtype) : b(backend) {
+      b.shared_input_ = true;
+      b.converted_of_ = of;
+      b.converted_dtype_ = dtype;
+    }
+    ~SharedInput() {
+      b.shared_input_ = false;
+      b.converted_of_ = nullptr;
+    }
+  };
+
+  // x rounded to `dtype` in scratch memory (F32: x itself). Inside a SharedInput, the copy made for
+  // the first linear (or by the op before) serves the others.
   const void* activations(const Tensor& x, DType dtype) {
     if (dtype == DType::F32) return x.data;
     if (shared_input_ && converted_of_ == x.data && converted_dtype_ == dtype) return converted_->data();

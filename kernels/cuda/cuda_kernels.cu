@@ -66,16 +66,24 @@ void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows,
 }
 
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
-             int64_t dim, float* out, cudaStream_t stream) {
-  with_float_type(w_dtype, "norm weight", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;
-    rmsnorm_kernel<T><<<unsigned(rows), threads, 0, stream>>>(residual, x, static_cast<const T*>(weight), eps, dim, out);
+             int64_t dim, float* out, void* rounded, DType rounded_dtype, cudaStream_t stream) {
+  if (!rounded) rounded_dtype = DType::F32;  // an instantiation whose copy is never written
+  with_float_type(w_dtype, "norm weight", [&](auto w_tag) {
+    using T = typename decltype(w_tag)::type;
+    with_float_type(rounded_dtype, "rounded activations", [&](auto r_tag) {
+      using R = typename decltype(r_tag)::type;
+      const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;
+      rmsnorm_kernel<T, R><<<unsigned(rows), threads, 0, stream>>>(residual, x, static_cast<const T*>(weight), eps,
+                                                                   dim, out, static_cast<R*>(rounded));
+    });
   });
 }
 
-void silu_mul(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream) {
-  silu_mul_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(gate, up, n, out);
+void silu_mul(const float* gate, const float* up, int64_t n, void* out, DType out_dtype, cudaStream_t stream) {
+  with_float_type(out_dtype, "silu_mul output", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    silu_mul_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(gate, up, n, static_cast<T*>(out));
+  });
 }
 
 void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t rows, float* out, cudaStream_t stream) {

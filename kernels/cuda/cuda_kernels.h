@@ -71,9 +71,13 @@ inline void make_query_tiles(const int32_t* token_seq, const int32_t* positions,
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
            int64_t rows, float* out, cudaStream_t stream);
 // residual == nullptr: out = rmsnorm(x) * w. Else residual += x, out = rmsnorm(residual) * w.
+// rounded (when not null): out rounded to rounded_dtype (BF16 / F16) as well, the bits
+// convert_activations would give from out.
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
-             int64_t dim, float* out, cudaStream_t stream);
-void silu_mul(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+             int64_t dim, float* out, void* rounded, DType rounded_dtype, cudaStream_t stream);
+// out = silu(gate) * up in out_dtype: F32, or BF16 / F16 (the fp32 product rounded: the bits
+// silu_mul then convert_activations would give).
+void silu_mul(const float* gate, const float* up, int64_t n, void* out, DType out_dtype, cudaStream_t stream);
 void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t rows, float* out, cudaStream_t stream);
 
 // Rounds x to `dtype` (F16 / BF16 / F32 copy) into out.

@@ -58,8 +58,11 @@ __global__ void embed_kernel(const T* table, int64_t first_id, int64_t table_row
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = here ? to_f32(src[i]) : 0.0f;
 }
 
-template <typename T>
-__global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, float eps, int64_t dim, float* out) {
+// rounded (when not null): out rounded to R as well, the copy a following 16-bit linear reads
+// (the bits convert_kernel<R> gives from out, without a pass of its own).
+template <typename T, typename R>
+__global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, float eps, int64_t dim, float* out,
+                               R* rounded) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * dim;
   float* rr = residual ? residual + row * dim : nullptr;
@@ -75,7 +78,11 @@ __global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, floa
   sum_squares = block_reduce<false>(sum_squares);
   const float inv = 1.0f / sqrtf(sum_squares / float(dim) + eps);
   const float* src = rr ? rr : xr;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = __fmul_rn(src[i], inv) * to_f32(w[i]);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = __fmul_rn(src[i], inv) * to_f32(w[i]);
+    out[row * dim + i] = v;
+    if (rounded) rounded[row * dim + i] = from_f32<R>(v);
+  }
 }
 
 // silu(g) * u as the CPU computes it, g / (1 + exp(-g)) * u, each operation rounded on its own:
@@ -85,9 +92,11 @@ __device__ __forceinline__ float silu_mul_value(float g, float u) {
   return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
-__global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
+// T = float: the product; a 16-bit T: the product rounded to it (the copy a 16-bit linear reads).
+template <typename T>
+__global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, T* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = silu_mul_value(gate[i], up[i]);
+    out[i] = from_f32<T>(silu_mul_value(gate[i], up[i]));
 }
 
 __global__ void gather_rows_kernel(const float* x, int64_t cols, const int32_t* rows, float* out) {

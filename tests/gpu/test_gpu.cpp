@@ -402,7 +402,7 @@ TEST_F(BackendPair, SiluMulQuantizeFp8EqualsSiluMulThenQuantize) {
         cuda::silu_mul_quantize_fp8(gate.gpu.as<float>(), up.gpu.as<float>(), rows, cols, scale_gpu,
                                     static_cast<uint8_t*>(codes[0]->data()), static_cast<float*>(row_scales[0]->data()),
                                     counts, stream);
-        cuda::silu_mul(gate.gpu.as<float>(), up.gpu.as<float>(), int64_t(n), static_cast<float*>(act->data()), stream);
+        cuda::silu_mul(gate.gpu.as<float>(), up.gpu.as<float>(), int64_t(n), act->data(), DType::F32, stream);
         cuda::quantize_fp8_rows(static_cast<float*>(act->data()), rows, cols, scale_gpu, nullptr,
                                 static_cast<uint8_t*>(codes[1]->data()), static_cast<float*>(row_scales[1]->data()),
                                 counts + 2, stream);
@@ -466,14 +466,16 @@ TEST_F(BackendPair, SiluMulQuantizeFp8EqualsSiluMulThenQuantize) {
 // Backend::silu_mul_linear on the GPU: for FP8 weights (fused) exactly the output of the GPU's
 // silu_mul then linear (the same codes and scales into the same GEMM / GEMV plan) and the same
 // saturation counts; against the CPU's silu_mul_linear within the FP8 linear tolerance (kLinearCases).
-// BF16 weights take the default (silu_mul, then linear), act holding the product.
+// BF16 and INT8 weights (fused too: the product rounded to 16 bits by the SiLU-mul kernel, as the
+// linear's input) exactly the output of silu_mul then linear; F32 weights take the default, act
+// holding the product.
 TEST_F(GpuLinear, SiluMulLinearEqualsSiluMulThenLinear) {
   Random rnd(17);
+  const char* names[] = {"fp8 dynamic", "fp8 static", "bf16", "int8wo", "f32"};
   for (auto [N, K] : {std::pair<int64_t, int64_t>{64, 733}, {48, 4096}})
-    for (int64_t M : {1, 7, 19})
-      for (int variant = 0; variant < 3; ++variant) {  // fp8 dynamic, fp8 static (clipping), bf16
-        const std::string what = fmt::format("{} M={} N={} K={}",
-                                             variant == 0 ? "fp8 dynamic" : variant == 1 ? "fp8 static" : "bf16", M, N, K);
+    for (int64_t M : {1, 7, 19, 200})
+      for (int variant = 0; variant < 5; ++variant) {
+        const std::string what = fmt::format("{} M={} N={} K={}", names[variant], M, N, K);
         // |silu(g) * u| < 2, smaller than kLinearCases' uniform(-1, 1) inputs on average, so that their
         // tolerances hold; the static scale 1/448 clips the few values beyond 1.
         Both gate = floats(rnd.floats(size_t(M * K), -4, 4), M, K), up = floats(rnd.floats(size_t(M * K), -0.5f, 0.5f), M, K);
@@ -490,8 +492,16 @@ TEST_F(GpuLinear, SiluMulLinearEqualsSiluMulThenLinear) {
             w_cpu.input_scale = input_scale.cpu;
             w_gpu.input_scale = input_scale.gpu;
           }
+        } else if (variant == 3) {
+          quantized_.push_back(quantize_weight(Tensor{w_bytes.data(), DType::BF16, N, K}, QuantMode::Int8WeightOnly, 2));
+          w_cpu = quantized_.back().view(DType::BF16);
+          w_gpu = w_cpu;
+          w_gpu.w = gpu_->upload(w_cpu.w);
+          w_gpu.scale = gpu_->upload(w_cpu.scale);
         } else {
-          Both w = tensor(w_bytes, DType::BF16, N, K);
+          const DType dtype = variant == 2 ? DType::BF16 : DType::F32;
+          if (dtype == DType::F32) w_bytes = encode(rnd.floats(size_t(N * K)), DType::F32);
+          Both w = tensor(w_bytes, dtype, N, K);
           w_cpu.w = w.cpu;
           w_gpu.w = w.gpu;
         }
@@ -509,7 +519,8 @@ TEST_F(GpuLinear, SiluMulLinearEqualsSiluMulThenLinear) {
         const std::vector<uint64_t> unfused_counts = gpu_->saturation(1, true);
         expect_close(read(*gpu_, out_ref.gpu), read(*gpu_, out.gpu), {0, 0}, what + ": fused vs unfused on the GPU");
         EXPECT_EQ(fused_counts, unfused_counts) << what;
-        const Tolerance tol = variant == 2 ? Tolerance{8e-3, 0.2} : Tolerance{5e-4, 0.05};
+        const Tolerance tol = variant < 2 ? Tolerance{5e-4, 0.05} : variant == 2 ? Tolerance{8e-3, 0.2}
+                              : variant == 3 ? kInt8Tolerance : Tolerance{2e-6, 2e-3};
         expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), tol, what + ": GPU vs CPU");
         if (variant == 1) {
           EXPECT_EQ(fused_counts[kActivationsStatic], uint64_t(M * K)) << what;
@@ -517,8 +528,77 @@ TEST_F(GpuLinear, SiluMulLinearEqualsSiluMulThenLinear) {
           EXPECT_LE(std::llabs((long long)fused_counts[kActivationsClipped] - (long long)cpu_counts[kActivationsClipped]), 2)
               << what;
         }
-        if (variant == 2)  // the default keeps the product in act
+        if (variant == 4)  // the default keeps the product in act
           expect_close(read(*cpu_, act.cpu), read(*gpu_, act.gpu), {1e-6, 1e-5}, what + ": act");
+        quantized_.clear();
+      }
+}
+
+// Backend::rmsnorm_linears on the GPU: when the linears read one 16-bit input (BF16 weights; INT8
+// with BF16 activations; both at once), the norm's kernel writes it; otherwise (an F16 weight beside
+// a BF16 one, FP8 weights) the default. Either way, exactly the bits of the norm then each linear
+// alone: the norm's output, the residual and every linear's output; and the CPU's within kLinearCases.
+TEST_F(GpuLinear, RmsNormLinearsEqualNormThenLinears) {
+  Random rnd(19);
+  const int64_t K = 512;
+  auto weight = [&](DType dtype, QuantMode quant, int64_t N, LinearWeight* cpu, LinearWeight* gpu) {
+    std::vector<uint8_t> bytes = encode(rnd.floats(size_t(N * K)), dtype);
+    if (quant == QuantMode::None) {
+      Both w = tensor(bytes, dtype, N, K);
+      cpu->w = w.cpu;
+      gpu->w = w.gpu;
+      return;
+    }
+    quantized_.push_back(quantize_weight(Tensor{bytes.data(), dtype, N, K}, quant, 2));
+    *cpu = quantized_.back().view(DType::BF16);
+    *gpu = *cpu;
+    gpu->w = gpu_->upload(cpu->w);
+    gpu->scale = gpu_->upload(cpu->scale);
+    cpu->layer = gpu->layer = 0;
+  };
+  struct Pair {
+    const char* name;
+    DType a_dtype;
+    QuantMode a_quant;
+    DType b_dtype;
+    QuantMode b_quant;
+  };
+  const Pair pairs[] = {{"bf16 + bf16", DType::BF16, QuantMode::None, DType::BF16, QuantMode::None},
+                        {"int8wo + bf16", DType::BF16, QuantMode::Int8WeightOnly, DType::BF16, QuantMode::None},
+                        {"f16 + bf16", DType::F16, QuantMode::None, DType::BF16, QuantMode::None},
+                        {"fp8 + fp8", DType::BF16, QuantMode::Fp8, DType::BF16, QuantMode::Fp8}};
+  for (const Pair& pair : pairs)
+    for (int64_t M : {1, 19, 733})
+      for (bool residual : {false, true}) {
+        const std::string what = fmt::format("{} M={}{}", pair.name, M, residual ? " add_rmsnorm" : " rmsnorm");
+        LinearWeight a_cpu, a_gpu, b_cpu, b_gpu;
+        weight(pair.a_dtype, pair.a_quant, 64, &a_cpu, &a_gpu);
+        weight(pair.b_dtype, pair.b_quant, 40, &b_cpu, &b_gpu);
+        Both x = floats(rnd.floats(size_t(M * K), -3, 3), M, K), norm_w = floats(rnd.floats(size_t(K), 0.5f, 1.5f), 1, K);
+        const std::vector<float> residual_values = rnd.floats(size_t(M * K), -3, 3);
+        Both res = floats(residual_values, M, K), res_ref = floats(residual_values, M, K);
+        Both h = output(M, K), a = output(M, 64), b = output(M, 40);
+        Both h_ref = output(M, K), a_ref = output(M, 64), b_ref = output(M, 40);
+        cpu_->rmsnorm_linears(residual ? &res.cpu : nullptr, x.cpu, norm_w.cpu, 1e-5f, h.cpu,
+                              {{&a_cpu, nullptr, &a.cpu}, {&b_cpu, nullptr, &b.cpu}});
+        gpu_->rmsnorm_linears(residual ? &res.gpu : nullptr, x.gpu, norm_w.gpu, 1e-5f, h.gpu,
+                              {{&a_gpu, nullptr, &a.gpu}, {&b_gpu, nullptr, &b.gpu}});
+        if (residual)
+          gpu_->add_rmsnorm(res_ref.gpu, x.gpu, norm_w.gpu, 1e-5f, h_ref.gpu);
+        else
+          gpu_->rmsnorm(x.gpu, norm_w.gpu, 1e-5f, h_ref.gpu);
+        gpu_->linear(h_ref.gpu, a_gpu, nullptr, a_ref.gpu);
+        gpu_->linear(h_ref.gpu, b_gpu, nullptr, b_ref.gpu);
+        expect_close(read(*gpu_, h_ref.gpu), read(*gpu_, h.gpu), {0, 0}, what + ": norm output");
+        expect_close(read(*gpu_, res_ref.gpu), read(*gpu_, res.gpu), {0, 0}, what + ": residual");
+        expect_close(read(*gpu_, a_ref.gpu), read(*gpu_, a.gpu), {0, 0}, what + ": first linear");
+        expect_close(read(*gpu_, b_ref.gpu), read(*gpu_, b.gpu), {0, 0}, what + ": second linear");
+        // Against the CPU: inputs of about unit size after the norm, as kLinearCases' (fp8: its
+        // tolerance; 16-bit weights: BF16's, the looser of the two).
+        const Tolerance tol = pair.a_quant == QuantMode::Fp8 ? Tolerance{5e-4, 0.05} : Tolerance{8e-3, 0.2};
+        expect_close(read(*cpu_, a.cpu), read(*gpu_, a.gpu), tol, what + ": first linear, GPU vs CPU");
+        expect_close(read(*cpu_, b.cpu), read(*gpu_, b.gpu), tol, what + ": second linear, GPU vs CPU");
+        quantized_.clear();
       }
 }
 

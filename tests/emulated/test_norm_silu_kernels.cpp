@@ -1,0 +1,129 @@
+// The RMSNorm and SiLU-mul kernels of kernels/cuda/kernels.cuh with their 16-bit copies (the
+// input a following BF16 / F16 / INT8 linear reads, written by the op before instead of a
+// conversion pass), run on the CPU through tests/emulated/cuda_emulation.h:
+// - the fp32 outputs against the CPU backend (RMSNorm: within 2e-6 relative, its sum of squares is
+//   reduced in another order; SiLU-mul: bit for bit), the residual bit for bit;
+// - each 16-bit copy equal, bit for bit, to engine/dtype.h's round-to-nearest-even of the kernel's
+//   own fp32 output, every element written (the copy is poisoned first).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/dtype.h"
+#include "engine/rng.h"
+
+#include "emulated/cuda_emulation.h"  // before the kernels: it stands in for CUDA
+#include "kernels/cuda/kernels.cuh"
+
+namespace llmq {
+namespace {
+
+uint16_t bits_of(cuda::bf16 v) {
+  uint16_t b;
+  std::memcpy(&b, &v, 2);
+  return b;
+}
+uint16_t bits_of(cuda::f16 v) {
+  uint16_t b;
+  std::memcpy(&b, &v, 2);
+  return b;
+}
+uint16_t reference_bits(float v, cuda::bf16) { return f32_to_bf16(v); }
+uint16_t reference_bits(float v, cuda::f16) { return f32_to_f16(v); }
+
+// Elements of `copy` that are not the rounding of `values`.
+template <typename R>
+size_t copies_that_differ(const std::vector<float>& values, const std::vector<R>& copy) {
+  size_t differ = 0;
+  for (size_t i = 0; i < values.size(); ++i) differ += bits_of(copy[i]) != reference_bits(values[i], R{});
+  return differ;
+}
+
+template <typename R>
+void check_rmsnorm(bool with_residual, int64_t rows, int64_t dim, Rng& rng) {
+  SCOPED_TRACE(testing::Message() << (with_residual ? "add_rmsnorm" : "rmsnorm") << " rows " << rows << " dim "
+                                  << dim << (std::is_same_v<R, cuda::bf16> ? " bf16" : " f16"));
+  std::unique_ptr<Backend> cpu = make_cpu_backend(CpuBackendOptions{1});
+  const size_t n = size_t(rows * dim);
+  std::vector<float> x(n), residual(n), weight(static_cast<size_t>(dim));
+  for (float& v : x) v = float(rng.uniform() * 8.0 - 4.0);
+  for (float& v : residual) v = float(rng.uniform() * 2.0 - 1.0);
+  for (float& v : weight) v = float(rng.uniform() * 2.0);
+  std::vector<float> expected(n), expected_residual = residual;
+  Tensor xt{x.data(), DType::F32, rows, dim}, wt{weight.data(), DType::F32, 1, dim};
+  Tensor et{expected.data(), DType::F32, rows, dim}, rt{expected_residual.data(), DType::F32, rows, dim};
+  if (with_residual)
+    cpu->add_rmsnorm(rt, xt, wt, 1e-5f, et);
+  else
+    cpu->rmsnorm(xt, wt, 1e-5f, et);
+
+  std::vector<float> out(n, std::nanf(""));
+  std::vector<R> copy(n);
+  std::memset(static_cast<void*>(copy.data()), 0xff, n * sizeof(R));  // NaN in both 16-bit types: poisoned
+  const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;  // as the launcher
+  emulation::launch(dim3(unsigned(rows)), unsigned(threads), 0, [&] {
+    cuda::rmsnorm_kernel<float, R>(with_residual ? residual.data() : nullptr, x.data(), weight.data(), 1e-5f, dim,
+                                   out.data(), copy.data());
+  });
+  double worst = 0.0;
+  for (size_t i = 0; i < n; ++i)
+    worst = std::max(worst, std::fabs(double(out[i]) - double(expected[i])) / std::max(1e-6, std::fabs(double(expected[i]))));
+  EXPECT_LT(worst, 2e-6);
+  if (with_residual) {
+    EXPECT_EQ(residual, expected_residual);
+  }
+  EXPECT_EQ(copies_that_differ(out, copy), 0u);
+}
+
+TEST(NormSiluKernelsEmulated, RmsnormWritesItsRoundedCopy) {
+  Rng rng(11);
+  for (bool with_residual : {false, true})
+    for (int64_t rows : {1, 3})
+      for (int64_t dim : {7, 733, 4096}) {
+        check_rmsnorm<cuda::bf16>(with_residual, rows, dim, rng);
+        check_rmsnorm<cuda::f16>(with_residual, rows, dim, rng);
+      }
+  // Without a copy (null), the fp32 output alone.
+  std::vector<float> x(64, 1.5f), w(64, 2.0f), out(64, 0.0f);
+  emulation::launch(dim3(1), 64, 0, [&] {
+    cuda::rmsnorm_kernel<float, float>(nullptr, x.data(), w.data(), 0.0f, 64, out.data(), nullptr);
+  });
+  EXPECT_EQ(out, std::vector<float>(64, 2.0f));
+}
+
+TEST(NormSiluKernelsEmulated, SiluMulEqualsTheCpuAndRoundsItsProduct) {
+  Rng rng(12);
+  std::unique_ptr<Backend> cpu = make_cpu_backend(CpuBackendOptions{1});
+  for (int64_t n : {1, 7, 733, 11008 * 3}) {
+    SCOPED_TRACE(testing::Message() << "n " << n);
+    const size_t count = static_cast<size_t>(n);
+    std::vector<float> gate(count), up(count), expected(count), product(count, std::nanf(""));
+    for (size_t i = 0; i < count; ++i) {
+      gate[i] = float(rng.uniform() * 24.0 - 12.0);
+      up[i] = float(rng.uniform() * 6.0 - 3.0);
+    }
+    Tensor g{gate.data(), DType::F32, 1, n}, u{up.data(), DType::F32, 1, n}, e{expected.data(), DType::F32, 1, n};
+    cpu->silu_mul(g, u, e);
+    std::vector<cuda::bf16> as_bf16(count);
+    std::vector<cuda::f16> as_f16(count);
+    std::memset(static_cast<void*>(as_bf16.data()), 0xff, size_t(n) * 2);
+    std::memset(static_cast<void*>(as_f16.data()), 0xff, size_t(n) * 2);
+    const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 4));  // fewer blocks than needed: the stride
+    emulation::launch(dim3(blocks), 256, 0, [&] {
+      cuda::silu_mul_kernel<float>(gate.data(), up.data(), n, product.data());
+      cuda::silu_mul_kernel<cuda::bf16>(gate.data(), up.data(), n, as_bf16.data());
+      cuda::silu_mul_kernel<cuda::f16>(gate.data(), up.data(), n, as_f16.data());
+    });
+    EXPECT_EQ(std::memcmp(product.data(), expected.data(), size_t(n) * 4), 0);
+    EXPECT_EQ(copies_that_differ(expected, as_bf16), 0u);
+    EXPECT_EQ(copies_that_differ(expected, as_f16), 0u);
+  }
+}
+
+}  // namespace
+}  // namespace llmq
