@@ -518,23 +518,32 @@ class CudaBackend final : public Backend {
   }
 
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
-    norm(nullptr, x, weight, eps, out, DType::F32);
+    norm(nullptr, x, weight, eps, out, DType::F32, false);
   }
 
   void add_rmsnorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
-    norm(&residual, x, weight, eps, out, DType::F32);
+    norm(&residual, x, weight, eps, out, DType::F32, false);
   }
 
-  // When the linears all read one 16-bit copy of out, the norm's kernel writes it: the linears
-  // then take it as activations() would have made it, without a conversion pass.
+  // When the linears all read one 16-bit copy of out, or all FP8 codes of it with dynamic scales,
+  // the norm's kernel writes those: the linears take them as they would have made them, without a
+  // pass of their own. Otherwise (mixed inputs, F32 weights, static FP8 scales) the default.
   void rmsnorm_linears(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
                        std::initializer_list<LinearJob> jobs) override {
     DType rounded = jobs.size() ? linear_input_dtype(*jobs.begin()->weight) : DType::F32;
-    for (const LinearJob& job : jobs)
+    bool fp8 = jobs.size() > 0;
+    for (const LinearJob& job : jobs) {
       if (linear_input_dtype(*job.weight) != rounded) rounded = DType::F32;
-    if (rounded == DType::F32) return Backend::rmsnorm_linears(residual, x, weight, eps, out, jobs);
-    norm(residual, x, weight, eps, out, rounded);
-    SharedInput sharing(*this, out.data, rounded);
+      fp8 = fp8 && fp8_dynamic(*job.weight);
+    }
+    if (rounded == DType::F32 && !fp8) return Backend::rmsnorm_linears(residual, x, weight, eps, out, jobs);
+    SharedInput sharing(*this);
+    norm(residual, x, weight, eps, out, rounded, fp8);
+    if (rounded != DType::F32) {
+      converted_of_ = out.data;
+      converted_dtype_ = rounded;
+    }
+    if (fp8) fp8_codes_of_ = out.data;
     for (const LinearJob& job : jobs) linear(out, *job.weight, job.bias, *job.out);
   }
 
@@ -550,11 +559,16 @@ class CudaBackend final : public Backend {
     Profiler::Scope timer(profiler_, profiler_.enabled() ? fmt::format("linear {} {}", dtype_name(w_dtype), rows_bucket(M)) : "",
                           stream_);
     if (w_dtype == DType::F8_E4M3) {
-      fp8_scratch(M, K);
-      cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(),
-                              row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
-                              static_cast<float*>(row_scales_->data()), layer_counters(weight.layer), stream_);
-      check(cudaGetLastError(), "quantize_fp8_rows kernel");
+      // With dynamic scales, linears of one input (inside a SharedInput) share its codes.
+      const bool shareable = shared_input_ && fp8_dynamic(weight) && !row_amax;
+      if (!shareable || fp8_codes_of_ != x.data) {
+        fp8_scratch(M, K);
+        cuda::quantize_fp8_rows(x.as<float>(), M, K, weight.input_scale.as<float>(),
+                                row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
+                                static_cast<float*>(row_scales_->data()), layer_counters(weight.layer), stream_);
+        check(cudaGetLastError(), "quantize_fp8_rows kernel");
+        if (shareable) fp8_codes_of_ = x.data;
+      }
       fp8_linear(weight, bias, M, K, out);
       return;
     }
@@ -615,7 +629,7 @@ class CudaBackend final : public Backend {
   }
 
   void linears(const Tensor& x, std::initializer_list<LinearJob> jobs) override {
-    SharedInput sharing(*this, nullptr, DType::F32);  // the first linear makes the copy
+    SharedInput sharing(*this);  // the first linear makes the copy (or codes) the others read
     Backend::linears(x, jobs);
   }
 
@@ -633,7 +647,9 @@ class CudaBackend final : public Backend {
         cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), converted_->data(), rounded, stream_);
         check(cudaGetLastError(), "silu_mul kernel");
       }
-      SharedInput sharing(*this, act.data, rounded);
+      SharedInput sharing(*this);
+      converted_of_ = act.data;
+      converted_dtype_ = rounded;
       return linear(act, weight, bias, out);
     }
     const int64_t M = gate.rows, K = gate.cols;
@@ -983,37 +999,46 @@ class CudaBackend final : public Backend {
     return w_dtype == DType::BF16 || w_dtype == DType::F16 ? w_dtype : DType::F32;
   }
 
-  // rmsnorm (residual null) or add_rmsnorm into out, and with `rounded` BF16 / F16, out rounded
-  // to it into converted_ as well.
-  void norm(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out, DType rounded) {
-    const bool copy_too = rounded != DType::F32;
+  static bool fp8_dynamic(const LinearWeight& weight) {
+    return weight.w.dtype == DType::F8_E4M3 && weight.input_scale.empty();
+  }
+
+  // rmsnorm (residual null) or add_rmsnorm into out; as well, with `rounded` BF16 / F16, out
+  // rounded to it into converted_, and with `fp8`, its FP8 codes (dynamic scales) into codes_ and
+  // row_scales_.
+  void norm(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out, DType rounded, bool fp8) {
+    const bool with_input = rounded != DType::F32 || fp8;
     Profiler::Scope timer(profiler_,
-                          residual ? (copy_too ? "add_rmsnorm (rounded for the linears)" : "add_rmsnorm")
-                                   : (copy_too ? "rmsnorm (rounded for the linears)" : "rmsnorm"),
+                          residual ? (with_input ? "add_rmsnorm (and the linears' input)" : "add_rmsnorm")
+                                   : (with_input ? "rmsnorm (and the linears' input)" : "rmsnorm"),
                           stream_);
     void* copy = nullptr;
-    if (copy_too) {
+    if (rounded != DType::F32) {
       ensure(converted_, uint64_t(out.numel()) * dtype_size(rounded));
       copy = converted_->data();
     }
+    if (fp8) fp8_scratch(out.rows, out.cols);
     cuda::rmsnorm(residual ? residual->as<float>() : nullptr, x.as<float>(), weight.data, weight.dtype, eps, x.rows,
-                  x.cols, out.as<float>(), copy, rounded, stream_);
+                  x.cols, out.as<float>(), copy, rounded, fp8 ? static_cast<uint8_t*>(codes_->data()) : nullptr,
+                  fp8 ? static_cast<float*>(row_scales_->data()) : nullptr, stream_);
     check(cudaGetLastError(), residual ? "add_rmsnorm kernel" : "rmsnorm kernel");
   }
 
-  // While alive, linears of one input share its 16-bit copy in converted_: the copy of `of` (the
-  // caller has just written it), or, with `of` null, the one the first linear makes. Copies never
-  // outlive it: the input changes between calls.
+  // While alive, linears of one input share what they read of it: its 16-bit copy in converted_
+  // (of converted_of_), its FP8 codes with dynamic scales in codes_ / row_scales_ (of
+  // fp8_codes_of_), set by whoever makes them (the first linear, or the op before, which has just
+  // written the input). Never kept past it: the input changes between calls.
   struct SharedInput {
     CudaBackend& b;
-    SharedInput(CudaBackend& backend, const void* of, DType dtype) : b(backend) {
+    explicit SharedInput(CudaBackend& backend) : b(backend) {
       b.shared_input_ = true;
-      b.converted_of_ = of;
-      b.converted_dtype_ = dtype;
+      b.converted_of_ = nullptr;
+      b.fp8_codes_of_ = nullptr;
     }
     ~SharedInput() {
       b.shared_input_ = false;
       b.converted_of_ = nullptr;
+      b.fp8_codes_of_ = nullptr;
     }
   };
 
@@ -1159,10 +1184,12 @@ class CudaBackend final : public Backend {
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, PathChoice> path_choices_;
   std::optional<LinearPath> forced_path_;  // LLMQ_LINEAR_PATH
   bool wgmma_timed_ = false;               // LLMQ_LINEAR_PATH=all
-  // converted_ holds converted_of_'s data rounded to converted_dtype_; reused while shared_input_.
+  // converted_ holds converted_of_'s data rounded to converted_dtype_, codes_ / row_scales_
+  // fp8_codes_of_'s FP8 codes with dynamic scales; reused while shared_input_ (a SharedInput).
   bool shared_input_ = false;
   const void* converted_of_ = nullptr;
   DType converted_dtype_ = DType::F32;
+  const void* fp8_codes_of_ = nullptr;
 
   std::vector<std::unique_ptr<Buffer>> uploads_;
 

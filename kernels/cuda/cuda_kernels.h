@@ -71,10 +71,12 @@ inline void make_query_tiles(const int32_t* token_seq, const int32_t* positions,
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
            int64_t rows, float* out, cudaStream_t stream);
 // residual == nullptr: out = rmsnorm(x) * w. Else residual += x, out = rmsnorm(residual) * w.
-// rounded (when not null): out rounded to rounded_dtype (BF16 / F16) as well, the bits
-// convert_activations would give from out.
+// As well, when not null: rounded, out rounded to rounded_dtype (BF16 / F16; the bits
+// convert_activations would give from out); fp8_codes and fp8_row_scales, out quantized with a
+// dynamic per-row scale (those quantize_fp8_rows would give from out).
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
-             int64_t dim, float* out, void* rounded, DType rounded_dtype, cudaStream_t stream);
+             int64_t dim, float* out, void* rounded, DType rounded_dtype, uint8_t* fp8_codes, float* fp8_row_scales,
+             cudaStream_t stream);
 // out = silu(gate) * up in out_dtype: F32, or BF16 / F16 (the fp32 product rounded: the bits
 // silu_mul then convert_activations would give).
 void silu_mul(const float* gate, const float* up, int64_t n, void* out, DType out_dtype, cudaStream_t stream);

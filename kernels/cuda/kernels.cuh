@@ -58,33 +58,6 @@ __global__ void embed_kernel(const T* table, int64_t first_id, int64_t table_row
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = here ? to_f32(src[i]) : 0.0f;
 }
 
-// rounded (when not null): out rounded to R as well, the copy a following 16-bit linear reads
-// (the bits convert_kernel<R> gives from out, without a pass of its own).
-template <typename T, typename R>
-__global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, float eps, int64_t dim, float* out,
-                               R* rounded) {
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * dim;
-  float* rr = residual ? residual + row * dim : nullptr;
-  float sum_squares = 0.0f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    float v = xr[i];
-    if (rr) {
-      v = rr[i] + v;
-      rr[i] = v;
-    }
-    sum_squares += v * v;
-  }
-  sum_squares = block_reduce<false>(sum_squares);
-  const float inv = 1.0f / sqrtf(sum_squares / float(dim) + eps);
-  const float* src = rr ? rr : xr;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = __fmul_rn(src[i], inv) * to_f32(w[i]);
-    out[row * dim + i] = v;
-    if (rounded) rounded[row * dim + i] = from_f32<R>(v);
-  }
-}
-
 // silu(g) * u as the CPU computes it, g / (1 + exp(-g)) * u, each operation rounded on its own:
 // the _rn intrinsics are never contracted into an FMA, so silu_mul and the fused quantization
 // below, which inline this in different code, get the same bits.
@@ -122,13 +95,13 @@ struct SiluMulOf {
   __device__ __forceinline__ float operator()(int64_t i) const { return silu_mul_value(gate[i], up[i]); }
 };
 
-// One block per row. The dynamic scale's amax takes a first pass over the row; the second pass
-// reads (or recomputes, for SiluMulOf: the same bits) each value again to quantize it.
+// Quantizes row `row` of src to FP8 codes and its row scale, by the block. The dynamic scale's amax
+// takes a first pass over the row; the second pass reads (or recomputes, for SiluMulOf: the same
+// bits) each value again to quantize it.
 template <typename Src>
-__global__ void __launch_bounds__(1024)
-    quantize_fp8_rows_kernel(Src src, int64_t cols, const float* static_scale, const float* row_amax, uint8_t* codes,
-                             float* row_scales, unsigned long long* counters) {
-  const int64_t row = blockIdx.x, base = row * cols;
+__device__ void quantize_fp8_row(Src src, int64_t row, int64_t cols, const float* static_scale, const float* row_amax,
+                                 uint8_t* codes, float* row_scales, unsigned long long* counters) {
+  const int64_t base = row * cols;
   float inv, scale;
   if (static_scale) {
     scale = static_scale[0];
@@ -158,6 +131,53 @@ __global__ void __launch_bounds__(1024)
       atomicAdd(&counters[1], (unsigned long long)cols);
     }
   }
+}
+
+// One block per row.
+template <typename Src>
+__global__ void __launch_bounds__(1024)
+    quantize_fp8_rows_kernel(Src src, int64_t cols, const float* static_scale, const float* row_amax, uint8_t* codes,
+                             float* row_scales, unsigned long long* counters) {
+  quantize_fp8_row(src, blockIdx.x, cols, static_scale, row_amax, codes, row_scales, counters);
+}
+
+// The input a following linear reads, written by the norm's kernel instead of a pass of its own:
+// with `rounded`, out rounded to R (the bits convert_kernel<R> gives from out); with `codes`, out
+// quantized to FP8 with a dynamic per-row scale (the codes and scales quantize_fp8_rows_kernel
+// gives from out).
+template <typename R>
+struct NormCopy {
+  R* rounded = nullptr;
+  uint8_t* codes = nullptr;
+  float* row_scales = nullptr;
+};
+
+template <typename T, typename R>
+__global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, float eps, int64_t dim, float* out,
+                               NormCopy<R> copy) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * dim;
+  float* rr = residual ? residual + row * dim : nullptr;
+  float sum_squares = 0.0f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = xr[i];
+    if (rr) {
+      v = rr[i] + v;
+      rr[i] = v;
+    }
+    sum_squares += v * v;
+  }
+  sum_squares = block_reduce<false>(sum_squares);
+  const float inv = 1.0f / sqrtf(sum_squares / float(dim) + eps);
+  const float* src = rr ? rr : xr;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = __fmul_rn(src[i], inv) * to_f32(w[i]);
+    out[row * dim + i] = v;
+    if (copy.rounded) copy.rounded[row * dim + i] = from_f32<R>(v);
+  }
+  // Each thread reads back only the elements it wrote: no barrier needed before.
+  if (copy.codes)
+    quantize_fp8_row(ActivationsOf{out}, row, dim, nullptr, nullptr, copy.codes, copy.row_scales, nullptr);
 }
 
 __global__ void row_absmax_kernel(const float* x, int64_t cols, float* out) {

@@ -4,7 +4,9 @@
 // - the fp32 outputs against the CPU backend (RMSNorm: within 2e-6 relative, its sum of squares is
 //   reduced in another order; SiLU-mul: bit for bit), the residual bit for bit;
 // - each 16-bit copy equal, bit for bit, to engine/dtype.h's round-to-nearest-even of the kernel's
-//   own fp32 output, every element written (the copy is poisoned first).
+//   own fp32 output, every element written (the copy is poisoned first);
+// - the norm's FP8 codes and row scales (dynamic per-row scales) those of engine/quant.h's
+//   quantize_row_fp8 of the kernel's own fp32 output.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,6 +17,7 @@
 
 #include "engine/backend.h"
 #include "engine/dtype.h"
+#include "engine/quant.h"
 #include "engine/rng.h"
 
 #include "emulated/cuda_emulation.h"  // before the kernels: it stands in for CUDA
@@ -32,6 +35,9 @@ uint16_t bits_of(cuda::f16 v) {
   uint16_t b;
   std::memcpy(&b, &v, 2);
   return b;
+}
+float decode_e4m3(uint8_t code) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(code), __NV_E4M3)));
 }
 uint16_t reference_bits(float v, cuda::bf16) { return f32_to_bf16(v); }
 uint16_t reference_bits(float v, cuda::f16) { return f32_to_f16(v); }
@@ -62,13 +68,14 @@ void check_rmsnorm(bool with_residual, int64_t rows, int64_t dim, Rng& rng) {
   else
     cpu->rmsnorm(xt, wt, 1e-5f, et);
 
-  std::vector<float> out(n, std::nanf(""));
+  std::vector<float> out(n, std::nanf("")), row_scales(static_cast<size_t>(rows), std::nanf(""));
   std::vector<R> copy(n);
   std::memset(static_cast<void*>(copy.data()), 0xff, n * sizeof(R));  // NaN in both 16-bit types: poisoned
-  const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;  // as the launcher
+  std::vector<uint8_t> codes(n, 0x7f);                                // E4M3 NaN: poisoned
+  const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;     // as the launcher
   emulation::launch(dim3(unsigned(rows)), unsigned(threads), 0, [&] {
     cuda::rmsnorm_kernel<float, R>(with_residual ? residual.data() : nullptr, x.data(), weight.data(), 1e-5f, dim,
-                                   out.data(), copy.data());
+                                   out.data(), cuda::NormCopy<R>{copy.data(), codes.data(), row_scales.data()});
   });
   double worst = 0.0;
   for (size_t i = 0; i < n; ++i)
@@ -78,6 +85,13 @@ void check_rmsnorm(bool with_residual, int64_t rows, int64_t dim, Rng& rng) {
     EXPECT_EQ(residual, expected_residual);
   }
   EXPECT_EQ(copies_that_differ(out, copy), 0u);
+  std::vector<float> expected_values(n), expected_scales(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r)
+    expected_scales[size_t(r)] = quantize_row_fp8(out.data() + r * dim, dim, expected_values.data() + r * dim);
+  EXPECT_EQ(row_scales, expected_scales);
+  size_t differ = 0;
+  for (size_t i = 0; i < n; ++i) differ += decode_e4m3(codes[i]) != expected_values[i];
+  EXPECT_EQ(differ, 0u);
 }
 
 TEST(NormSiluKernelsEmulated, RmsnormWritesItsRoundedCopy) {
@@ -88,10 +102,10 @@ TEST(NormSiluKernelsEmulated, RmsnormWritesItsRoundedCopy) {
         check_rmsnorm<cuda::bf16>(with_residual, rows, dim, rng);
         check_rmsnorm<cuda::f16>(with_residual, rows, dim, rng);
       }
-  // Without a copy (null), the fp32 output alone.
+  // Without copies, the fp32 output alone.
   std::vector<float> x(64, 1.5f), w(64, 2.0f), out(64, 0.0f);
   emulation::launch(dim3(1), 64, 0, [&] {
-    cuda::rmsnorm_kernel<float, float>(nullptr, x.data(), w.data(), 0.0f, 64, out.data(), nullptr);
+    cuda::rmsnorm_kernel<float, float>(nullptr, x.data(), w.data(), 0.0f, 64, out.data(), cuda::NormCopy<float>{});
   });
   EXPECT_EQ(out, std::vector<float>(64, 2.0f));
 }

@@ -270,7 +270,8 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
 
 // linears() (one input through several weights, as q/k/v and gate/up are) gives each output the
 // bits of its own linear(): the CUDA backend rounds the input to 16 bits once for all of them, here
-// for a BF16 weight and an INT8 one (BF16 activations) in one call, at decode and prefill sizes.
+// for a BF16 weight and an INT8 one (BF16 activations) in one call, and quantizes it to FP8 once for
+// two FP8 weights with dynamic scales, at decode and prefill sizes.
 TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
   Random rnd(11);
   const int64_t K = 128;
@@ -283,6 +284,14 @@ TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
   LinearWeight int8 = quantized_.back().view(DType::BF16);
   int8.w = gpu_->upload(int8.w);
   int8.scale = gpu_->upload(int8.scale);
+  LinearWeight fp8[2];
+  for (LinearWeight& w : fp8) {
+    std::vector<uint8_t> source = encode(rnd.floats(size_t(32 * K)), DType::BF16);
+    quantized_.push_back(quantize_weight(Tensor{source.data(), DType::BF16, 32, K}, QuantMode::Fp8, 2));
+    w = quantized_.back().view(DType::BF16);
+    w.w = gpu_->upload(w.w);
+    w.scale = gpu_->upload(w.scale);
+  }
   for (int64_t M : {3, 40}) {
     Both x = floats(rnd.floats(size_t(M * K)), M, K);
     Both a = output(M, 64), b = output(M, 48), a_alone = output(M, 64), b_alone = output(M, 48);
@@ -293,7 +302,14 @@ TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
     const std::vector<float> b1 = read(*gpu_, b.gpu), b2 = read(*gpu_, b_alone.gpu);
     EXPECT_EQ(0, std::memcmp(a1.data(), a2.data(), a1.size() * sizeof(float))) << "BF16 weight, M=" << M;
     EXPECT_EQ(0, std::memcmp(b1.data(), b2.data(), b1.size() * sizeof(float))) << "INT8 weight, M=" << M;
+    Both c = output(M, 32), d = output(M, 32), c_alone = output(M, 32), d_alone = output(M, 32);
+    gpu_->linears(x.gpu, {{&fp8[0], nullptr, &c.gpu}, {&fp8[1], nullptr, &d.gpu}});
+    gpu_->linear(x.gpu, fp8[0], nullptr, c_alone.gpu);
+    gpu_->linear(x.gpu, fp8[1], nullptr, d_alone.gpu);
+    expect_close(read(*gpu_, c_alone.gpu), read(*gpu_, c.gpu), {0, 0}, fmt::format("first FP8 weight, M={}", M));
+    expect_close(read(*gpu_, d_alone.gpu), read(*gpu_, d.gpu), {0, 0}, fmt::format("second FP8 weight, M={}", M));
   }
+  quantized_.clear();
 }
 
 // The first GPU's compute capability as major * 10 + minor (0 when unknown).
@@ -535,13 +551,15 @@ TEST_F(GpuLinear, SiluMulLinearEqualsSiluMulThenLinear) {
 }
 
 // Backend::rmsnorm_linears on the GPU: when the linears read one 16-bit input (BF16 weights; INT8
-// with BF16 activations; both at once), the norm's kernel writes it; otherwise (an F16 weight beside
-// a BF16 one, FP8 weights) the default. Either way, exactly the bits of the norm then each linear
-// alone: the norm's output, the residual and every linear's output; and the CPU's within kLinearCases.
+// with BF16 activations; both at once) or FP8 codes with dynamic scales, the norm's kernel writes
+// it; otherwise (an F16 weight beside a BF16 one; an FP8 weight with a static scale beside one with
+// dynamic scales) the default. Either way, exactly the bits of the norm then each linear alone: the
+// norm's output, the residual and every linear's output; and the CPU's within kLinearCases.
 TEST_F(GpuLinear, RmsNormLinearsEqualNormThenLinears) {
   Random rnd(19);
   const int64_t K = 512;
-  auto weight = [&](DType dtype, QuantMode quant, int64_t N, LinearWeight* cpu, LinearWeight* gpu) {
+  Both input_scale = floats({8.0f / 448.0f}, 1, 1);  // the norm gives |x| < 8 here: no clipping
+  auto weight = [&](DType dtype, QuantMode quant, bool static_scale, int64_t N, LinearWeight* cpu, LinearWeight* gpu) {
     std::vector<uint8_t> bytes = encode(rnd.floats(size_t(N * K)), dtype);
     if (quant == QuantMode::None) {
       Both w = tensor(bytes, dtype, N, K);
@@ -555,25 +573,31 @@ TEST_F(GpuLinear, RmsNormLinearsEqualNormThenLinears) {
     gpu->w = gpu_->upload(cpu->w);
     gpu->scale = gpu_->upload(cpu->scale);
     cpu->layer = gpu->layer = 0;
+    if (static_scale) {
+      cpu->input_scale = input_scale.cpu;
+      gpu->input_scale = input_scale.gpu;
+    }
   };
   struct Pair {
     const char* name;
     DType a_dtype;
     QuantMode a_quant;
+    bool a_static;
     DType b_dtype;
     QuantMode b_quant;
   };
-  const Pair pairs[] = {{"bf16 + bf16", DType::BF16, QuantMode::None, DType::BF16, QuantMode::None},
-                        {"int8wo + bf16", DType::BF16, QuantMode::Int8WeightOnly, DType::BF16, QuantMode::None},
-                        {"f16 + bf16", DType::F16, QuantMode::None, DType::BF16, QuantMode::None},
-                        {"fp8 + fp8", DType::BF16, QuantMode::Fp8, DType::BF16, QuantMode::Fp8}};
+  const Pair pairs[] = {{"bf16 + bf16", DType::BF16, QuantMode::None, false, DType::BF16, QuantMode::None},
+                        {"int8wo + bf16", DType::BF16, QuantMode::Int8WeightOnly, false, DType::BF16, QuantMode::None},
+                        {"f16 + bf16", DType::F16, QuantMode::None, false, DType::BF16, QuantMode::None},
+                        {"fp8 + fp8", DType::BF16, QuantMode::Fp8, false, DType::BF16, QuantMode::Fp8},
+                        {"fp8 static + fp8", DType::BF16, QuantMode::Fp8, true, DType::BF16, QuantMode::Fp8}};
   for (const Pair& pair : pairs)
     for (int64_t M : {1, 19, 733})
       for (bool residual : {false, true}) {
         const std::string what = fmt::format("{} M={}{}", pair.name, M, residual ? " add_rmsnorm" : " rmsnorm");
         LinearWeight a_cpu, a_gpu, b_cpu, b_gpu;
-        weight(pair.a_dtype, pair.a_quant, 64, &a_cpu, &a_gpu);
-        weight(pair.b_dtype, pair.b_quant, 40, &b_cpu, &b_gpu);
+        weight(pair.a_dtype, pair.a_quant, pair.a_static, 64, &a_cpu, &a_gpu);
+        weight(pair.b_dtype, pair.b_quant, false, 40, &b_cpu, &b_gpu);
         Both x = floats(rnd.floats(size_t(M * K), -3, 3), M, K), norm_w = floats(rnd.floats(size_t(K), 0.5f, 1.5f), 1, K);
         const std::vector<float> residual_values = rnd.floats(size_t(M * K), -3, 3);
         Both res = floats(residual_values, M, K), res_ref = floats(residual_values, M, K);
