@@ -49,11 +49,14 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   tile_key_range(plan.positions, t0, count, a.sliding_window, &lo, &hi);
   for (int r = tid; r < kMmaTileQ; r += blockDim.x) pos_s[r] = r < count ? plan.positions[t0 + r] : -1;
 
-  // This warp's 16 query rows as A fragments, pre-scaled and rounded to 16 bits.
+  // This warp's 16 query rows as A fragments, pre-scaled and rounded to 16 bits. The scale takes
+  // log2(e) as well: scores are in base-2 units, so the softmax's exponentials are exp2 (one
+  // instruction) and its result is the same.
   const int row0 = warp * 16 + g, row1 = row0 + 8;
+  const float q_scale = a.scale * 1.44269504088896341f;
   uint32_t qa[D / 16][4];
   auto q_at = [&](int row, int d) {
-    return row < count ? q[int64_t(t0 + row) * q_cols + int64_t(h) * D + d] * a.scale : 0.0f;
+    return row < count ? q[int64_t(t0 + row) * q_cols + int64_t(h) * D + d] * q_scale : 0.0f;
   };
 #pragma unroll
   for (int c = 0; c < D / 16; ++c) {
@@ -68,10 +71,9 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l is this thread's part
 
-  constexpr int kVectors = D / kPerVector<KvT>;  // 16-byte vectors per key row
-  // Starts bringing the key tile at key0 into buffer b: its offsets (and 8-bit scales), then its K
-  // and V rows. Commits a cp.async group either way (empty for 8-bit caches, loaded at once).
-  auto fetch = [&](int key0, int b) {
+  // A key tile's offsets (and 8-bit scales) into buffer b, by key_offsets' threads; published by a
+  // barrier before fetch() reads them.
+  auto prepare = [&](int key0, int b) {
     key_offsets(blocks, key0, hi + 1, a.block_size, a.num_kv_heads, kv_head, D, offset_s[b]);
     if constexpr (kCodes) {
       for (int j = tid; j < kTileK; j += blockDim.x) {  // key_offsets' own threads: offset_s[b][j] is theirs
@@ -81,7 +83,11 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
         v_scale_s[b][j] = offset < 0 ? 0.0f : a.v_scale[at];
       }
     }
-    __syncthreads();
+  };
+  constexpr int kVectors = D / kPerVector<KvT>;  // 16-byte vectors per key row
+  // Starts bringing the prepared key tile of buffer b in: its K and V rows. Commits a cp.async group
+  // either way (empty for 8-bit caches, loaded at once).
+  auto fetch = [&](int b) {
 #pragma unroll 4
     for (int i = tid; i < kTileK * kVectors; i += blockDim.x) {
       const int j = i / kVectors, c = i % kVectors;
@@ -115,12 +121,19 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
     cp_async_commit();
   };
 
-  fetch(lo, 0);
+  prepare(lo, 0);
+  if (lo + kTileK <= hi) prepare(lo + kTileK, 1);
+  __syncthreads();  // the offsets, and pos_s
+  fetch(0);
+  // The lowest position of this warp's rows (-1 for a row past count, masked everywhere): key tiles
+  // wholly at or below it need no mask, unless a sliding window applies.
+  int warp_min_pos = INT_MAX;
+  for (int r = 0; r < 16; ++r) warp_min_pos = min(warp_min_pos, pos_s[warp * 16 + r]);
   for (int key0 = lo, b = 0; key0 <= hi; key0 += kTileK, b ^= 1) {
     // The next tile goes into the other buffer (computed on last time round: see the barrier at
     // the end); an empty group when there is none keeps the wait below the same.
     if (key0 + kTileK <= hi)
-      fetch(key0 + kTileK, b ^ 1);
+      fetch(b ^ 1);
     else
       cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of tile b have landed
@@ -128,38 +141,48 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
     const Tile& k_s = k_tiles[b];
     const Tile& v_s = v_tiles[b];
 
-    // S = Q.K^T for this warp's 16 rows and the tile's 64 keys.
+    // S = Q.K^T for this warp's 16 rows and the tile's 64 keys. One ldmatrix gives the B fragments
+    // of two 16-dim chunks: lane l addresses key 8j + l % 8 at dims 16c + 8 (l / 8).
     float s[kTileK / 8][4];
 #pragma unroll
     for (int j = 0; j < kTileK / 8; ++j) {
       s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        uint32_t frag[2];
-        frag[0] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4]);
-        frag[1] = *reinterpret_cast<const uint32_t*>(&k_s[8 * j + g][16 * c + 2 * t4 + 8]);
+      for (int c = 0; c < D / 16; c += 2) {
+        uint32_t frag[4];
+        ldmatrix_x4(frag, &k_s[8 * j + lane % 8][16 * c + 8 * (lane / 8)]);
         mma16816(s[j], qa[c], frag, MmaT{});
+        mma16816(s[j], qa[c + 1], frag + 2, MmaT{});
       }
     }
-    // Mask, then the online softmax per row (each row's 64 scores sit in the 4 threads of a quad).
+    // Mask (tiles that reach past a row's position or the last key, or with a window), then the
+    // online softmax per row (each row's 64 scores sit in the 4 threads of a quad).
+    if (a.sliding_window > 0 || key0 + kTileK - 1 > warp_min_pos) {
+#pragma unroll
+      for (int j = 0; j < kTileK / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + 8 * j + 2 * t4 + (e & 1);
+          const int p = pos_s[e < 2 ? row0 : row1];
+          const int window_lo = a.sliding_window > 0 ? p - a.sliding_window + 1 : 0;
+          if (key > hi || key > p || key < window_lo) s[j][e] = -INFINITY;
+        }
+    }
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kTileK / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + 8 * j + 2 * t4 + (e & 1);
-        const int p = pos_s[e < 2 ? row0 : row1];
-        const int window_lo = a.sliding_window > 0 ? p - a.sliding_window + 1 : 0;
-        if (key > hi || key > p || key < window_lo) s[j][e] = -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-      }
-    float correction[2];
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+    // A row whose keys so far are all masked keeps m = -inf: its exponentials subtract 0 instead
+    // (exp2(-inf) = 0, never NaN), and its correction is 0 (l and o are still 0).
+    float correction[2], m_sub[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       const float m_new = fmaxf(m[r], tile_max[r]);
-      correction[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);
+      m_sub[r] = m_new == -INFINITY ? 0.0f : m_new;
+      correction[r] = exp2f(m[r] - m_sub[r]);
       m[r] = m_new;
       l[r] *= correction[r];
     }
@@ -168,7 +191,7 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
-        s[j][e] = m[r] == -INFINITY ? 0.0f : expf(s[j][e] - m[r]);
+        s[j][e] = exp2f(s[j][e] - m_sub[r]);
         l[r] += s[j][e];
       }
 #pragma unroll
@@ -197,7 +220,9 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
         mma16816(o[j + 1], pa, frag + 2, MmaT{});
       }
     }
-    __syncthreads();  // tile b is no longer read: the next round may fetch into it
+    // Buffer b's offsets were read when its copies were issued: it takes the tile after next's.
+    if (key0 + 2 * kTileK <= hi) prepare(key0 + 2 * kTileK, b);
+    __syncthreads();  // tile b is no longer read: the next round may fetch into it; its offsets are set
   }
 
 #pragma unroll

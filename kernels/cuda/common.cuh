@@ -135,6 +135,17 @@ __device__ __forceinline__ void mma16832(float* c, const uint32_t* a, const uint
 #endif
 }
 
+// ldmatrix .x4: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of matrix m
+// addressed by lane 8m + r), so that register m of lane l holds M_m[l / 4][2 (l % 4)] and
+// M_m[l / 4][2 (l % 4) + 1]: with the rows being keys and the columns dims, that is an mma B
+// fragment (B[k][n] = K[key n][dim k]) of a row-major K tile.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* row) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
 // ldmatrix .x4 .trans: four 8x8 16-bit matrices, each read from 8 rows of 16 bytes (row r of
 // matrix m addressed by lane 8m + r) and transposed, so that register m of lane l holds
 // M_m[2 (l % 4)][l / 4] and M_m[2 (l % 4) + 1][l / 4]: with the rows being keys and the columns

@@ -309,10 +309,11 @@ void mma16832(float* c, const uint32_t* a, const uint32_t* b, Fp8) {
   llmq::emulation::warp_mma<32>(c, a, b, [](uint32_t r, int i) { return llmq::emulation::fp8_value(r >> (8 * i)); });
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lane 8 m + r gives the address of row r of 8 x 8
-// matrix m (8 16-bit values); register m of lane l gets M_m[2 (l % 4)][l / 4] (low half) and
-// M_m[2 (l % 4) + 1][l / 4] (high half).
-inline void ldmatrix_x4_trans(uint32_t* r, const void* row) {
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8 m + r gives the address of row r of 8 x 8
+// matrix m (8 16-bit values); register m of lane l gets M_m[l / 4][2 (l % 4)] (low half) and
+// M_m[l / 4][2 (l % 4) + 1] (high half), or with .trans M_m[2 (l % 4)][l / 4] and
+// M_m[2 (l % 4) + 1][l / 4].
+inline void ldmatrix_x4_any(uint32_t* r, const void* row, bool transposed) {
   using namespace llmq::emulation;
   std::memcpy(slots(lane()), &row, sizeof row);
   warp_barrier().wait();
@@ -325,10 +326,14 @@ inline void ldmatrix_x4_trans(uint32_t* r, const void* row) {
   };
   const int g = lane() / 4, t = lane() % 4;
   uint32_t out[4];
-  for (int m = 0; m < 4; ++m) out[m] = element(m, 2 * t, g) | element(m, 2 * t + 1, g) << 16;
+  for (int m = 0; m < 4; ++m)
+    out[m] = transposed ? element(m, 2 * t, g) | element(m, 2 * t + 1, g) << 16
+                        : element(m, g, 2 * t) | element(m, g, 2 * t + 1) << 16;
   warp_barrier().wait();
   for (int m = 0; m < 4; ++m) r[m] = out[m];
 }
+inline void ldmatrix_x4(uint32_t* r, const void* row) { ldmatrix_x4_any(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t* r, const void* row) { ldmatrix_x4_any(r, row, true); }
 
 // cp.async.cg.shared.global 16 bytes (zeros when !valid), commit_group, wait_group.
 inline void cp_async16(void* shared, const void* src, bool valid) {

@@ -147,8 +147,10 @@ TEST(AttentionMmaKernelEmulated, MatchesCpuBackend) {
       {4, 2, 64, 0, DType::BF16, 8e-3},  {2, 1, 128, 0, DType::F16, 2e-3},      {2, 2, 64, 20, DType::F16, 2e-3},
       {4, 2, 64, 0, DType::I8, 4e-3},    {2, 1, 128, 0, DType::F8_E4M3, 4e-3},
   };
-  // A prefill from scratch crossing a 64-query tile, and a chunk after a cached prefix.
-  for (const Case& c : cases) check(c, {{0, 70}, {37, 21}});
+  // A prefill from scratch crossing a 64-query tile, a chunk after a cached prefix, and a longer
+  // one whose warps meet key tiles wholly below their rows (no mask), and tiles that end 1-8 keys
+  // past a warp's first row (masked).
+  for (const Case& c : cases) check(c, {{0, 70}, {37, 21}, {40, 150}});
 }
 
 }  // namespace
