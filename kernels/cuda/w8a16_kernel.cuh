@@ -550,8 +550,13 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kCopiers>(), 1)
   constexpr int kHalves = Tiles::kHalves;
   LLMQ_DYNAMIC_SHARED(uint4, smem_raw);
   uint8_t* const smem = wgmma_shared(smem_raw);
-  const int tid = threadIdx.x, group = tid / 128, warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const bool consumer = tid < kWgThreads;
+  // Accumulators read in a path ptxas takes as divergent make it serialize every MMA (C7518: the
+  // wait it inserts sits there). So without copiers every thread is a consumer at compile time
+  // (`tid < kWgThreads` was a branch to ptxas), and with them the warpgroup comes through a
+  // shuffle, which ptxas knows is the same across the warp.
+  const int tid = threadIdx.x, group = kCopiers ? __shfl_sync(0xffffffffu, tid / 128, 0) : tid / 128;
+  const int warp = tid / 32 % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const bool consumer = !kCopiers || group < kWgThreads / 128;
   const int n0 = blockIdx.x * Tiles::kChannels, m0 = blockIdx.y * Tiles::kTokens;
   const int step_begin = blockIdx.z * k_steps_per_split;
   const int n_k = min(K / Tiles::kStepK - step_begin, k_steps_per_split);  // >= 1: the plan leaves no split empty
@@ -586,8 +591,11 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kCopiers>(), 1)
     for (int i = 0; i < 64; ++i) d[h][i] = 0.0f;
   uint32_t a_even[4][4], a_odd[4][4];  // A fragments of the 4 K slices of even and odd steps
   // The MMAs of the step in `stage`: for each K slice its fragments built from the codes (a[slice]:
-  // a[0], a[1] k = 2t, 2t + 1 of rows g, g + 8; a[2], a[3] k = 2t + 8, 2t + 9) and its 2 MMAs
-  // issued, so that the tensor cores start on the step while its later slices convert.
+  // a[0], a[1] k = 2t, 2t + 1 of rows g, g + 8; a[2], a[3] k = 2t + 8, 2t + 9) and its MMAs
+  // issued and committed, so that the tensor cores start on the step while its later slices
+  // convert. A group per slice (kSliceGroups a step): fragments written inside an open group
+  // (between fence and commit) make ptxas serialize the MMAs (C7513), as CUTLASS's mixed-input
+  // mainloop avoids by committing each k-block too.
   auto mmas = [&](int stage, uint32_t(&a)[4][4]) {
     const uint8_t* const codes = code_tile(stage) + (64 * group + 16 * warp + g) * Tiles::kWRowBytes + 2 * t;
     const uint32_t xa = smem_address(x_tile(stage));
@@ -600,9 +608,10 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kCopiers>(), 1)
       wgmma_fence();
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) wgmma_m64n128(d[h], a[s], wgmma_descriptor(xa + h * 128 * 128 + 32 * s), T{});
+      wgmma_commit();
     }
-    wgmma_commit();
   };
+  constexpr int kSliceGroups = 4;
 
   if constexpr (kCopiers) {
     __shared__ uint64_t full[kWgStages], empty[kWgStages];
@@ -625,7 +634,7 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kCopiers>(), 1)
       auto step = [&](int j, uint32_t(&a)[4][4]) {
         mbarrier_wait(&full[j % kWgStages], (j / kWgStages) & 1);
         mmas(j % kWgStages, a);
-        wgmma_wait<1>();
+        wgmma_wait<kSliceGroups>();
         if (j > 0) mbarrier_arrive(&empty[(j - 1) % kWgStages]);  // step j - 1's MMAs are done
       };
       for (int j = 0; j < n_k; j += 2) {
@@ -646,7 +655,7 @@ __global__ void __launch_bounds__(w8a16_wgmma_threads<kCopiers>(), 1)
       mmas(j % kWgStages, a);
       // The MMAs of the step before are done. (One buffer of fragments, rebuilt a slice at a time
       // after waiting for that slice of the step before, spilled 116 bytes to ptxas's 24 with two.)
-      wgmma_wait<1>();
+      wgmma_wait<kSliceGroups>();
     };
     // One commit group of copies per K step, empty past the end: step j has landed when at most
     // kWgStages - 3 groups are pending at step j.

@@ -215,6 +215,10 @@ T __shfl_up_sync(unsigned, T v, int offset) {
   return llmq::emulation::shuffle(v, lane - offset >= 0 ? lane - offset : lane);
 }
 template <typename T>
+T __shfl_sync(unsigned, T v, int src_lane) {
+  return llmq::emulation::shuffle(v, src_lane % 32);
+}
+template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) {
   return llmq::emulation::shuffle(v, llmq::emulation::lane() ^ mask);
 }
