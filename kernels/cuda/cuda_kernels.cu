@@ -181,7 +181,7 @@ void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t k
                    unsigned long long* counters, cudaStream_t stream) {
   with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    rope_kv_kernel<T><<<unsigned(n_tokens), 128, 0, stream>>>(
+    rope_kv_kernel<T><<<rope_kv_grid(n_tokens, int(q_cols / head_dim), num_kv_heads), kRopeWarps * 32, 0, stream>>>(
         q, q_cols, k, v, kv_cols, inv_freq, head_dim, num_kv_heads, block_size, static_cast<T*>(k_cache),
         static_cast<T*>(v_cache), k_scale, v_scale, plan.positions, plan.slots, counters);
   });

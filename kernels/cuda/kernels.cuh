@@ -346,40 +346,46 @@ __device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* sc
   }
 }
 
+// rope_kv_kernel's launch: a warp per head of a token (the q heads, then the kv heads), 4 a block;
+// blocks (token, group of 4 heads), so that a decode step of one token still spreads over many
+// multiprocessors (one block per token took 32 us a layer on an H200).
+constexpr int kRopeWarps = 4;
+inline dim3 rope_kv_grid(int64_t n_tokens, int num_q_heads, int num_kv_heads) {
+  return dim3(unsigned(n_tokens), unsigned((num_q_heads + num_kv_heads + kRopeWarps - 1) / kRopeWarps));
+}
+
 template <typename KvT>
-__global__ void rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols,
-                               const float* inv_freq, int head_dim, int num_kv_heads, int block_size, KvT* k_cache,
-                               KvT* v_cache, float* k_scale, float* v_scale, const int32_t* positions,
-                               const int32_t* slots, unsigned long long* counters) {
+__global__ void __launch_bounds__(kRopeWarps * 32)
+    rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
+                   int head_dim, int num_kv_heads, int block_size, KvT* k_cache, KvT* v_cache, float* k_scale,
+                   float* v_scale, const int32_t* positions, const int32_t* slots, unsigned long long* counters) {
   const int64_t t = blockIdx.x;
-  const int half = head_dim / 2;
-  const int num_q_heads = int(q_cols / head_dim);
+  const int num_q_heads = int(q_cols / head_dim), lane = threadIdx.x % 32;
+  const int item = int(blockIdx.y) * kRopeWarps + int(threadIdx.x) / 32;
+  if (item >= num_q_heads + num_kv_heads) return;  // no block barrier below
+  const bool is_k = item >= num_q_heads;
+  const int h = is_k ? item - num_q_heads : item, half = head_dim / 2;
+  float* head = is_k ? k + t * kv_cols + int64_t(h) * head_dim : q + t * q_cols + int64_t(h) * head_dim;
   const float position = float(positions[t]);
   // As the CPU backend (and Hugging Face): angle = position * inv_freq in fp32, then cos and sin.
-  for (int i = threadIdx.x; i < (num_q_heads + num_kv_heads) * half; i += blockDim.x) {
-    const int h = i / half, j = i % half;
-    float* head = h < num_q_heads ? q + t * q_cols + int64_t(h) * head_dim
-                                  : k + t * kv_cols + int64_t(h - num_q_heads) * head_dim;
+  for (int j = lane; j < half; j += 32) {
     const float angle = __fmul_rn(position, inv_freq[j]);
     const float c = cosf(angle), s = sinf(angle);
     const float x0 = head[j], x1 = head[j + half];
     head[j] = __fmul_rn(x0, c) - __fmul_rn(x1, s);
     head[j + half] = __fmul_rn(x1, c) + __fmul_rn(x0, s);
   }
-  __syncthreads();  // the rotated k rows are read by other threads below
+  if (!is_k) return;
+  __syncwarp();  // the rotated k row is read by other lanes below
   const int64_t slot = slots[t];
   const int64_t block = slot / block_size, offset = slot % block_size;
-  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  for (int item = threadIdx.x / 32; item < 2 * num_kv_heads; item += warps) {
-    const bool is_v = item >= num_kv_heads;
-    const int h = item % num_kv_heads;
-    const int64_t head = (block * num_kv_heads + h) * block_size + offset;  // the scale's index
-    const float* src = (is_v ? v : k) + t * kv_cols + int64_t(h) * head_dim;
-    write_kv_row(src, head_dim, (is_v ? v_cache : k_cache) + head * head_dim, is_v ? v_scale : k_scale, head, lane,
-                 counters ? counters + (is_v ? 3 : 2) : nullptr);  // kVClipped, kKClipped
-  }
-  if (std::is_same<KvT, fp8>::value && counters && threadIdx.x == 0)
-    atomicAdd(&counters[4], (unsigned long long)(num_kv_heads * head_dim));  // kKvStatic
+  const int64_t at = (block * num_kv_heads + h) * block_size + offset;  // the scale's index
+  write_kv_row(head, head_dim, k_cache + at * head_dim, k_scale, at, lane,
+               counters ? counters + 2 : nullptr);  // kKClipped
+  write_kv_row(v + t * kv_cols + int64_t(h) * head_dim, head_dim, v_cache + at * head_dim, v_scale, at, lane,
+               counters ? counters + 3 : nullptr);  // kVClipped
+  if (std::is_same<KvT, fp8>::value && counters && h == 0 && lane == 0)
+    atomicAdd(&counters[4], (unsigned long long)(num_kv_heads * head_dim));  // kKvStatic, once a token
 }
 
 // ---- Paged attention --------------------------------------------------------------------------

@@ -202,6 +202,8 @@ inline float half_of(uint32_t reg, int high, __half) {
 #define LLMQ_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(llmq::emulation::current->shared.data())
 
 inline void __syncthreads() { llmq::emulation::current->barrier.wait(); }
+// Every lane of the warp (the kernels call it with full warps only).
+inline void __syncwarp(unsigned = 0xffffffffu) { llmq::emulation::warp_barrier().wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>

@@ -108,7 +108,7 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
     const test::HostDevicePlan device(plan);
     with_kv(c.kv, [&](auto tag) {
       using KvT = decltype(tag);
-      emulation::launch(dim3(unsigned(T)), 128, 0, [&] {
+      emulation::launch(cuda::rope_kv_grid(T, int(q_cols / D), c.kv_heads), cuda::kRopeWarps * 32, 0, [&] {
         cuda::rope_kv_kernel<KvT>(q_emu.data(), q_cols, k_emu.data(), v.data(), kv_cols, inv_freq.data(), D,
                                   c.kv_heads, block_size, reinterpret_cast<KvT*>(emu_cache.k.data()),
                                   reinterpret_cast<KvT*>(emu_cache.v.data()),
