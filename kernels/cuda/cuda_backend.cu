@@ -252,11 +252,13 @@ class Profiler {
 // operands from shared memory); WgmmaCopiers: the INT8 one with a warpgroup that only copies.
 enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma, WgmmaCopiers };
 // The wgmma kernels run only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
-// pass), not in the timed choice. On an H200 (session 8) the INT8 one (weights as A from registers)
-// was right and took 169 / 378 / 465 us at 2048 tokens of the Llama-2-7B layers against 132 / 285
-// / 322 for dequantize + cuBLASLt; its form without the per-step proxy fence (a MEMBAR in the
-// loop's SASS), written after that run, is not yet checked on a GPU, nor its form with a copier
-// warpgroup. The FP8 one took 105 against cuBLASLt's 56 ms a prefill (session 7).
+// pass) or =all (timed against the others, at every row count), not in the timed choice. On an
+// H200 (session 8) the INT8 one (weights as A from registers) was right and took 169 / 378 / 465 us
+// at 2048 tokens of the Llama-2-7B layers against 132 / 285 / 322 for dequantize + cuBLASLt; but
+// ptxas serialized its MMAs then (C7518, found in session 9: tests/check_ptxas.cmake now guards
+// it). Its form since (no per-step proxy fence, no serialization) is not yet checked on a GPU, nor
+// its form with a copier warpgroup (still serialized: C7513). The FP8 one took 105 against
+// cuBLASLt's 56 ms a prefill (session 7).
 constexpr bool kInt8WgmmaInTimedChoice = false, kFp8WgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
@@ -803,11 +805,12 @@ class CudaBackend final : public Backend {
   }
 
   // Whether a wgmma kernel takes this linear: compute capability 9.0, a shape it takes, and
-  // LLMQ_LINEAR_PATH=wgmma, or the timed choice (when in it or LLMQ_LINEAR_PATH=all; INT8 above the
-  // stream kernel's rows).
+  // LLMQ_LINEAR_PATH=wgmma, or the timed choice (when in it, INT8 above the stream kernel's rows; or
+  // LLMQ_LINEAR_PATH=all, at any rows).
   bool wgmma_applies(DType x_dtype, int64_t M, int64_t N, int64_t K, const void* x, const void* w) const {
-    const bool timed = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice || wgmma_timed_
-                                                 : (kInt8WgmmaInTimedChoice || wgmma_timed_) && M > cuda::kStreamMaxM;
+    const bool in_choice = x_dtype == DType::F8_E4M3 ? kFp8WgmmaInTimedChoice
+                                                     : kInt8WgmmaInTimedChoice && M > cuda::kStreamMaxM;
+    const bool timed = in_choice || wgmma_timed_;
     return sm_ == 90 && cuda::wgmma_supported(x_dtype, M, N, K, x, w) &&
            (timed || forced_path_ == LinearPath::Wgmma || forced_path_ == LinearPath::WgmmaCopiers);
   }
