@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -32,6 +34,15 @@ void with_kv_type(DType dtype, Fn&& fn) {
 }
 
 int blocks_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 65536)); }
+
+// Whether an elementwise kernel may take 4 values a step (for_each_value): n a multiple of 4 and
+// every pointer 16-byte aligned.
+bool vectors_fit(int64_t n, std::initializer_list<const void*> pointers) {
+  if (n % 4 != 0) return false;
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
 
 }  // namespace
 
@@ -84,7 +95,9 @@ void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype,
 void silu_mul(const float* gate, const float* up, int64_t n, void* out, DType out_dtype, cudaStream_t stream) {
   with_float_type(out_dtype, "silu_mul output", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    silu_mul_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(gate, up, n, static_cast<T*>(out));
+    const bool vectors = vectors_fit(n, {gate, up, out});
+    silu_mul_kernel<T><<<blocks_for(vectors ? n / 4 : n, 256), 256, 0, stream>>>(gate, up, n, static_cast<T*>(out),
+                                                                                vectors);
   });
 }
 
@@ -95,7 +108,8 @@ void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t r
 void convert_activations(const float* x, int64_t n, DType dtype, void* out, cudaStream_t stream) {
   with_float_type(dtype, "activation", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    convert_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(x, n, static_cast<T*>(out));
+    const bool vectors = vectors_fit(n, {x, out});
+    convert_kernel<T><<<blocks_for(vectors ? n / 4 : n, 256), 256, 0, stream>>>(x, n, static_cast<T*>(out), vectors);
   });
 }
 

@@ -1,4 +1,4 @@
-// The RMSNorm and SiLU-mul kernels of kernels/cuda/kernels.cuh with their 16-bit copies (the
+// The RMSNorm, SiLU-mul and convert kernels of kernels/cuda/kernels.cuh with their 16-bit copies (the
 // input a following BF16 / F16 / INT8 linear reads, written by the op before instead of a
 // conversion pass), run on the CPU through tests/emulated/cuda_emulation.h:
 // - the fp32 outputs against the CPU backend (RMSNorm: within 2e-6 relative, its sum of squares is
@@ -9,6 +9,7 @@
 //   quantize_row_fp8 of the kernel's own fp32 output.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -127,15 +128,47 @@ TEST(NormSiluKernelsEmulated, SiluMulEqualsTheCpuAndRoundsItsProduct) {
     std::vector<cuda::f16> as_f16(count);
     std::memset(static_cast<void*>(as_bf16.data()), 0xff, size_t(n) * 2);
     std::memset(static_cast<void*>(as_f16.data()), 0xff, size_t(n) * 2);
-    const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 4));  // fewer blocks than needed: the stride
-    emulation::launch(dim3(blocks), 256, 0, [&] {
-      cuda::silu_mul_kernel<float>(gate.data(), up.data(), n, product.data());
-      cuda::silu_mul_kernel<cuda::bf16>(gate.data(), up.data(), n, as_bf16.data());
-      cuda::silu_mul_kernel<cuda::f16>(gate.data(), up.data(), n, as_f16.data());
-    });
-    EXPECT_EQ(std::memcmp(product.data(), expected.data(), size_t(n) * 4), 0);
-    EXPECT_EQ(copies_that_differ(expected, as_bf16), 0u);
-    EXPECT_EQ(copies_that_differ(expected, as_f16), 0u);
+    for (bool vectors : {false, true}) {
+      if (vectors && n % 4 != 0) continue;
+      SCOPED_TRACE(vectors ? "4 values a step" : "1 value a step");
+      std::fill(product.begin(), product.end(), std::nanf(""));
+      std::memset(static_cast<void*>(as_bf16.data()), 0xff, count * 2);
+      std::memset(static_cast<void*>(as_f16.data()), 0xff, count * 2);
+      const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 4));  // fewer blocks than needed: the stride
+      emulation::launch(dim3(blocks), 256, 0, [&] {
+        cuda::silu_mul_kernel<float>(gate.data(), up.data(), n, product.data(), vectors);
+        cuda::silu_mul_kernel<cuda::bf16>(gate.data(), up.data(), n, as_bf16.data(), vectors);
+        cuda::silu_mul_kernel<cuda::f16>(gate.data(), up.data(), n, as_f16.data(), vectors);
+      });
+      EXPECT_EQ(std::memcmp(product.data(), expected.data(), size_t(n) * 4), 0);
+      EXPECT_EQ(copies_that_differ(expected, as_bf16), 0u);
+      EXPECT_EQ(copies_that_differ(expected, as_f16), 0u);
+    }
+  }
+}
+
+// convert_kernel (the 16-bit copy a linear reads when no op before wrote it): engine/dtype.h's
+// rounding of every value, 4 values a step and 1.
+TEST(NormSiluKernelsEmulated, ConvertRoundsEveryValue) {
+  Rng rng(13);
+  for (int64_t n : {1, 7, 4096, 4099 * 4}) {
+    const size_t count = static_cast<size_t>(n);
+    std::vector<float> x(count);
+    for (float& v : x) v = float((rng.uniform() * 2.0 - 1.0) * 1e3);
+    for (bool vectors : {false, true}) {
+      if (vectors && n % 4 != 0) continue;
+      SCOPED_TRACE(testing::Message() << "n " << n << (vectors ? " 4 values a step" : " 1 value a step"));
+      std::vector<cuda::bf16> as_bf16(count);
+      std::vector<cuda::f16> as_f16(count);
+      std::memset(static_cast<void*>(as_bf16.data()), 0xff, count * 2);
+      std::memset(static_cast<void*>(as_f16.data()), 0xff, count * 2);
+      emulation::launch(dim3(3), 64, 0, [&] {
+        cuda::convert_kernel<cuda::bf16>(x.data(), n, as_bf16.data(), vectors);
+        cuda::convert_kernel<cuda::f16>(x.data(), n, as_f16.data(), vectors);
+      });
+      EXPECT_EQ(copies_that_differ(x, as_bf16), 0u);
+      EXPECT_EQ(copies_that_differ(x, as_f16), 0u);
+    }
   }
 }
 
