@@ -689,13 +689,17 @@ class CudaBackend final : public Backend {
     // is not F32. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
     args.tensor_cores = tiles_.longest_run > cuda::kAttentionTileQ &&
                         cuda::attention_has_tensor_core_kernel(cache.k.dtype, params.head_dim);
+    args.one_token_tiles = tiles_.longest_run == 1;
     const int64_t blocks = int64_t(device_plan_.small.n) * params.num_heads;
     // The split count depends only on the batch shape and whether there is more than one key tile,
     // so that a recorded decode step stays valid as the contexts grow; empty splits cost little.
     if (!args.tensor_cores && blocks < num_sms_ && max_keys_ > 64)
       args.n_splits = int32_t(std::min<int64_t>((2 * num_sms_ + blocks - 1) / blocks, 64));
     Profiler::Scope timer(profiler_,
-                          profiler_.enabled() ? fmt::format("attention {}{}", args.tensor_cores ? "mma" : "cuda-core",
+                          profiler_.enabled() ? fmt::format("attention {}{}",
+                                                            args.tensor_cores      ? "mma"
+                                                            : args.one_token_tiles ? "decode"
+                                                                                   : "cuda-core",
                                                             args.n_splits > 1 ? " split" : "")
                                               : "",
                           stream_);

@@ -231,16 +231,26 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
     });
     return;
   }
-  const size_t smem = attention_smem_bytes(args.head_dim);
-  with_kv_type(kv_dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    auto kernel = attention_kernel<T>;
-    allow_shared_memory(reinterpret_cast<const void*>(kernel), int(smem));
-    dim3 grid(unsigned(plan.small.n), unsigned(args.num_heads), unsigned(args.n_splits));
-    kernel<<<grid, kAttentionThreads, smem, stream>>>(q, q_cols, static_cast<const T*>(k_cache),
-                                                      static_cast<const T*>(v_cache), args, plan, partial_o,
-                                                      partial_ml, out);
-  });
+  const dim3 grid(unsigned(plan.small.n), unsigned(args.num_heads), unsigned(args.n_splits));
+  if (args.one_token_tiles && attention_decode_fits(args.head_dim)) {
+    with_kv_type(kv_dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      auto kernel = args.head_dim == 64 ? attention_decode_kernel<T, 64> : attention_decode_kernel<T, 128>;
+      kernel<<<grid, kDecodeWarps * 32, 0, stream>>>(q, q_cols, static_cast<const T*>(k_cache),
+                                                     static_cast<const T*>(v_cache), args, plan, partial_o, partial_ml,
+                                                     out);
+    });
+  } else {
+    const size_t smem = attention_smem_bytes(args.head_dim);
+    with_kv_type(kv_dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      auto kernel = attention_kernel<T>;
+      allow_shared_memory(reinterpret_cast<const void*>(kernel), int(smem));
+      kernel<<<grid, kAttentionThreads, smem, stream>>>(q, q_cols, static_cast<const T*>(k_cache),
+                                                        static_cast<const T*>(v_cache), args, plan, partial_o,
+                                                        partial_ml, out);
+    });
+  }
   if (args.n_splits > 1)
     attention_combine_kernel<<<unsigned(n_tokens * args.num_heads), 128, 0, stream>>>(
         partial_o, partial_ml, args.num_heads, args.n_splits, args.head_dim, q_cols, out);

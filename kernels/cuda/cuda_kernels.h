@@ -176,6 +176,7 @@ struct AttentionArgs {
   float scale = 1.0f;
   int32_t n_splits = 1;  // key-range splits per (tile, head); > 1 needs the partial buffers
   bool tensor_cores = false;  // the tensor-core kernel over plan.large (no splits)
+  bool one_token_tiles = false;  // every tile of plan.small is one token (decode): the decode kernel
   // 8-bit caches: value = code * scale, the scale per token and head (INT8) or per layer (FP8).
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;

@@ -47,7 +47,8 @@ void with_kv(DType dtype, Fn&& fn) {
   }
 }
 
-void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) {
+// decode_steps (when given) counts the steps whose attention the decode kernel also computed.
+void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs, int* decode_steps = nullptr) {
   SCOPED_TRACE(testing::Message() << "heads " << c.heads << "/" << c.kv_heads << " D " << c.head_dim << " window "
                                   << c.window << " kv " << dtype_name(c.kv) << " splits " << c.n_splits);
   const int32_t block_size = 16, D = c.head_dim;
@@ -144,17 +145,39 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
                                                       partial_o.data(), partial_ml.data(), got.data());
                         });
     });
-    if (c.n_splits > 1)
-      emulation::launch(dim3(unsigned(T * c.heads)), 128, 0, [&] {
-        cuda::attention_combine_kernel(partial_o.data(), partial_ml.data(), c.heads, c.n_splits, D, q_cols, got.data());
-      });
-    double diff2 = 0, ref2 = 0;
-    for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(got[i])) << "output element " << i << " not written";
-      diff2 += (double(got[i]) - expected[i]) * (double(got[i]) - expected[i]);
-      ref2 += double(expected[i]) * expected[i];
-    }
-    EXPECT_LE(std::sqrt(diff2 / ref2), c.max_relative);
+    auto combine_and_compare = [&](const char* kernel) {
+      if (c.n_splits > 1)
+        emulation::launch(dim3(unsigned(T * c.heads)), 128, 0, [&] {
+          cuda::attention_combine_kernel(partial_o.data(), partial_ml.data(), c.heads, c.n_splits, D, q_cols,
+                                         got.data());
+        });
+      double diff2 = 0, ref2 = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(got[i])) << kernel << ": output element " << i << " not written";
+        diff2 += (double(got[i]) - expected[i]) * (double(got[i]) - expected[i]);
+        ref2 += double(expected[i]) * expected[i];
+      }
+      EXPECT_LE(std::sqrt(diff2 / ref2), c.max_relative) << kernel;
+    };
+    combine_and_compare("attention_kernel");
+    // A decode step (every tile one token): the decode kernel too, on the same cache.
+    const bool decode = device.tiles.longest_run == 1 && cuda::attention_decode_fits(D);
+    if (!decode) continue;
+    std::fill(got.begin(), got.end(), std::numeric_limits<float>::quiet_NaN());
+    std::fill(partial_o.begin(), partial_o.end(), std::numeric_limits<float>::quiet_NaN());
+    std::fill(partial_ml.begin(), partial_ml.end(), std::numeric_limits<float>::quiet_NaN());
+    with_kv(c.kv, [&](auto tag) {
+      using KvT = decltype(tag);
+      auto kernel = D == 64 ? cuda::attention_decode_kernel<KvT, 64> : cuda::attention_decode_kernel<KvT, 128>;
+      emulation::launch(dim3(unsigned(device.device.small.n), unsigned(c.heads), unsigned(c.n_splits)),
+                        cuda::kDecodeWarps * 32, 0, [&] {
+                          kernel(q_emu.data(), q_cols, reinterpret_cast<const KvT*>(emu_cache.k.data()),
+                                 reinterpret_cast<const KvT*>(emu_cache.v.data()), args, device.device,
+                                 partial_o.data(), partial_ml.data(), got.data());
+                        });
+    });
+    combine_and_compare("attention_decode_kernel");
+    if (decode_steps) ++*decode_steps;
   }
   if (c.kv == DType::F8_E4M3) {  // the saturation counts of the one layer
     const std::vector<uint64_t> cpu_counts = cpu->saturation(1, false);
@@ -171,6 +194,21 @@ TEST(KvAttentionKernelsEmulated, RopeKvWriteAndAttentionMatchCpuBackend) {
   // A prefix written first, then: a prefill chunk, a decode token after a long prefix, a chunk
   // after a short prefix, a decode token at a block boundary.
   for (const Case& c : cases) check(c, {{0, 21}, {80, 1}, {5, 19}, {16, 1}});
+}
+
+// Decode steps (one token a sequence) through attention_kernel and attention_decode_kernel: contexts
+// of 1 token, a block boundary, a few 8-key rounds of every warp, one past a 64-key split chunk,
+// split into 1 and several key ranges (some empty), with a window.
+TEST(KvAttentionKernelsEmulated, DecodeKernelMatchesCpuBackend) {
+  const Case cases[] = {
+      {4, 2, 64, 0, DType::F32, 1, 1e-5},    {4, 2, 64, 0, DType::BF16, 3, 1e-5},  {2, 1, 128, 40, DType::F16, 2, 1e-5},
+      {4, 2, 64, 0, DType::I8, 5, 1e-5},     {2, 1, 128, 0, DType::I8, 1, 1e-5},   {2, 1, 128, 0, DType::F8_E4M3, 4, 1e-5},
+  };
+  for (const Case& c : cases) {
+    int decode_steps = 0;
+    check(c, {{0, 1}, {15, 1}, {100, 1}, {64, 1}, {140, 1}}, &decode_steps);
+    EXPECT_EQ(decode_steps, 1);
+  }
 }
 
 }  // namespace
