@@ -142,6 +142,14 @@ class Backend {
   // Causal attention of every token of the step over its sequence's cached K/V (positions up to
   // and including its own), read through the block table. out is [T, Hq*D].
   virtual void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) = 0;
+  // out = linear(attention(q), weight) (+ bias): the attention and the o projection, with the bits
+  // of the two ops. attn gets the attention output as attention() writes it; a backend may write
+  // the linear's input beside it (the CUDA backend: the 16-bit copy for 16-bit and INT8 weights).
+  virtual void attention_linear(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& attn,
+                                const LinearWeight& weight, const Tensor* bias, Tensor& out) {
+    attention(q, cache, params, attn);
+    linear(attn, weight, bias, out);
+  }
   // out = silu(gate) * up, elementwise.
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // out = linear(silu(gate) * up, weight) (+ bias): the MLP's down projection. act (F32, gate's

@@ -582,9 +582,17 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
     b.rope_kv_write(q, k, v, r.inv_freq, r.kv_layers[l]);
     observe(l, "k", k);
     observe(l, "v", v);
-    b.attention(q, r.kv_layers[l], attention, attn);
-    observe(l, "o_in", attn);
-    row_parallel(attn, w.wo, bias(w.bo), proj);
+    if (observer_ || needs_row_amax(w.wo)) {
+      // The attention output itself is needed: calibration observes it, or tensor parallelism takes
+      // its per-token amax over the ranks before the FP8 quantization.
+      b.attention(q, r.kv_layers[l], attention, attn);
+      observe(l, "o_in", attn);
+      row_parallel(attn, w.wo, bias(w.bo), proj);
+    } else {
+      // The backend may write the o projection's input in the attention kernel.
+      b.attention_linear(q, r.kv_layers[l], attention, attn, w.wo, bias(w.bo), proj);
+      all_reduce(proj);
+    }
     b.rmsnorm_linears(&x, proj, w.mlp_norm, eps, h, {{&w.w_gate, nullptr, &gate}, {&w.w_up, nullptr, &up}});
     observe(l, "mlp_in", h);
     if (observer_ || needs_row_amax(w.w_down)) {

@@ -235,8 +235,12 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = e / 2, row = r == 0 ? row0 : row1;
-      if (row < count)
-        out[int64_t(t0 + row) * q_cols + int64_t(h) * D + 8 * j + 2 * t4 + (e & 1)] = l[r] > 0.0f ? o[j][e] / l[r] : 0.0f;
+      if (row < count) {
+        const int64_t at = int64_t(t0 + row) * q_cols + int64_t(h) * D + 8 * j + 2 * t4 + (e & 1);
+        const float v = l[r] > 0.0f ? o[j][e] / l[r] : 0.0f;
+        out[at] = v;
+        store_rounded(a.rounded, at, v);
+      }
     }
 }
 

@@ -13,6 +13,7 @@
 
 #include "engine/dtype.h"
 #include "engine/error.h"
+#include "kernels/cuda/cuda_kernels.h"
 
 namespace llmq::cuda {
 namespace {
@@ -102,6 +103,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, f16) {
   uint32_t r;
   memcpy(&r, &v, sizeof r);
   return r;
+}
+
+// Element i of an output's 16-bit copy (cuda_kernels.h's RoundedCopy; none when r.p is null): v
+// rounded to nearest even.
+__device__ __forceinline__ void store_rounded(const RoundedCopy& r, int64_t i, float v) {
+  if (!r.p) return;
+  if (r.bf16)
+    static_cast<__nv_bfloat16*>(r.p)[i] = __float2bfloat16_rn(v);
+  else
+    static_cast<__half*>(r.p)[i] = __float2half_rn(v);
 }
 
 // ---- PTX instructions. A CPU emulation for tests (tests/emulated/cuda_emulation.h) defines

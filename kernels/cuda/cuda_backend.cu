@@ -675,45 +675,20 @@ class CudaBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out) override {
-    cuda::AttentionArgs args;
-    args.num_heads = params.num_heads;
-    args.num_kv_heads = params.num_kv_heads;
-    args.head_dim = params.head_dim;
-    args.block_size = cache.block_size;
-    args.sliding_window = params.sliding_window;
-    args.scale = params.scale;
-    args.k_scale = cache.k_scale.as<float>();
-    args.v_scale = cache.v_scale.as<float>();
-    args.scale_per_token = cache.k.dtype == DType::I8;
-    // Prefill (a run of more than 16 tokens of one sequence) goes to the tensor cores when the cache
-    // is not F32. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
-    args.tensor_cores = tiles_.longest_run > cuda::kAttentionTileQ &&
-                        cuda::attention_has_tensor_core_kernel(cache.k.dtype, params.head_dim);
-    args.one_token_tiles = tiles_.longest_run == 1;
-    const int64_t blocks = int64_t(device_plan_.small.n) * params.num_heads;
-    // The split count depends only on the batch shape and whether there is more than one key tile,
-    // so that a recorded decode step stays valid as the contexts grow; empty splits cost little.
-    if (!args.tensor_cores && blocks < num_sms_ && max_keys_ > 64)
-      args.n_splits = int32_t(std::min<int64_t>((2 * num_sms_ + blocks - 1) / blocks, 64));
-    Profiler::Scope timer(profiler_,
-                          profiler_.enabled() ? fmt::format("attention {}{}",
-                                                            args.tensor_cores      ? "mma"
-                                                            : args.one_token_tiles ? "decode"
-                                                                                   : "cuda-core",
-                                                            args.n_splits > 1 ? " split" : "")
-                                              : "",
-                          stream_);
-    float *partial_o = nullptr, *partial_ml = nullptr;
-    if (args.n_splits > 1) {
-      const uint64_t parts = uint64_t(q.rows) * uint64_t(params.num_heads) * uint64_t(args.n_splits);
-      ensure(partial_o_, parts * uint64_t(params.head_dim) * sizeof(float));
-      ensure(partial_ml_, parts * 2 * sizeof(float));
-      partial_o = static_cast<float*>(partial_o_->data());
-      partial_ml = static_cast<float*>(partial_ml_->data());
-    }
-    cuda::attention(q.as<float>(), q.cols, cache.k.data, cache.v.data, cache.k.dtype, args, device_plan_, q.rows,
-                    partial_o, partial_ml, out.as<float>(), stream_);
-    check(cudaGetLastError(), "attention kernel");
+    run_attention(q, cache, params, out, cuda::RoundedCopy{});
+  }
+
+  // 16-bit and INT8 weights: the attention kernels write the linear's 16-bit input beside attn.
+  void attention_linear(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& attn,
+                        const LinearWeight& weight, const Tensor* bias, Tensor& out) override {
+    const DType rounded = linear_input_dtype(weight);
+    if (rounded == DType::F32) return Backend::attention_linear(q, cache, params, attn, weight, bias, out);
+    ensure(converted_, uint64_t(attn.numel()) * dtype_size(rounded));
+    run_attention(q, cache, params, attn, cuda::RoundedCopy{converted_->data(), rounded == DType::BF16});
+    SharedInput sharing(*this);
+    converted_of_ = attn.data;
+    converted_dtype_ = rounded;
+    linear(attn, weight, bias, out);
   }
 
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -996,6 +971,51 @@ class CudaBackend final : public Backend {
       it = path_choices_.emplace(key, std::move(choice)).first;
     }
     return it->second.best;
+  }
+
+  // attention() with the output's 16-bit copy written beside it when `rounded` is set.
+  void run_attention(const Tensor& q, const KvLayer& cache, const AttentionParams& params, Tensor& out,
+                     cuda::RoundedCopy rounded) {
+    cuda::AttentionArgs args;
+    args.rounded = rounded;
+    args.num_heads = params.num_heads;
+    args.num_kv_heads = params.num_kv_heads;
+    args.head_dim = params.head_dim;
+    args.block_size = cache.block_size;
+    args.sliding_window = params.sliding_window;
+    args.scale = params.scale;
+    args.k_scale = cache.k_scale.as<float>();
+    args.v_scale = cache.v_scale.as<float>();
+    args.scale_per_token = cache.k.dtype == DType::I8;
+    // Prefill (a run of more than 16 tokens of one sequence) goes to the tensor cores when the cache
+    // is not F32. Else, when few (tile, head) blocks would leave multiprocessors idle, split the keys.
+    args.tensor_cores = tiles_.longest_run > cuda::kAttentionTileQ &&
+                        cuda::attention_has_tensor_core_kernel(cache.k.dtype, params.head_dim);
+    args.one_token_tiles = tiles_.longest_run == 1;
+    const int64_t blocks = int64_t(device_plan_.small.n) * params.num_heads;
+    // The split count depends only on the batch shape and whether there is more than one key tile,
+    // so that a recorded decode step stays valid as the contexts grow; empty splits cost little.
+    if (!args.tensor_cores && blocks < num_sms_ && max_keys_ > 64)
+      args.n_splits = int32_t(std::min<int64_t>((2 * num_sms_ + blocks - 1) / blocks, 64));
+    Profiler::Scope timer(profiler_,
+                          profiler_.enabled() ? fmt::format("attention {}{}",
+                                                            args.tensor_cores      ? "mma"
+                                                            : args.one_token_tiles ? "decode"
+                                                                                   : "cuda-core",
+                                                            args.n_splits > 1 ? " split" : "")
+                                              : "",
+                          stream_);
+    float *partial_o = nullptr, *partial_ml = nullptr;
+    if (args.n_splits > 1) {
+      const uint64_t parts = uint64_t(q.rows) * uint64_t(params.num_heads) * uint64_t(args.n_splits);
+      ensure(partial_o_, parts * uint64_t(params.head_dim) * sizeof(float));
+      ensure(partial_ml_, parts * 2 * sizeof(float));
+      partial_o = static_cast<float*>(partial_o_->data());
+      partial_ml = static_cast<float*>(partial_ml_->data());
+    }
+    cuda::attention(q.as<float>(), q.cols, cache.k.data, cache.v.data, cache.k.dtype, args, device_plan_, q.rows,
+                    partial_o, partial_ml, out.as<float>(), stream_);
+    check(cudaGetLastError(), "attention kernel");
   }
 
   // The type a linear's input is rounded to: BF16 or F16 (16-bit weights: theirs; INT8: the

@@ -253,7 +253,7 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
   }
   if (args.n_splits > 1)
     attention_combine_kernel<<<unsigned(n_tokens * args.num_heads), 128, 0, stream>>>(
-        partial_o, partial_ml, args.num_heads, args.n_splits, args.head_dim, q_cols, out);
+        partial_o, partial_ml, args.num_heads, args.n_splits, args.head_dim, q_cols, out, args.rounded);
 }
 
 }  // namespace llmq::cuda

@@ -171,12 +171,20 @@ void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t k
                    unsigned long long* counters, cudaStream_t stream);
 // `counters` (FP8 caches, when given): the layer's kSaturationCounters values (engine/quant.h).
 
+// An output's 16-bit copy, the input a following 16-bit linear reads: BF16 or F16 at p (none when
+// p is null), written beside the fp32 output.
+struct RoundedCopy {
+  void* p = nullptr;
+  bool bf16 = true;
+};
+
 struct AttentionArgs {
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0, sliding_window = 0;
   float scale = 1.0f;
   int32_t n_splits = 1;  // key-range splits per (tile, head); > 1 needs the partial buffers
   bool tensor_cores = false;  // the tensor-core kernel over plan.large (no splits)
   bool one_token_tiles = false;  // every tile of plan.small is one token (decode): the decode kernel
+  RoundedCopy rounded;  // when set: out rounded to 16 bits there as well (the next linear's input)
   // 8-bit caches: value = code * scale, the scale per token and head (INT8) or per layer (FP8).
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;

@@ -565,7 +565,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
     const int64_t t = t0 + r;
     if (a.n_splits == 1) {
       const float l = l_s[r];
-      out[t * q_cols + int64_t(h) * D + d] = l > 0.0f ? o_s[i] / l : 0.0f;
+      const float value = l > 0.0f ? o_s[i] / l : 0.0f;
+      out[t * q_cols + int64_t(h) * D + d] = value;
+      store_rounded(a.rounded, t * q_cols + int64_t(h) * D + d, value);
     } else {
       const int64_t part = (t * a.num_heads + h) * a.n_splits + split;
       partial_o[part * D + d] = o_s[i];
@@ -720,7 +722,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       l_block += l_w[w] * c;
     }
     if (a.n_splits == 1) {
-      out[int64_t(t) * q_cols + int64_t(h) * D + d] = l_block > 0.0f ? o_block / l_block : 0.0f;
+      const float value = l_block > 0.0f ? o_block / l_block : 0.0f;
+      out[int64_t(t) * q_cols + int64_t(h) * D + d] = value;
+      store_rounded(a.rounded, int64_t(t) * q_cols + int64_t(h) * D + d, value);
     } else {
       const int64_t at = (int64_t(t) * a.num_heads + h) * a.n_splits + split;
       partial_o[at * D + d] = o_block;
@@ -733,7 +737,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 }
 
 __global__ void attention_combine_kernel(const float* partial_o, const float* partial_ml, int num_heads, int n_splits,
-                                         int head_dim, int64_t out_cols, float* out) {
+                                         int head_dim, int64_t out_cols, float* out, RoundedCopy rounded) {
   const int64_t t = blockIdx.x / num_heads;
   const int h = blockIdx.x % num_heads;
   const int64_t first = int64_t(blockIdx.x) * n_splits;
@@ -750,7 +754,9 @@ __global__ void attention_combine_kernel(const float* partial_o, const float* pa
       const float ms = partial_ml[(first + s) * 2];
       if (ms != -INFINITY) o += partial_o[(first + s) * head_dim + d] * expf(ms - m);
     }
-    out[t * out_cols + int64_t(h) * head_dim + d] = l > 0.0f ? o / l : 0.0f;
+    const float value = l > 0.0f ? o / l : 0.0f;
+    out[t * out_cols + int64_t(h) * head_dim + d] = value;
+    store_rounded(rounded, t * out_cols + int64_t(h) * head_dim + d, value);
   }
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/dtype.h"
 #include "engine/rng.h"
 #include "paged_plan.h"
 
@@ -101,6 +102,9 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   cuda::AttentionArgs args = test::attention_args(params, block_size, c.kv, k_scale.empty() ? nullptr : k_scale.data(),
                                                   v_scale.empty() ? nullptr : v_scale.data());
   args.tensor_cores = true;
+  // The output's 16-bit copy too (the o projection's input): F16 for 16-bit BF16 caches, else BF16.
+  std::vector<uint16_t> copy(q.size(), uint16_t(0xffff));  // poisoned
+  args.rounded = cuda::RoundedCopy{copy.data(), c.kv != DType::BF16};
   std::vector<float> got(q.size(), std::numeric_limits<float>::quiet_NaN());  // poisoned
   emulation::eager_copies = false;  // cp.async copies land only when waited for
   auto run = [&](auto kv_tag, auto dim) {
@@ -139,6 +143,10 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
     ref2 += double(expected[i]) * expected[i];
   }
   EXPECT_LE(std::sqrt(diff2 / ref2), c.max_relative);
+  size_t copies_differ = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    copies_differ += copy[i] != (args.rounded.bf16 ? f32_to_bf16(got[i]) : f32_to_f16(got[i]));
+  EXPECT_EQ(copies_differ, 0u) << "16-bit copy";
 }
 
 TEST(AttentionMmaKernelEmulated, MatchesCpuBackend) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/dtype.h"
 #include "engine/quant.h"
 #include "engine/rng.h"
 #include "paged_plan.h"
@@ -133,6 +134,11 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs, 
         test::attention_args(params, block_size, c.kv, emu_cache.k_scale.empty() ? nullptr : emu_cache.k_scale.data(),
                              emu_cache.v_scale.empty() ? nullptr : emu_cache.v_scale.data());
     args.n_splits = c.n_splits;
+    // The output's 16-bit copy (the o projection's input): BF16 from attention_kernel, F16 from
+    // the decode kernel, each element the rounding of the fp32 output (poisoned first).
+    std::vector<uint16_t> copy(q.size());
+    std::fill(copy.begin(), copy.end(), uint16_t(0xffff));
+    args.rounded = cuda::RoundedCopy{copy.data(), true};
     std::vector<float> got(q.size(), std::numeric_limits<float>::quiet_NaN());  // poisoned
     std::vector<float> partial_o(size_t(T * c.heads * c.n_splits * D), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> partial_ml(size_t(T * c.heads * c.n_splits * 2), std::numeric_limits<float>::quiet_NaN());
@@ -149,8 +155,12 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs, 
       if (c.n_splits > 1)
         emulation::launch(dim3(unsigned(T * c.heads)), 128, 0, [&] {
           cuda::attention_combine_kernel(partial_o.data(), partial_ml.data(), c.heads, c.n_splits, D, q_cols,
-                                         got.data());
+                                         got.data(), args.rounded);
         });
+      size_t copies_differ = 0;
+      for (size_t i = 0; i < got.size(); ++i)
+        copies_differ += copy[i] != (args.rounded.bf16 ? f32_to_bf16(got[i]) : f32_to_f16(got[i]));
+      EXPECT_EQ(copies_differ, 0u) << kernel << ": 16-bit copy";
       double diff2 = 0, ref2 = 0;
       for (size_t i = 0; i < got.size(); ++i) {
         ASSERT_TRUE(std::isfinite(got[i])) << kernel << ": output element " << i << " not written";
@@ -166,6 +176,8 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs, 
     std::fill(got.begin(), got.end(), std::numeric_limits<float>::quiet_NaN());
     std::fill(partial_o.begin(), partial_o.end(), std::numeric_limits<float>::quiet_NaN());
     std::fill(partial_ml.begin(), partial_ml.end(), std::numeric_limits<float>::quiet_NaN());
+    std::fill(copy.begin(), copy.end(), uint16_t(0xffff));
+    args.rounded = cuda::RoundedCopy{copy.data(), false};
     with_kv(c.kv, [&](auto tag) {
       using KvT = decltype(tag);
       auto kernel = D == 64 ? cuda::attention_decode_kernel<KvT, 64> : cuda::attention_decode_kernel<KvT, 128>;

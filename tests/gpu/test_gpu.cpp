@@ -754,7 +754,20 @@ class GpuAttention : public BackendPair {
       Both out = output(T, int64_t(c.heads) * c.head_dim);
       cpu_->attention(q.cpu, cpu_layer, params, out.cpu);
       gpu_->attention(q.gpu, gpu_layer, params, out.gpu);
-      expect_close(read(*cpu_, out.cpu), read(*gpu_, out.gpu), c.tol, "attention " + what);
+      const std::vector<float> attention_out = read(*gpu_, out.gpu);
+      expect_close(read(*cpu_, out.cpu), attention_out, c.tol, "attention " + what);
+      // attention_linear with a BF16 weight (the attention kernels write its input as well): the
+      // attention output and the projection exactly those of attention then linear.
+      const int64_t K = int64_t(c.heads) * c.head_dim;
+      std::vector<uint8_t> w_bytes = encode(rnd.floats(size_t(24 * K)), DType::BF16);
+      Both w = tensor(w_bytes, DType::BF16, 24, K);
+      LinearWeight wo;
+      wo.w = w.gpu;
+      Both attn = output(T, K), proj = output(T, 24), proj_ref = output(T, 24);
+      gpu_->attention_linear(q.gpu, gpu_layer, params, attn.gpu, wo, nullptr, proj.gpu);
+      gpu_->linear(out.gpu, wo, nullptr, proj_ref.gpu);
+      expect_close(attention_out, read(*gpu_, attn.gpu), {0, 0}, "attention_linear's attention " + what);
+      expect_close(read(*gpu_, proj_ref.gpu), read(*gpu_, proj.gpu), {0, 0}, "attention_linear's linear " + what);
     }
   }
 };
