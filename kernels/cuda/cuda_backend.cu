@@ -569,7 +569,7 @@ class CudaBackend final : public Backend {
                                 row_amax ? row_amax->as<float>() : nullptr, static_cast<uint8_t*>(codes_->data()),
                                 static_cast<float*>(row_scales_->data()), layer_counters(weight.layer), stream_);
         check(cudaGetLastError(), "quantize_fp8_rows kernel");
-        if (shareable) fp8_codes_of_ = x.data;
+        fp8_codes_of_ = shareable ? x.data : nullptr;  // codes_ now holds these codes, shareable or not
       }
       fp8_linear(weight, bias, M, K, out);
       return;

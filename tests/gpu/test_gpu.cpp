@@ -271,7 +271,8 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
 // linears() (one input through several weights, as q/k/v and gate/up are) gives each output the
 // bits of its own linear(): the CUDA backend rounds the input to 16 bits once for all of them, here
 // for a BF16 weight and an INT8 one (BF16 activations) in one call, and quantizes it to FP8 once for
-// two FP8 weights with dynamic scales, at decode and prefill sizes.
+// two FP8 weights with dynamic scales (with one with a static scale between them, whose own codes
+// must not be taken for theirs), at decode and prefill sizes.
 TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
   Random rnd(11);
   const int64_t K = 128;
@@ -292,6 +293,9 @@ TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
     w.w = gpu_->upload(w.w);
     w.scale = gpu_->upload(w.scale);
   }
+  LinearWeight fp8_static = fp8[0];
+  Both input_scale = floats({4.0f / 448.0f}, 1, 1);
+  fp8_static.input_scale = input_scale.gpu;
   for (int64_t M : {3, 40}) {
     Both x = floats(rnd.floats(size_t(M * K)), M, K);
     Both a = output(M, 64), b = output(M, 48), a_alone = output(M, 64), b_alone = output(M, 48);
@@ -302,11 +306,14 @@ TEST_F(GpuLinear, SharedInputLinearsEqualSeparateOnes) {
     const std::vector<float> b1 = read(*gpu_, b.gpu), b2 = read(*gpu_, b_alone.gpu);
     EXPECT_EQ(0, std::memcmp(a1.data(), a2.data(), a1.size() * sizeof(float))) << "BF16 weight, M=" << M;
     EXPECT_EQ(0, std::memcmp(b1.data(), b2.data(), b1.size() * sizeof(float))) << "INT8 weight, M=" << M;
-    Both c = output(M, 32), d = output(M, 32), c_alone = output(M, 32), d_alone = output(M, 32);
-    gpu_->linears(x.gpu, {{&fp8[0], nullptr, &c.gpu}, {&fp8[1], nullptr, &d.gpu}});
+    Both c = output(M, 32), d = output(M, 32), e = output(M, 32);
+    Both c_alone = output(M, 32), d_alone = output(M, 32), e_alone = output(M, 32);
+    gpu_->linears(x.gpu, {{&fp8[0], nullptr, &c.gpu}, {&fp8_static, nullptr, &e.gpu}, {&fp8[1], nullptr, &d.gpu}});
     gpu_->linear(x.gpu, fp8[0], nullptr, c_alone.gpu);
+    gpu_->linear(x.gpu, fp8_static, nullptr, e_alone.gpu);
     gpu_->linear(x.gpu, fp8[1], nullptr, d_alone.gpu);
     expect_close(read(*gpu_, c_alone.gpu), read(*gpu_, c.gpu), {0, 0}, fmt::format("first FP8 weight, M={}", M));
+    expect_close(read(*gpu_, e_alone.gpu), read(*gpu_, e.gpu), {0, 0}, fmt::format("static FP8 weight, M={}", M));
     expect_close(read(*gpu_, d_alone.gpu), read(*gpu_, d.gpu), {0, 0}, fmt::format("second FP8 weight, M={}", M));
   }
   quantized_.clear();
