@@ -6,7 +6,8 @@
 # here, on a development machine, and taken along (it is self-contained: static CUDA runtime,
 # GoogleTest and fmt; cuBLASLt is opened at run time from the machine's CUDA 13):
 #
-#   bash scripts/gpu-check.sh prepare      # here: builds build-gpu/, fills .gpu-carry/ (~15 MB)
+#   bash scripts/gpu-check.sh prepare      # here: builds build-gpu/, fills .gpu-carry/ (52 MB of the
+#                                          # 64 MiB the device tool carries: 3 binaries, each with the kernels)
 #   bash scripts/gpu-check.sh run          # there, from the repository root, with .gpu-carry
 #   bash scripts/gpu-check.sh local        # both, on one machine that has a GPU and the packages
 #   bash scripts/gpu-check.sh sweep        # there: llmq-sweep (16-bit / int8wo / fp8 trade-offs) on the
