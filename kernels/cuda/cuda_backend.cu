@@ -539,13 +539,8 @@ class CudaBackend final : public Backend {
       fp8 = fp8 && fp8_dynamic(*job.weight);
     }
     if (rounded == DType::F32 && !fp8) return Backend::rmsnorm_linears(residual, x, weight, eps, out, jobs);
-    SharedInput sharing(*this);
     norm(residual, x, weight, eps, out, rounded, fp8);
-    if (rounded != DType::F32) {
-      converted_of_ = out.data;
-      converted_dtype_ = rounded;
-    }
-    if (fp8) fp8_codes_of_ = out.data;
+    SharedInput sharing(*this, rounded == DType::F32 ? nullptr : out.data, rounded, fp8 ? out.data : nullptr);
     for (const LinearJob& job : jobs) linear(out, *job.weight, job.bias, *job.out);
   }
 
@@ -645,13 +640,11 @@ class CudaBackend final : public Backend {
       if (rounded == DType::F32) return Backend::silu_mul_linear(gate, up, act, weight, bias, out);
       {
         Profiler::Scope timer(profiler_, "silu_mul (rounded for the linear)", stream_);
-        ensure(converted_, uint64_t(gate.numel()) * dtype_size(rounded));
-        cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), converted_->data(), rounded, stream_);
+        cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), rounded_scratch(gate.numel(), rounded).p,
+                       rounded, stream_);
         check(cudaGetLastError(), "silu_mul kernel");
       }
-      SharedInput sharing(*this);
-      converted_of_ = act.data;
-      converted_dtype_ = rounded;
+      SharedInput sharing(*this, act.data, rounded);
       return linear(act, weight, bias, out);
     }
     const int64_t M = gate.rows, K = gate.cols;
@@ -683,11 +676,8 @@ class CudaBackend final : public Backend {
                         const LinearWeight& weight, const Tensor* bias, Tensor& out) override {
     const DType rounded = linear_input_dtype(weight);
     if (rounded == DType::F32) return Backend::attention_linear(q, cache, params, attn, weight, bias, out);
-    ensure(converted_, uint64_t(attn.numel()) * dtype_size(rounded));
-    run_attention(q, cache, params, attn, cuda::RoundedCopy{converted_->data(), rounded == DType::BF16});
-    SharedInput sharing(*this);
-    converted_of_ = attn.data;
-    converted_dtype_ = rounded;
+    run_attention(q, cache, params, attn, rounded_scratch(attn.numel(), rounded));
+    SharedInput sharing(*this, attn.data, rounded);
     linear(attn, weight, bias, out);
   }
 
@@ -1039,28 +1029,35 @@ class CudaBackend final : public Backend {
                           residual ? (with_input ? "add_rmsnorm (and the linears' input)" : "add_rmsnorm")
                                    : (with_input ? "rmsnorm (and the linears' input)" : "rmsnorm"),
                           stream_);
-    void* copy = nullptr;
-    if (rounded != DType::F32) {
-      ensure(converted_, uint64_t(out.numel()) * dtype_size(rounded));
-      copy = converted_->data();
-    }
     if (fp8) fp8_scratch(out.rows, out.cols);
     cuda::rmsnorm(residual ? residual->as<float>() : nullptr, x.as<float>(), weight.data, weight.dtype, eps, x.rows,
-                  x.cols, out.as<float>(), copy, rounded, fp8 ? static_cast<uint8_t*>(codes_->data()) : nullptr,
+                  x.cols, out.as<float>(), rounded_scratch(out.numel(), rounded),
+                  fp8 ? static_cast<uint8_t*>(codes_->data()) : nullptr,
                   fp8 ? static_cast<float*>(row_scales_->data()) : nullptr, stream_);
     check(cudaGetLastError(), residual ? "add_rmsnorm kernel" : "rmsnorm kernel");
   }
 
+  // converted_, room for n values of `dtype` (BF16 / F16), as a kernel's 16-bit copy of an output
+  // (none for F32).
+  cuda::RoundedCopy rounded_scratch(int64_t n, DType dtype) {
+    if (dtype == DType::F32) return {};
+    ensure(converted_, uint64_t(n) * dtype_size(dtype));
+    return {converted_->data(), dtype == DType::BF16};
+  }
+
   // While alive, linears of one input share what they read of it: its 16-bit copy in converted_
   // (of converted_of_), its FP8 codes with dynamic scales in codes_ / row_scales_ (of
-  // fp8_codes_of_), set by whoever makes them (the first linear, or the op before, which has just
-  // written the input). Never kept past it: the input changes between calls.
+  // fp8_codes_of_), given by the op that has just written them (rounded_of / fp8_codes_of) or made
+  // by the first linear. Never kept past it: the input changes between calls.
   struct SharedInput {
     CudaBackend& b;
-    explicit SharedInput(CudaBackend& backend) : b(backend) {
+    explicit SharedInput(CudaBackend& backend, const void* rounded_of = nullptr, DType rounded = DType::F32,
+                         const void* fp8_codes_of = nullptr)
+        : b(backend) {
       b.shared_input_ = true;
-      b.converted_of_ = nullptr;
-      b.fp8_codes_of_ = nullptr;
+      b.converted_of_ = rounded_of;
+      b.converted_dtype_ = rounded;
+      b.fp8_codes_of_ = fp8_codes_of;
     }
     ~SharedInput() {
       b.shared_input_ = false;
@@ -1075,12 +1072,12 @@ class CudaBackend final : public Backend {
     if (dtype == DType::F32) return x.data;
     if (shared_input_ && converted_of_ == x.data && converted_dtype_ == dtype) return converted_->data();
     Profiler::Scope part(profiler_, "  (in linear) convert activations", stream_);
-    ensure(converted_, uint64_t(x.numel()) * dtype_size(dtype));
-    cuda::convert_activations(x.as<float>(), x.numel(), dtype, converted_->data(), stream_);
+    void* copy = rounded_scratch(x.numel(), dtype).p;
+    cuda::convert_activations(x.as<float>(), x.numel(), dtype, copy, stream_);
     check(cudaGetLastError(), "convert_activations kernel");
     converted_of_ = x.data;
     converted_dtype_ = dtype;
-    return converted_->data();
+    return copy;
   }
 
   // The mean GPU time of fn() over 3 runs after a warm-up, from events on the stream. Autotuning

@@ -77,18 +77,13 @@ void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows,
 }
 
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
-             int64_t dim, float* out, void* rounded, DType rounded_dtype, uint8_t* fp8_codes, float* fp8_row_scales,
+             int64_t dim, float* out, RoundedCopy rounded, uint8_t* fp8_codes, float* fp8_row_scales,
              cudaStream_t stream) {
-  if (!rounded) rounded_dtype = DType::F32;  // an instantiation whose rounded copy is never written
-  with_float_type(w_dtype, "norm weight", [&](auto w_tag) {
-    using T = typename decltype(w_tag)::type;
-    with_float_type(rounded_dtype, "rounded activations", [&](auto r_tag) {
-      using R = typename decltype(r_tag)::type;
-      const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;
-      const NormCopy<R> copy{static_cast<R*>(rounded), fp8_codes, fp8_row_scales};
-      rmsnorm_kernel<T, R><<<unsigned(rows), threads, 0, stream>>>(residual, x, static_cast<const T*>(weight), eps,
-                                                                   dim, out, copy);
-    });
+  with_float_type(w_dtype, "norm weight", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;
+    rmsnorm_kernel<T><<<unsigned(rows), threads, 0, stream>>>(residual, x, static_cast<const T*>(weight), eps, dim, out,
+                                                              NormCopy{rounded, fp8_codes, fp8_row_scales});
   });
 }
 

@@ -67,15 +67,22 @@ inline void make_query_tiles(const int32_t* token_seq, const int32_t* positions,
   }
 }
 
+// An output's 16-bit copy, the input a following 16-bit linear reads: BF16 or F16 at p (none when
+// p is null), written beside the fp32 output.
+struct RoundedCopy {
+  void* p = nullptr;
+  bool bf16 = true;
+};
+
 // out[t] = table[plan.tokens[t] - first_id], zero when outside the table's table_rows rows.
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
            int64_t rows, float* out, cudaStream_t stream);
 // residual == nullptr: out = rmsnorm(x) * w. Else residual += x, out = rmsnorm(residual) * w.
-// As well, when not null: rounded, out rounded to rounded_dtype (BF16 / F16; the bits
-// convert_activations would give from out); fp8_codes and fp8_row_scales, out quantized with a
-// dynamic per-row scale (those quantize_fp8_rows would give from out).
+// As well, when set: `rounded`, out's 16-bit copy (the bits convert_activations would give from
+// out); fp8_codes and fp8_row_scales, out quantized with a dynamic per-row scale (those
+// quantize_fp8_rows would give from out).
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
-             int64_t dim, float* out, void* rounded, DType rounded_dtype, uint8_t* fp8_codes, float* fp8_row_scales,
+             int64_t dim, float* out, RoundedCopy rounded, uint8_t* fp8_codes, float* fp8_row_scales,
              cudaStream_t stream);
 // out = silu(gate) * up in out_dtype: F32, or BF16 / F16 (the fp32 product rounded: the bits
 // silu_mul then convert_activations would give).
@@ -170,13 +177,6 @@ void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t k
                    float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
                    unsigned long long* counters, cudaStream_t stream);
 // `counters` (FP8 caches, when given): the layer's kSaturationCounters values (engine/quant.h).
-
-// An output's 16-bit copy, the input a following 16-bit linear reads: BF16 or F16 at p (none when
-// p is null), written beside the fp32 output.
-struct RoundedCopy {
-  void* p = nullptr;
-  bool bf16 = true;
-};
 
 struct AttentionArgs {
   int32_t num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0, sliding_window = 0;

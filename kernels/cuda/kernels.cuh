@@ -176,19 +176,18 @@ __global__ void __launch_bounds__(1024)
 }
 
 // The input a following linear reads, written by the norm's kernel instead of a pass of its own:
-// with `rounded`, out rounded to R (the bits convert_kernel<R> gives from out); with `codes`, out
+// with `rounded`, out's 16-bit copy (the bits convert_kernel gives from out); with `codes`, out
 // quantized to FP8 with a dynamic per-row scale (the codes and scales quantize_fp8_rows_kernel
 // gives from out).
-template <typename R>
 struct NormCopy {
-  R* rounded = nullptr;
+  RoundedCopy rounded;
   uint8_t* codes = nullptr;
   float* row_scales = nullptr;
 };
 
-template <typename T, typename R>
+template <typename T>
 __global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, float eps, int64_t dim, float* out,
-                               NormCopy<R> copy) {
+                               NormCopy copy) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * dim;
   float* rr = residual ? residual + row * dim : nullptr;
@@ -207,7 +206,7 @@ __global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, floa
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
     const float v = __fmul_rn(src[i], inv) * to_f32(w[i]);
     out[row * dim + i] = v;
-    if (copy.rounded) copy.rounded[row * dim + i] = from_f32<R>(v);
+    store_rounded(copy.rounded, row * dim + i, v);
   }
   // Each thread reads back only the elements it wrote: no barrier needed before.
   if (copy.codes)

@@ -75,8 +75,9 @@ void check_rmsnorm(bool with_residual, int64_t rows, int64_t dim, Rng& rng) {
   std::vector<uint8_t> codes(n, 0x7f);                                // E4M3 NaN: poisoned
   const int threads = dim >= 1024 ? 512 : dim >= 256 ? 256 : 64;     // as the launcher
   emulation::launch(dim3(unsigned(rows)), unsigned(threads), 0, [&] {
-    cuda::rmsnorm_kernel<float, R>(with_residual ? residual.data() : nullptr, x.data(), weight.data(), 1e-5f, dim,
-                                   out.data(), cuda::NormCopy<R>{copy.data(), codes.data(), row_scales.data()});
+    const cuda::RoundedCopy rounded{copy.data(), std::is_same_v<R, cuda::bf16>};
+    cuda::rmsnorm_kernel<float>(with_residual ? residual.data() : nullptr, x.data(), weight.data(), 1e-5f, dim,
+                                out.data(), cuda::NormCopy{rounded, codes.data(), row_scales.data()});
   });
   double worst = 0.0;
   for (size_t i = 0; i < n; ++i)
@@ -106,7 +107,7 @@ TEST(NormSiluKernelsEmulated, RmsnormWritesItsRoundedCopy) {
   // Without copies, the fp32 output alone.
   std::vector<float> x(64, 1.5f), w(64, 2.0f), out(64, 0.0f);
   emulation::launch(dim3(1), 64, 0, [&] {
-    cuda::rmsnorm_kernel<float, float>(nullptr, x.data(), w.data(), 0.0f, 64, out.data(), cuda::NormCopy<float>{});
+    cuda::rmsnorm_kernel<float>(nullptr, x.data(), w.data(), 0.0f, 64, out.data(), cuda::NormCopy{});
   });
   EXPECT_EQ(out, std::vector<float>(64, 2.0f));
 }
