@@ -162,6 +162,29 @@ class Backend {
     silu_mul(gate, up, act);
     linear(act, weight, bias, out);
   }
+
+  // A layer's two blocks as single ops, each with the bits of the ops it stands for, so that a
+  // backend may leave the q/k/v and gate/up linears' scales and bias to the kernel that reads their
+  // outputs next (the CUDA backend, where cuBLASLt's sums would otherwise take a pass of their own).
+  // Not for steps whose intermediate tensors are observed.
+  //
+  // The attention block's inputs: rmsnorm_linears(residual, x, weight, eps, out, {q, k, v}), then
+  // rope_kv_write(q, k, v, inv_freq, cache). Afterwards v's contents are unspecified (the cache
+  // holds its values).
+  virtual void attention_inputs(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                                const LinearJob& q, const LinearJob& k, const LinearJob& v, const Tensor& inv_freq,
+                                const KvLayer& cache) {
+    rmsnorm_linears(residual, x, weight, eps, out, {q, k, v});
+    rope_kv_write(*q.out, *k.out, *v.out, inv_freq, cache);
+  }
+  // The MLP: rmsnorm_linears(residual, x, weight, eps, out, {gate, up}), then
+  // silu_mul_linear(gate, up, gate, down, nullptr, down_out). Afterwards gate's and up's contents
+  // are unspecified.
+  virtual void mlp(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                   const LinearJob& gate, const LinearJob& up, const LinearWeight& down, Tensor& down_out) {
+    rmsnorm_linears(residual, x, weight, eps, out, {gate, up});
+    silu_mul_linear(*gate.out, *up.out, *gate.out, down, nullptr, down_out);
+  }
   // out[i] = x[plan.logit_rows[i]].
   virtual void gather_rows(const Tensor& x, Tensor& out) = 0;
   // tokens[i] (host memory) = the token engine/sampler.h's rule draws from row i of logits (F32

@@ -576,12 +576,18 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
   for (size_t l = 0; l < r.layers.size(); ++l) {
     const Layer& w = r.layers[l];
     // The residual stream is x; the previous layer's MLP output (proj) is added in the fused norm.
-    b.rmsnorm_linears(l == 0 ? nullptr : &x, l == 0 ? x : proj, w.attn_norm, eps, h,
-                      {{&w.wq, bias(w.bq), &q}, {&w.wk, bias(w.bk), &k}, {&w.wv, bias(w.bv), &v}});
-    observe(l, "attn_in", h);
-    b.rope_kv_write(q, k, v, r.inv_freq, r.kv_layers[l]);
-    observe(l, "k", k);
-    observe(l, "v", v);
+    Tensor* residual = l == 0 ? nullptr : &x;
+    const Tensor& layer_in = l == 0 ? x : proj;
+    const Backend::LinearJob q_job{&w.wq, bias(w.bq), &q}, k_job{&w.wk, bias(w.bk), &k}, v_job{&w.wv, bias(w.bv), &v};
+    if (observer_) {
+      b.rmsnorm_linears(residual, layer_in, w.attn_norm, eps, h, {q_job, k_job, v_job});
+      observe(l, "attn_in", h);
+      b.rope_kv_write(q, k, v, r.inv_freq, r.kv_layers[l]);
+      observe(l, "k", k);
+      observe(l, "v", v);
+    } else {
+      b.attention_inputs(residual, layer_in, w.attn_norm, eps, h, q_job, k_job, v_job, r.inv_freq, r.kv_layers[l]);
+    }
     if (observer_ || needs_row_amax(w.wo)) {
       // The attention output itself is needed: calibration observes it, or tensor parallelism takes
       // its per-token amax over the ranks before the FP8 quantization.
@@ -593,17 +599,18 @@ void Engine::forward(Rank& r, int32_t n_tokens, int32_t n_logit_rows) {
       b.attention_linear(q, r.kv_layers[l], attention, attn, w.wo, bias(w.bo), proj);
       all_reduce(proj);
     }
-    b.rmsnorm_linears(&x, proj, w.mlp_norm, eps, h, {{&w.w_gate, nullptr, &gate}, {&w.w_up, nullptr, &up}});
-    observe(l, "mlp_in", h);
+    const Backend::LinearJob gate_job{&w.w_gate, nullptr, &gate}, up_job{&w.w_up, nullptr, &up};
     if (observer_ || needs_row_amax(w.w_down)) {
       // The fp32 product itself is needed: calibration observes it, or tensor parallelism takes its
       // per-token amax over the ranks before the FP8 quantization.
+      b.rmsnorm_linears(&x, proj, w.mlp_norm, eps, h, {gate_job, up_job});
+      observe(l, "mlp_in", h);
       b.silu_mul(gate, up, gate);
       observe(l, "down_in", gate);
       row_parallel(gate, w.w_down, nullptr, proj);
     } else {
       // The backend may fuse the product into the down projection's input quantization.
-      b.silu_mul_linear(gate, up, gate, w.w_down, nullptr, proj);
+      b.mlp(&x, proj, w.mlp_norm, eps, h, gate_job, up_job, w.w_down, proj);
       all_reduce(proj);
     }
   }

@@ -86,10 +86,12 @@ run() {
   # kFp8WgmmaInTimedChoice in kernels/cuda/cuda_backend.cu: slower than the other paths on an H200).
   # This pass times them against the other paths (LLMQ_LINEAR_PATH=all): the choice lines of the
   # prefill shapes and of 64-row decode, then the same prefill with them forced (LLMQ_LINEAR_PATH=wgmma).
+  # The step times first: what the table would say with the wgmma kernels in the timed choice.
   echo "== 3c. int8wo and fp8 prefill with the wgmma kernels timed against the others, then forced"
   LLMQ_LINEAR_PATH=all LLMQ_PROFILE=1 timeout 90 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
     --quant int8wo,fp8 --batches 1,64 --prompt-len 128 --decode-steps 4 --prefill 2048 2>"$out/wgmma_profile.log" \
     >/dev/null || status=1
+  grep -E "^[a-z0-9]+: (prefill|decode)" "$out/wgmma_profile.log" || true
   grep -E "M<=(64|2048) " "$out/wgmma_profile.log" || true
   LLMQ_LINEAR_PATH=wgmma timeout 90 "$carry/bin/llmq-step-bench" --model "$model" --backend cuda \
     --quant int8wo,fp8 --batches 1 --prompt-len 128 --decode-steps 4 --prefill 2048 2>&1 | tee "$out/wgmma_forced.txt" |

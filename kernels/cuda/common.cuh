@@ -54,14 +54,8 @@ __device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
 
 // A linear layer's output element from its fp32 accumulator: times the row scale (FP8 activations)
 // and the weight scale, then plus the bias; the multiplication is rounded before the addition, as
-// the CPU backend computes it (engine/quant.h).
-struct Epilogue {
-  const float* row_scale = nullptr;
-  const float* w_scale = nullptr;
-  bool per_channel = false;
-  const void* bias = nullptr;
-  DType bias_dtype = DType::F32;
-
+// the CPU backend computes it (engine/quant.h). Identity when none().
+struct Epilogue : LinearScales {
   __device__ __forceinline__ float apply(float acc, int64_t m, int64_t n) const {
     if (w_scale) {
       const float ws = w_scale[per_channel ? n : 0];

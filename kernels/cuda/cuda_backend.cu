@@ -532,6 +532,35 @@ class CudaBackend final : public Backend {
   // pass of their own. Otherwise (mixed inputs, F32 weights, static FP8 scales) the default.
   void rmsnorm_linears(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
                        std::initializer_list<LinearJob> jobs) override {
+    norm_linears(residual, x, weight, eps, out, jobs, nullptr);
+  }
+
+  // The norm and the linears of a block, then the kernel that reads their outputs, which takes the
+  // epilogues that cuBLASLt's paths leave (see norm_linears). Otherwise the defaults.
+  void attention_inputs(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                        const LinearJob& q, const LinearJob& k, const LinearJob& v, const Tensor& inv_freq,
+                        const KvLayer& cache) override {
+    cuda::LinearScales left[3];
+    norm_linears(residual, x, weight, eps, out, {q, k, v}, left);
+    rope(*q.out, *k.out, *v.out, inv_freq, cache, cuda::QkvScales{left[0], left[1], left[2]});
+  }
+
+  void mlp(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out, const LinearJob& gate,
+           const LinearJob& up, const LinearWeight& down, Tensor& down_out) override {
+    if (down.w.dtype != DType::F8_E4M3 && linear_input_dtype(down) == DType::F32)  // silu_mul applies none
+      return Backend::mlp(residual, x, weight, eps, out, gate, up, down, down_out);
+    cuda::LinearScales left[2];
+    norm_linears(residual, x, weight, eps, out, {gate, up}, left);
+    silu_mul_into_linear(*gate.out, *up.out, *gate.out, down, nullptr, down_out, left[0], left[1]);
+  }
+
+  // rmsnorm_linears. With `left` (one a job), a linear whose path would take a pass over its output
+  // for its scales and bias (cuBLASLt's) leaves them in left[job] instead, for the caller's next
+  // kernel to apply; the others leave none. Only where every job reads one 16-bit copy or one set
+  // of FP8 codes (the norm's): then no linear of them rewrites the row scales that a left FP8
+  // epilogue reads.
+  void norm_linears(Tensor* residual, const Tensor& x, const Tensor& weight, float eps, Tensor& out,
+                    std::initializer_list<LinearJob> jobs, cuda::LinearScales* left) {
     DType rounded = jobs.size() ? linear_input_dtype(*jobs.begin()->weight) : DType::F32;
     bool fp8 = jobs.size() > 0;
     for (const LinearJob& job : jobs) {
@@ -541,7 +570,14 @@ class CudaBackend final : public Backend {
     if (rounded == DType::F32 && !fp8) return Backend::rmsnorm_linears(residual, x, weight, eps, out, jobs);
     norm(residual, x, weight, eps, out, rounded, fp8);
     SharedInput sharing(*this, rounded == DType::F32 ? nullptr : out.data, rounded, fp8 ? out.data : nullptr);
-    for (const LinearJob& job : jobs) linear(out, *job.weight, job.bias, *job.out);
+    for (const LinearJob& job : jobs) {
+      if (!left) {
+        linear(out, *job.weight, job.bias, *job.out);
+        continue;
+      }
+      Deferring deferring(*this, left++);
+      linear(out, *job.weight, job.bias, *job.out);
+    }
   }
 
   void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
@@ -635,13 +671,25 @@ class CudaBackend final : public Backend {
   // INT8 weights its 16-bit copy (act is not written), then linear. F32 weights: silu_mul, linear.
   void silu_mul_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
                        const Tensor* bias, Tensor& out) override {
+    silu_mul_into_linear(gate, up, act, weight, bias, out, {}, {});
+  }
+
+  // silu_mul_linear, with the epilogues that the linears which wrote gate and up left (none: gate
+  // and up are final) applied as they are read.
+  void silu_mul_into_linear(const Tensor& gate, const Tensor& up, Tensor& act, const LinearWeight& weight,
+                            const Tensor* bias, Tensor& out, const cuda::LinearScales& gate_scales,
+                            const cuda::LinearScales& up_scales) {
     if (weight.w.dtype != DType::F8_E4M3) {
       const DType rounded = linear_input_dtype(weight);
-      if (rounded == DType::F32) return Backend::silu_mul_linear(gate, up, act, weight, bias, out);
+      if (rounded == DType::F32) {
+        if (!gate_scales.none() || !up_scales.none())
+          fail(LLMQ_ERR_INTERNAL, "cuda backend: epilogues left for an fp32 SiLU-mul");
+        return Backend::silu_mul_linear(gate, up, act, weight, bias, out);
+      }
       {
         Profiler::Scope timer(profiler_, "silu_mul (rounded for the linear)", stream_);
-        cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), rounded_scratch(gate.numel(), rounded).p,
-                       rounded, stream_);
+        cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.rows, gate.cols,
+                       rounded_scratch(gate.numel(), rounded).p, rounded, stream_, gate_scales, up_scales);
         check(cudaGetLastError(), "silu_mul kernel");
       }
       SharedInput sharing(*this, act.data, rounded);
@@ -653,17 +701,24 @@ class CudaBackend final : public Backend {
     fp8_scratch(M, K);
     cuda::silu_mul_quantize_fp8(gate.as<float>(), up.as<float>(), M, K, weight.input_scale.as<float>(),
                                 static_cast<uint8_t*>(codes_->data()), static_cast<float*>(row_scales_->data()),
-                                layer_counters(weight.layer), stream_);
+                                layer_counters(weight.layer), stream_, gate_scales, up_scales);
     check(cudaGetLastError(), "silu_mul_quantize_fp8 kernel");
     fp8_linear(weight, bias, M, K, out);
   }
 
   void rope_kv_write(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache) override {
+    rope(q, k, v, inv_freq, cache, {});
+  }
+
+  // rope_kv_write, with the epilogues that the linears which wrote q, k and v left applied as they
+  // are read.
+  void rope(Tensor& q, Tensor& k, const Tensor& v, const Tensor& inv_freq, const KvLayer& cache,
+            const cuda::QkvScales& scales) {
     Profiler::Scope timer(profiler_, "rope_kv_write", stream_);
     cuda::rope_kv_write(q.as<float>(), q.cols, k.as<float>(), v.as<float>(), k.cols, inv_freq.as<float>(),
                         cache.head_dim, cache.num_kv_heads, cache.block_size, cache.k.data, cache.v.data,
                         cache.k_scale.as<float>(), cache.v_scale.as<float>(), cache.k.dtype, device_plan_, q.rows,
-                        layer_counters(cache.layer), stream_);
+                        layer_counters(cache.layer), stream_, scales);
     check(cudaGetLastError(), "rope_kv_write kernel");
   }
 
@@ -683,7 +738,7 @@ class CudaBackend final : public Backend {
 
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
     Profiler::Scope timer(profiler_, "silu_mul", stream_);
-    cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.numel(), out.data, DType::F32, stream_);
+    cuda::silu_mul(gate.as<float>(), up.as<float>(), gate.rows, gate.cols, out.data, DType::F32, stream_);
     check(cudaGetLastError(), "silu_mul kernel");
   }
 
@@ -856,14 +911,32 @@ class CudaBackend final : public Backend {
     return static_cast<unsigned long long*>(counters_->data()) + size_t(layer) * kSaturationCounters;
   }
 
-  // The scales and bias of a linear whose GEMM wrote y unscaled (nothing to do without either).
+  // The scales and bias of a linear whose GEMM wrote y unscaled (nothing to do without either): a
+  // pass over y, or, while Deferring, left for the caller's next kernel. (Paths being timed take the
+  // pass: the choice of a shape serves linears that cannot leave it too.)
   void epilogue(float* y, int64_t M, int64_t N, const float* row_scales, const float* w_scale, bool per_channel,
                 const void* bias, DType bias_dtype) {
-    if (!w_scale && !bias) return;
+    const cuda::LinearScales scales{row_scales, w_scale, per_channel, bias, bias_dtype};
+    if (scales.none()) return;
+    if (deferred_ && !timing_) {
+      *deferred_ = scales;
+      return;
+    }
     Profiler::Scope part(profiler_, "  (in linear) epilogue", stream_);
-    cuda::linear_epilogue(y, M, N, row_scales, w_scale, per_channel, bias, bias_dtype, stream_);
+    cuda::linear_epilogue(y, M, N, scales, stream_);
     check(cudaGetLastError(), "linear epilogue kernel");
   }
+
+  // While alive, the linear that runs leaves its epilogue pass's scales and bias in *left (none
+  // when its path applies them itself).
+  struct Deferring {
+    CudaBackend& b;
+    Deferring(CudaBackend& backend, cuda::LinearScales* left) : b(backend) {
+      *left = {};
+      b.deferred_ = left;
+    }
+    ~Deferring() { b.deferred_ = nullptr; }
+  };
 
   // FP8 activations: room for M x K codes in codes_ and M row scales in row_scales_.
   void fp8_scratch(int64_t M, int64_t K) {
@@ -1086,6 +1159,12 @@ class CudaBackend final : public Backend {
   float time_ms(Fn&& fn) {
     if (capturing_) fail(LLMQ_ERR_INTERNAL, "cuda backend: autotuning while a step was being recorded");
     profiler_.tuning();
+    struct Timing {  // timing_ while fn runs (time_ms may nest: a GEMM's plan is timed in a path's run)
+      bool& flag;
+      const bool was;
+      explicit Timing(bool& f) : flag(f), was(f) { f = true; }
+      ~Timing() { flag = was; }
+    } timing(timing_);
     cudaEvent_t start = nullptr, stop = nullptr;
     check(cudaEventCreate(&start), "cudaEventCreate");
     check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -1211,6 +1290,8 @@ class CudaBackend final : public Backend {
   // converted_ holds converted_of_'s data rounded to converted_dtype_, codes_ / row_scales_
   // fp8_codes_of_'s FP8 codes with dynamic scales; reused while shared_input_ (a SharedInput).
   bool shared_input_ = false;
+  cuda::LinearScales* deferred_ = nullptr;  // while Deferring: where an epilogue pass is left
+  bool timing_ = false;                     // inside time_ms
   const void* converted_of_ = nullptr;
   DType converted_dtype_ = DType::F32;
   const void* fp8_codes_of_ = nullptr;

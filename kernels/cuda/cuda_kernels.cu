@@ -87,12 +87,15 @@ void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype,
   });
 }
 
-void silu_mul(const float* gate, const float* up, int64_t n, void* out, DType out_dtype, cudaStream_t stream) {
+void silu_mul(const float* gate, const float* up, int64_t rows, int64_t cols, void* out, DType out_dtype,
+              cudaStream_t stream, const LinearScales& gate_scales, const LinearScales& up_scales) {
   with_float_type(out_dtype, "silu_mul output", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const bool vectors = vectors_fit(n, {gate, up, out});
-    silu_mul_kernel<T><<<blocks_for(vectors ? n / 4 : n, 256), 256, 0, stream>>>(gate, up, n, static_cast<T*>(out),
-                                                                                vectors);
+    const int64_t n = rows * cols;
+    const bool scaled = !gate_scales.none() || !up_scales.none();
+    const bool vectors = vectors_fit(n, {gate, up, out}) && (!scaled || cols % 4 == 0);
+    silu_mul_kernel<T><<<blocks_for(vectors ? n / 4 : n, 256), 256, 0, stream>>>(
+        SiluMulOf{gate, up, cols, {gate_scales}, {up_scales}}, n, static_cast<T*>(out), vectors);
   });
 }
 
@@ -110,17 +113,18 @@ void convert_activations(const float* x, int64_t n, DType dtype, void* out, cuda
 
 void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* static_scale, const float* row_amax,
                        uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream) {
-  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(ActivationsOf{x}, cols, static_scale, row_amax, codes,
+  quantize_fp8_rows_kernel<<<unsigned(rows), 256, 0, stream>>>(ActivationsOf{x, cols}, cols, static_scale, row_amax, codes,
                                                                row_scales, counters);
 }
 
 void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t cols, const float* static_scale,
-                           uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream) {
+                           uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream,
+                           const LinearScales& gate_scales, const LinearScales& up_scales) {
   // A decode step has a row or a few, each computed by one block: wide rows get more threads, so
   // that each thread's share of the exp work stays small.
   const int threads = cols >= 4096 ? 1024 : cols >= 1024 ? 512 : 256;
-  quantize_fp8_rows_kernel<<<unsigned(rows), threads, 0, stream>>>(SiluMulOf{gate, up}, cols, static_scale, nullptr,
-                                                                   codes, row_scales, counters);
+  quantize_fp8_rows_kernel<<<unsigned(rows), threads, 0, stream>>>(
+      SiluMulOf{gate, up, cols, {gate_scales}, {up_scales}}, cols, static_scale, nullptr, codes, row_scales, counters);
 }
 
 void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream) {
@@ -137,12 +141,10 @@ void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStrea
   });
 }
 
-void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, const float* w_scale,
-                     bool per_channel, const void* bias, DType bias_dtype, cudaStream_t stream) {
-  if (!w_scale && !bias) return;
-  Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
+void linear_epilogue(float* out, int64_t M, int64_t N, const LinearScales& scales, cudaStream_t stream) {
+  if (scales.none()) return;
   const dim3 grid(unsigned((N + 4 * 256 - 1) / (4 * 256)), unsigned(std::min<int64_t>(M, 65535)));
-  epilogue_kernel<<<grid, 256, 0, stream>>>(out, M, N, e);
+  epilogue_kernel<<<grid, 256, 0, stream>>>(out, M, N, Epilogue{scales});
 }
 
 void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M, int64_t N, int64_t K,
@@ -187,12 +189,13 @@ void gemv(const void* x, DType x_dtype, const void* w, DType w_dtype, int64_t M,
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
                    float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
-                   unsigned long long* counters, cudaStream_t stream) {
+                   unsigned long long* counters, cudaStream_t stream, const QkvScales& qkv_scales) {
   with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     rope_kv_kernel<T><<<rope_kv_grid(n_tokens, int(q_cols / head_dim), num_kv_heads), kRopeWarps * 32, 0, stream>>>(
         q, q_cols, k, v, kv_cols, inv_freq, head_dim, num_kv_heads, block_size, static_cast<T*>(k_cache),
-        static_cast<T*>(v_cache), k_scale, v_scale, plan.positions, plan.slots, counters);
+        static_cast<T*>(v_cache), k_scale, v_scale, plan.positions, plan.slots, counters, Epilogue{qkv_scales.q},
+        Epilogue{qkv_scales.k}, Epilogue{qkv_scales.v});
   });
 }
 

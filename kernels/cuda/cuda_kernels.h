@@ -74,6 +74,21 @@ struct RoundedCopy {
   bool bf16 = true;
 };
 
+// A linear's epilogue: what turns its fp32 sums into its output, out[m, n] = acc[m, n] *
+// (row_scale ? row_scale[m] : 1) * w_scale[per_channel ? n : 0] (when w_scale), + bias[n] (when
+// bias), the multiplication rounded before the addition. None when both are null. Applied by the
+// GEMM kernels themselves, by linear_epilogue's pass after cuBLASLt, or deferred: left to the kernel
+// that reads the output next (silu_mul, silu_mul_quantize_fp8, rope_kv_write), which applies it to
+// each value it reads, with the same bits as the pass and without the pass's trip through memory.
+struct LinearScales {
+  const float* row_scale = nullptr;
+  const float* w_scale = nullptr;
+  bool per_channel = false;
+  const void* bias = nullptr;
+  DType bias_dtype = DType::F32;
+  __host__ __device__ bool none() const { return !w_scale && !bias; }
+};
+
 // out[t] = table[plan.tokens[t] - first_id], zero when outside the table's table_rows rows.
 void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows, int64_t dim, const DevicePlan& plan,
            int64_t rows, float* out, cudaStream_t stream);
@@ -84,9 +99,11 @@ void embed(const void* table, DType dtype, int64_t first_id, int64_t table_rows,
 void rmsnorm(float* residual, const float* x, const void* weight, DType w_dtype, float eps, int64_t rows,
              int64_t dim, float* out, RoundedCopy rounded, uint8_t* fp8_codes, float* fp8_row_scales,
              cudaStream_t stream);
-// out = silu(gate) * up in out_dtype: F32, or BF16 / F16 (the fp32 product rounded: the bits
-// silu_mul then convert_activations would give).
-void silu_mul(const float* gate, const float* up, int64_t n, void* out, DType out_dtype, cudaStream_t stream);
+// out = silu(gate) * up ([rows, cols] each) in out_dtype: F32, or BF16 / F16 (the fp32 product
+// rounded: the bits silu_mul then convert_activations would give). gate_scales and up_scales: the
+// deferred epilogues of the linears that wrote gate and up (none: gate and up are final).
+void silu_mul(const float* gate, const float* up, int64_t rows, int64_t cols, void* out, DType out_dtype,
+              cudaStream_t stream, const LinearScales& gate_scales = {}, const LinearScales& up_scales = {});
 void gather_rows(const float* x, int64_t cols, const DevicePlan& plan, int64_t rows, float* out, cudaStream_t stream);
 
 // Rounds x to `dtype` (F16 / BF16 / F32 copy) into out.
@@ -102,17 +119,18 @@ void quantize_fp8_rows(const float* x, int64_t rows, int64_t cols, const float* 
 // and counts that silu_mul followed by quantize_fp8_rows gives, bit for bit, without the fp32
 // product in memory. Dynamic scales use each row's own amax (no row_amax: tensor parallelism needs
 // the product itself).
+// gate_scales and up_scales as silu_mul's; their row scales may be row_scales itself (the codes of
+// the norm that gate and up read): each row's are read before they are replaced.
 void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t cols, const float* static_scale,
-                           uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream);
+                           uint8_t* codes, float* row_scales, unsigned long long* counters, cudaStream_t stream,
+                           const LinearScales& gate_scales = {}, const LinearScales& up_scales = {});
 // out[r] = max |x[r, :]|.
 void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream);
 // INT8 codes to BF16 or F16 (exact), n elements.
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream);
 
-// out[m, n] = acc[m, n] * (row_scale ? row_scale[m] : 1) * w_scale[per_channel ? n : 0] (when
-// w_scale), + bias[n] (when bias), in place.
-void linear_epilogue(float* out, int64_t M, int64_t N, const float* row_scale, const float* w_scale,
-                     bool per_channel, const void* bias, DType bias_dtype, cudaStream_t stream);
+// The epilogue `scales` over out [M, N] (a linear's fp32 sums), in place.
+void linear_epilogue(float* out, int64_t M, int64_t N, const LinearScales& scales, cudaStream_t stream);
 
 // GEMV for M <= kGemvMaxM, one warp per output channel streaming its weight row: F32 weights with
 // F32 activations, BF16/F16 with activations of the same type, I8 with BF16/F16 activations, or
@@ -171,11 +189,16 @@ void wgmma_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_
                   float* out, const SplitKPlan& plan, float* partial, unsigned* counters, cudaStream_t stream);
 
 // RoPE on q [T, Hq*D] and k [T, Hkv*D] in place, then K/V written into the paged cache (8-bit
-// caches: codes and scales as engine/backend.h's KvLayer defines).
+// caches: codes and scales as engine/backend.h's KvLayer defines). qkv_scales: the deferred
+// epilogues of the linears that wrote q, k and v, applied as they are read (q and k are written
+// back final; v is left as it is).
+struct QkvScales {
+  LinearScales q, k, v;
+};
 void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
                    float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
-                   unsigned long long* counters, cudaStream_t stream);
+                   unsigned long long* counters, cudaStream_t stream, const QkvScales& qkv_scales = {});
 // `counters` (FP8 caches, when given): the layer's kSaturationCounters values (engine/quant.h).
 
 struct AttentionArgs {

@@ -86,16 +86,35 @@ __device__ __forceinline__ void for_each_value(int64_t n, bool vectors, Fn&& fn)
   }
 }
 
+// silu(gate) * up by (row, column) of [rows, cols] tensors, with the deferred epilogues of the
+// linears that wrote gate and up applied to the values read (identity when none).
+struct SiluMulOf {
+  const float *gate, *up;
+  int64_t cols;
+  Epilogue gate_scales{}, up_scales{};
+  __device__ __forceinline__ float operator()(int64_t row, int64_t col) const {
+    const int64_t i = row * cols + col;
+    return silu_mul_value(gate_scales.apply(gate[i], row, col), up_scales.apply(up[i], row, col));
+  }
+};
+
 // T = float: the product; a 16-bit T: the product rounded to it (the copy a 16-bit linear reads).
+// With `vectors`, cols is a multiple of 4 as well: a thread's 4 values are in one row.
 template <typename T>
-__global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, T* out, bool vectors) {
+__global__ void silu_mul_kernel(SiluMulOf src, int64_t n, T* out, bool vectors) {
+  const bool scaled = !src.gate_scales.none() || !src.up_scales.none();
   for_each_value(n, vectors, [&](int64_t i, auto width) {
+    const int64_t row = scaled ? i / src.cols : 0, col = i - row * src.cols;  // (row, col) read only when scaled
     if constexpr (decltype(width)::value == 4) {
-      const float4 g = *reinterpret_cast<const float4*>(gate + i), u = *reinterpret_cast<const float4*>(up + i);
-      store4(out + i, silu_mul_value(g.x, u.x), silu_mul_value(g.y, u.y), silu_mul_value(g.z, u.z),
-             silu_mul_value(g.w, u.w));
+      if (scaled) {
+        store4(out + i, src(row, col), src(row, col + 1), src(row, col + 2), src(row, col + 3));
+      } else {
+        const float4 g = *reinterpret_cast<const float4*>(src.gate + i), u = *reinterpret_cast<const float4*>(src.up + i);
+        store4(out + i, silu_mul_value(g.x, u.x), silu_mul_value(g.y, u.y), silu_mul_value(g.z, u.z),
+               silu_mul_value(g.w, u.w));
+      }
     } else {
-      out[i] = from_f32<T>(silu_mul_value(gate[i], up[i]));
+      out[i] = from_f32<T>(scaled ? src(row, col) : silu_mul_value(src.gate[i], src.up[i]));
     }
   });
 }
@@ -118,15 +137,12 @@ __global__ void convert_kernel(const float* x, int64_t n, T* out, bool vectors) 
   });
 }
 
-// The activations quantize_fp8_rows_kernel reads, by element index: a tensor, or silu(gate) * up
-// computed on the fly (the fused SiLU-mul + quantization; nothing fp32 is written).
+// The activations quantize_fp8_rows_kernel reads, by (row, column): a tensor, or silu(gate) * up
+// computed on the fly (SiluMulOf: the fused SiLU-mul + quantization; nothing fp32 is written).
 struct ActivationsOf {
   const float* x;
-  __device__ __forceinline__ float operator()(int64_t i) const { return x[i]; }
-};
-struct SiluMulOf {
-  const float *gate, *up;
-  __device__ __forceinline__ float operator()(int64_t i) const { return silu_mul_value(gate[i], up[i]); }
+  int64_t cols;
+  __device__ __forceinline__ float operator()(int64_t row, int64_t col) const { return x[row * cols + col]; }
 };
 
 // Quantizes row `row` of src to FP8 codes and its row scale, by the block. The dynamic scale's amax
@@ -145,7 +161,7 @@ __device__ void quantize_fp8_row(Src src, int64_t row, int64_t cols, const float
     if (row_amax) {
       amax = row_amax[row];  // given: the whole row's, over the tensor-parallel ranks
     } else {
-      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(src(base + i)));
+      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(src(row, i)));
       amax = block_reduce<true>(amax);
     }
     inv = amax > 0.0f ? 448.0f / amax : 0.0f;
@@ -153,10 +169,13 @@ __device__ void quantize_fp8_row(Src src, int64_t row, int64_t cols, const float
   }
   unsigned clipped = 0;
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float v = __fmul_rn(src(base + i), inv);
+    const float v = __fmul_rn(src(row, i), inv);
     clipped += fabsf(v) > 448.0f;
     codes[base + i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
   }
+  // Every thread has read the row: src may read the row scales this replaces (a deferred epilogue's
+  // row scales: the codes of gate and up's input, in the same buffer).
+  __syncthreads();
   if (threadIdx.x == 0) row_scales[row] = scale;
   if (static_scale && counters) {
     const float total = block_reduce<false>(float(clipped));  // exact: far below 2^24 per row
@@ -210,7 +229,7 @@ __global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, floa
   }
   // Each thread reads back only the elements it wrote: no barrier needed before.
   if (copy.codes)
-    quantize_fp8_row(ActivationsOf{out}, row, dim, nullptr, nullptr, copy.codes, copy.row_scales, nullptr);
+    quantize_fp8_row(ActivationsOf{out, dim}, row, dim, nullptr, nullptr, copy.codes, copy.row_scales, nullptr);
 }
 
 __global__ void row_absmax_kernel(const float* x, int64_t cols, float* out) {
@@ -353,29 +372,30 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
 // One head's K or V row into the cache: converted (float types), or quantized (engine/backend.h's
 // KvLayer): INT8 with this token's scale amax / 127 (one warp per row), FP8 with the layer's scale.
-template <typename KvT>
-__device__ void write_kv_row(const float* src, int head_dim, KvT* dst, float* scale, int64_t head, int lane,
+// src(d): the row's value d.
+template <typename KvT, typename Src>
+__device__ void write_kv_row(Src src, int head_dim, KvT* dst, float* scale, int64_t head, int lane,
                              unsigned long long* clipped_counter) {
   if constexpr (std::is_same<KvT, int8_t>::value) {
     float amax = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src[d]));
+    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src(d)));
     amax = warp_max(amax);
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     if (lane == 0) scale[head] = amax / 127.0f;
     for (int d = lane; d < head_dim; d += 32)
-      dst[d] = int8_t(fminf(fmaxf(rintf(__fmul_rn(src[d], inv)), -127.0f), 127.0f));
+      dst[d] = int8_t(fminf(fmaxf(rintf(__fmul_rn(src(d), inv)), -127.0f), 127.0f));
   } else if constexpr (std::is_same<KvT, fp8>::value) {
     const float inv = 1.0f / scale[0];
     unsigned clipped = 0;
     for (int d = lane; d < head_dim; d += 32) {
-      const float v = __fmul_rn(src[d], inv);
+      const float v = __fmul_rn(src(d), inv);
       clipped += fabsf(v) > 448.0f;
       dst[d].bits = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     }
     for (int o = 16; o > 0; o >>= 1) clipped += __shfl_xor_sync(0xffffffffu, clipped, o);
     if (clipped_counter && lane == 0 && clipped) atomicAdd(clipped_counter, (unsigned long long)clipped);
   } else {
-    for (int d = lane; d < head_dim; d += 32) dst[d] = from_f32<KvT>(src[d]);
+    for (int d = lane; d < head_dim; d += 32) dst[d] = from_f32<KvT>(src(d));
   }
 }
 
@@ -391,20 +411,23 @@ template <typename KvT>
 __global__ void __launch_bounds__(kRopeWarps * 32)
     rope_kv_kernel(float* q, int64_t q_cols, float* k, const float* v, int64_t kv_cols, const float* inv_freq,
                    int head_dim, int num_kv_heads, int block_size, KvT* k_cache, KvT* v_cache, float* k_scale,
-                   float* v_scale, const int32_t* positions, const int32_t* slots, unsigned long long* counters) {
+                   float* v_scale, const int32_t* positions, const int32_t* slots, unsigned long long* counters,
+                   Epilogue q_scales, Epilogue k_scales, Epilogue v_scales) {
   const int64_t t = blockIdx.x;
   const int num_q_heads = int(q_cols / head_dim), lane = threadIdx.x % 32;
   const int item = int(blockIdx.y) * kRopeWarps + int(threadIdx.x) / 32;
   if (item >= num_q_heads + num_kv_heads) return;  // no block barrier below
   const bool is_k = item >= num_q_heads;
   const int h = is_k ? item - num_q_heads : item, half = head_dim / 2;
-  float* head = is_k ? k + t * kv_cols + int64_t(h) * head_dim : q + t * q_cols + int64_t(h) * head_dim;
+  const int64_t col0 = int64_t(h) * head_dim;  // the head's first column in q, k and v
+  float* head = is_k ? k + t * kv_cols + col0 : q + t * q_cols + col0;
+  const Epilogue& scales = is_k ? k_scales : q_scales;
   const float position = float(positions[t]);
   // As the CPU backend (and Hugging Face): angle = position * inv_freq in fp32, then cos and sin.
   for (int j = lane; j < half; j += 32) {
     const float angle = __fmul_rn(position, inv_freq[j]);
     const float c = cosf(angle), s = sinf(angle);
-    const float x0 = head[j], x1 = head[j + half];
+    const float x0 = scales.apply(head[j], t, col0 + j), x1 = scales.apply(head[j + half], t, col0 + j + half);
     head[j] = __fmul_rn(x0, c) - __fmul_rn(x1, s);
     head[j + half] = __fmul_rn(x1, c) + __fmul_rn(x0, s);
   }
@@ -413,10 +436,11 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
   const int64_t slot = slots[t];
   const int64_t block = slot / block_size, offset = slot % block_size;
   const int64_t at = (block * num_kv_heads + h) * block_size + offset;  // the scale's index
-  write_kv_row(head, head_dim, k_cache + at * head_dim, k_scale, at, lane,
-               counters ? counters + 2 : nullptr);  // kKClipped
-  write_kv_row(v + t * kv_cols + int64_t(h) * head_dim, head_dim, v_cache + at * head_dim, v_scale, at, lane,
-               counters ? counters + 3 : nullptr);  // kVClipped
+  write_kv_row<KvT>([&](int d) { return head[d]; }, head_dim, k_cache + at * head_dim, k_scale, at, lane,
+                    counters ? counters + 2 : nullptr);  // kKClipped
+  const float* v_row = v + t * kv_cols + col0;
+  write_kv_row<KvT>([&](int d) { return v_scales.apply(v_row[d], t, col0 + d); }, head_dim, v_cache + at * head_dim,
+                    v_scale, at, lane, counters ? counters + 3 : nullptr);  // kVClipped
   if (std::is_same<KvT, fp8>::value && counters && h == 0 && lane == 0)
     atomicAdd(&counters[4], (unsigned long long)(num_kv_heads * head_dim));  // kKvStatic, once a token
 }

@@ -77,10 +77,10 @@ TEST(Fp8ActivationKernelsEmulated, CodesScalesAndCountsEqualTheCpu) {
           const int threads = fused ? (cols >= 4096 ? 1024 : cols >= 1024 ? 512 : 256) : 256;  // as the launchers
           emulation::launch(dim3(unsigned(rows)), unsigned(threads), 0, [&] {
             if (fused)
-              cuda::quantize_fp8_rows_kernel(cuda::SiluMulOf{gate.data(), up.data()}, cols, scale_arg, amax_arg,
+              cuda::quantize_fp8_rows_kernel(cuda::SiluMulOf{gate.data(), up.data(), cols}, cols, scale_arg, amax_arg,
                                              codes.data(), scales.data(), counters.data());
             else
-              cuda::quantize_fp8_rows_kernel(cuda::ActivationsOf{x.data()}, cols, scale_arg, amax_arg, codes.data(),
+              cuda::quantize_fp8_rows_kernel(cuda::ActivationsOf{x.data(), cols}, cols, scale_arg, amax_arg, codes.data(),
                                              scales.data(), counters.data());
           });
           EXPECT_EQ(scales, expected_scales);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "engine/backend.h"
@@ -116,7 +117,7 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs, 
                                   reinterpret_cast<KvT*>(emu_cache.v.data()),
                                   emu_cache.k_scale.empty() ? nullptr : emu_cache.k_scale.data(),
                                   emu_cache.v_scale.empty() ? nullptr : emu_cache.v_scale.data(), device.device.positions,
-                                  device.device.slots, c.kv == DType::F8_E4M3 ? counters.data() : nullptr);
+                                  device.device.slots, c.kv == DType::F8_E4M3 ? counters.data() : nullptr, {}, {}, {});
       });
     });
     ASSERT_EQ(q, q_emu) << "rotated q, phase " << phase;
@@ -220,6 +221,88 @@ TEST(KvAttentionKernelsEmulated, DecodeKernelMatchesCpuBackend) {
     int decode_steps = 0;
     check(c, {{0, 1}, {15, 1}, {100, 1}, {64, 1}, {140, 1}}, &decode_steps);
     EXPECT_EQ(decode_steps, 1);
+  }
+}
+
+// The epilogues the q, k and v linears leave to rope_kv_kernel (the CUDA backend's
+// attention_inputs, where cuBLASLt wrote the sums): applied as the values are read, they give the
+// bits of epilogue_kernel's pass followed by the kernel on the final values: q and k written back
+// final, the same cache bytes and scales; v left as it was. q: per-channel weight scales and a BF16
+// bias; k: a per-tensor scale with FP8-style row scales; v: per-channel scales, row scales and an
+// F32 bias.
+TEST(KvAttentionKernelsEmulated, RopeKvWriteAppliesDeferredEpilogues) {
+  const int32_t heads = 4, kv_heads = 2, D = 64, block_size = 16, T = 5;
+  const int64_t q_cols = int64_t(heads) * D, kv_cols = int64_t(kv_heads) * D;
+  Rng rng(41);
+  auto floats = [&](size_t n, double lo, double hi) {
+    std::vector<float> v(n);
+    for (float& x : v) x = float(lo + rng.uniform() * (hi - lo));
+    return v;
+  };
+  const std::vector<float> q_sums = floats(size_t(T * q_cols), -300, 300), k_sums = floats(size_t(T * kv_cols), -300, 300),
+                           v_sums = floats(size_t(T * kv_cols), -300, 300);
+  const std::vector<float> q_w = floats(size_t(q_cols), 1e-3, 2e-2), k_w = floats(1, 1e-3, 2e-2),
+                           v_w = floats(size_t(kv_cols), 1e-3, 2e-2), rows = floats(size_t(T), 0.1, 2.0),
+                           v_bias = floats(size_t(kv_cols), -1, 1);
+  std::vector<cuda::bf16> q_bias(static_cast<size_t>(q_cols));
+  for (cuda::bf16& b : q_bias) b = __float2bfloat16_rn(float(rng.uniform() * 2.0 - 1.0));
+  const cuda::LinearScales q_s{nullptr, q_w.data(), true, q_bias.data(), DType::BF16},
+      k_s{rows.data(), k_w.data(), false, nullptr, DType::F32},
+      v_s{rows.data(), v_w.data(), true, v_bias.data(), DType::F32};
+  const std::vector<int32_t> positions = {0, 1, 2, 7, 40}, slots = {0, 1, 2, 17, 33};  // three blocks
+  std::vector<float> inv_freq(size_t(D / 2));
+  for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = float(std::pow(10000.0, -2.0 * double(i) / D));
+  emulation::eager_copies = false;
+
+  for (DType kv : {DType::F32, DType::BF16, DType::I8, DType::F8_E4M3}) {
+    SCOPED_TRACE(dtype_name(kv));
+    const size_t cache_bytes = size_t(3 * kv_heads * block_size * D) * dtype_size(kv);
+    const size_t n_scales = kv == DType::I8 ? size_t(3 * kv_heads * block_size) : kv == DType::F8_E4M3 ? 1 : 0;
+    struct Run {
+      std::vector<float> q, k, v;
+      std::vector<uint8_t> k_cache, v_cache;
+      std::vector<float> k_scale, v_scale;
+      std::vector<unsigned long long> counters;
+    } passed, deferred;
+    for (Run* r : {&passed, &deferred}) {
+      r->q = q_sums;
+      r->k = k_sums;
+      r->v = v_sums;
+      r->k_cache.assign(cache_bytes, 0);
+      r->v_cache.assign(cache_bytes, 0);
+      r->k_scale.assign(n_scales, kv == DType::F8_E4M3 ? 1.0f / 64 : 0.0f);
+      r->v_scale.assign(n_scales, kv == DType::F8_E4M3 ? 1.0f / 16 : 0.0f);
+      r->counters.assign(kSaturationCounters, 0);
+    }
+    // The pass over each output, then the kernel on final values.
+    for (auto [out, cols, scales] : {std::tuple{&passed.q, q_cols, q_s}, std::tuple{&passed.k, kv_cols, k_s},
+                                     std::tuple{&passed.v, kv_cols, v_s}})
+      emulation::launch(dim3(1, unsigned(T)), 256, 0,
+                        [&, out = out, cols = cols, scales = scales] { cuda::epilogue_kernel(out->data(), T, cols, cuda::Epilogue{scales}); });
+    with_kv(kv, [&](auto tag) {
+      using KvT = decltype(tag);
+      for (Run* r : {&passed, &deferred}) {
+        const bool defer = r == &deferred;
+        emulation::launch(cuda::rope_kv_grid(T, heads, kv_heads), cuda::kRopeWarps * 32, 0, [&] {
+          cuda::rope_kv_kernel<KvT>(r->q.data(), q_cols, r->k.data(), r->v.data(), kv_cols, inv_freq.data(), D,
+                                    kv_heads, block_size, reinterpret_cast<KvT*>(r->k_cache.data()),
+                                    reinterpret_cast<KvT*>(r->v_cache.data()), n_scales ? r->k_scale.data() : nullptr,
+                                    n_scales ? r->v_scale.data() : nullptr, positions.data(), slots.data(),
+                                    kv == DType::F8_E4M3 ? r->counters.data() : nullptr,
+                                    defer ? cuda::Epilogue{q_s} : cuda::Epilogue{}, defer ? cuda::Epilogue{k_s} : cuda::Epilogue{},
+                                    defer ? cuda::Epilogue{v_s} : cuda::Epilogue{});
+        });
+      }
+    });
+    EXPECT_EQ(std::memcmp(deferred.q.data(), passed.q.data(), q_sums.size() * 4), 0) << "q";
+    EXPECT_EQ(std::memcmp(deferred.k.data(), passed.k.data(), k_sums.size() * 4), 0) << "k";
+    EXPECT_EQ(std::memcmp(deferred.v.data(), v_sums.data(), v_sums.size() * 4), 0) << "v is left as it was";
+    EXPECT_NE(passed.v, v_sums);  // the scales did change the values
+    EXPECT_EQ(deferred.k_cache, passed.k_cache);
+    EXPECT_EQ(deferred.v_cache, passed.v_cache);
+    EXPECT_EQ(std::memcmp(deferred.k_scale.data(), passed.k_scale.data(), n_scales * 4), 0);
+    EXPECT_EQ(std::memcmp(deferred.v_scale.data(), passed.v_scale.data(), n_scales * 4), 0);
+    EXPECT_EQ(deferred.counters, passed.counters);
   }
 }
 

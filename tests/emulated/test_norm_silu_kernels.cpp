@@ -137,15 +137,93 @@ TEST(NormSiluKernelsEmulated, SiluMulEqualsTheCpuAndRoundsItsProduct) {
       std::memset(static_cast<void*>(as_f16.data()), 0xff, count * 2);
       const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 4));  // fewer blocks than needed: the stride
       emulation::launch(dim3(blocks), 256, 0, [&] {
-        cuda::silu_mul_kernel<float>(gate.data(), up.data(), n, product.data(), vectors);
-        cuda::silu_mul_kernel<cuda::bf16>(gate.data(), up.data(), n, as_bf16.data(), vectors);
-        cuda::silu_mul_kernel<cuda::f16>(gate.data(), up.data(), n, as_f16.data(), vectors);
+        const cuda::SiluMulOf src{gate.data(), up.data(), n};
+        cuda::silu_mul_kernel<float>(src, n, product.data(), vectors);
+        cuda::silu_mul_kernel<cuda::bf16>(src, n, as_bf16.data(), vectors);
+        cuda::silu_mul_kernel<cuda::f16>(src, n, as_f16.data(), vectors);
       });
       EXPECT_EQ(std::memcmp(product.data(), expected.data(), size_t(n) * 4), 0);
       EXPECT_EQ(copies_that_differ(expected, as_bf16), 0u);
       EXPECT_EQ(copies_that_differ(expected, as_f16), 0u);
     }
   }
+}
+
+// The epilogues the gate and up linears leave to the SiLU-mul (the CUDA backend's mlp, where
+// cuBLASLt wrote the sums), applied as the values are read: the bits of epilogue_kernel's pass over
+// gate and up followed by the kernels on the final values, for the product (fp32 and its 16-bit
+// copies, 4 values a step and 1) and for its FP8 quantization, whose deferred row scales are the
+// very buffer it writes its own row scales into (the norm's codes' scales, as in the backend).
+// gate: per-channel weight scales, FP8-style row scales and a BF16 bias; up: a per-tensor scale
+// with the row scales.
+TEST(NormSiluKernelsEmulated, SiluMulAppliesDeferredEpilogues) {
+  Rng rng(14);
+  auto floats = [&](size_t n, double lo, double hi) {
+    std::vector<float> v(n);
+    for (float& x : v) x = float(lo + rng.uniform() * (hi - lo));
+    return v;
+  };
+  for (int64_t rows : {1, 3})
+    for (int64_t cols : {8, 733, 1024}) {
+      SCOPED_TRACE(testing::Message() << "rows " << rows << " cols " << cols);
+      const size_t n = size_t(rows * cols);
+      const std::vector<float> gate_sums = floats(n, -400, 400), up_sums = floats(n, -100, 100);
+      const std::vector<float> gate_w = floats(size_t(cols), 1e-3, 3e-2), up_w = floats(1, 1e-3, 3e-2);
+      const std::vector<float> row_scales_in = floats(size_t(rows), 0.05, 1.5);
+      std::vector<cuda::bf16> gate_bias(static_cast<size_t>(cols));
+      for (cuda::bf16& b : gate_bias) b = __float2bfloat16_rn(float(rng.uniform() * 2.0 - 1.0));
+      // The deferred epilogues read `row_scales`, which the FP8 kernel below also writes.
+      std::vector<float> row_scales = row_scales_in;
+      const cuda::LinearScales gate_s{row_scales.data(), gate_w.data(), true, gate_bias.data(), DType::BF16},
+          up_s{row_scales.data(), up_w.data(), false, nullptr, DType::F32};
+      const cuda::LinearScales gate_passed{row_scales_in.data(), gate_w.data(), true, gate_bias.data(), DType::BF16},
+          up_passed{row_scales_in.data(), up_w.data(), false, nullptr, DType::F32};
+      std::vector<float> gate = gate_sums, up = up_sums;
+      emulation::launch(dim3(unsigned((cols + 1023) / 1024), unsigned(rows)), 256, 0, [&] {
+        cuda::epilogue_kernel(gate.data(), rows, cols, cuda::Epilogue{gate_passed});
+        cuda::epilogue_kernel(up.data(), rows, cols, cuda::Epilogue{up_passed});
+      });
+      const cuda::SiluMulOf final_values{gate.data(), up.data(), cols};
+      const cuda::SiluMulOf deferred{gate_sums.data(), up_sums.data(), cols, {gate_s}, {up_s}};
+
+      for (bool vectors : {false, true}) {
+        if (vectors && cols % 4 != 0) continue;
+        SCOPED_TRACE(vectors ? "4 values a step" : "1 value a step");
+        std::vector<float> product(n), product_deferred(n, std::nanf(""));
+        std::vector<cuda::bf16> as_bf16(n), as_bf16_deferred(n);
+        std::memset(static_cast<void*>(as_bf16_deferred.data()), 0xff, n * 2);
+        emulation::launch(dim3(2), 128, 0, [&] {  // fewer threads than values: the stride
+          cuda::silu_mul_kernel<float>(final_values, int64_t(n), product.data(), vectors);
+          cuda::silu_mul_kernel<float>(deferred, int64_t(n), product_deferred.data(), vectors);
+          cuda::silu_mul_kernel<cuda::bf16>(final_values, int64_t(n), as_bf16.data(), vectors);
+          cuda::silu_mul_kernel<cuda::bf16>(deferred, int64_t(n), as_bf16_deferred.data(), vectors);
+        });
+        EXPECT_EQ(std::memcmp(product_deferred.data(), product.data(), n * 4), 0);
+        EXPECT_EQ(std::memcmp(as_bf16_deferred.data(), as_bf16.data(), n * 2), 0);
+      }
+
+      for (bool dynamic : {true, false}) {
+        SCOPED_TRACE(dynamic ? "dynamic FP8 scales" : "a static FP8 scale");
+        const float static_scale = 0.02f;
+        const float* scale_arg = dynamic ? nullptr : &static_scale;
+        std::vector<uint8_t> codes(n, 0x7f), codes_deferred(n, 0x7f);
+        std::vector<float> scales(size_t(rows), std::nanf(""));
+        std::vector<unsigned long long> counters(kSaturationCounters, 0), counters_deferred(kSaturationCounters, 0);
+        row_scales = row_scales_in;
+        const unsigned threads = cols >= 1024 ? 512 : 256;  // as the launcher
+        emulation::launch(dim3(unsigned(rows)), threads, 0, [&] {
+          cuda::quantize_fp8_rows_kernel(final_values, cols, scale_arg, nullptr, codes.data(), scales.data(),
+                                         counters.data());
+        });
+        emulation::launch(dim3(unsigned(rows)), threads, 0, [&] {
+          cuda::quantize_fp8_rows_kernel(deferred, cols, scale_arg, nullptr, codes_deferred.data(), row_scales.data(),
+                                         counters_deferred.data());
+        });
+        EXPECT_EQ(codes_deferred, codes);
+        EXPECT_EQ(std::memcmp(row_scales.data(), scales.data(), size_t(rows) * 4), 0);
+        EXPECT_EQ(counters_deferred, counters);
+      }
+    }
 }
 
 // convert_kernel (the 16-bit copy a linear reads when no op before wrote it): engine/dtype.h's

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -16,6 +17,7 @@
 #include <numeric>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "engine/backend.h"
@@ -425,7 +427,7 @@ TEST_F(BackendPair, SiluMulQuantizeFp8EqualsSiluMulThenQuantize) {
         cuda::silu_mul_quantize_fp8(gate.gpu.as<float>(), up.gpu.as<float>(), rows, cols, scale_gpu,
                                     static_cast<uint8_t*>(codes[0]->data()), static_cast<float*>(row_scales[0]->data()),
                                     counts, stream);
-        cuda::silu_mul(gate.gpu.as<float>(), up.gpu.as<float>(), int64_t(n), act->data(), DType::F32, stream);
+        cuda::silu_mul(gate.gpu.as<float>(), up.gpu.as<float>(), rows, cols, act->data(), DType::F32, stream);
         cuda::quantize_fp8_rows(static_cast<float*>(act->data()), rows, cols, scale_gpu, nullptr,
                                 static_cast<uint8_t*>(codes[1]->data()), static_cast<float*>(row_scales[1]->data()),
                                 counts + 2, stream);
@@ -632,6 +634,115 @@ TEST_F(GpuLinear, RmsNormLinearsEqualNormThenLinears) {
         quantized_.clear();
       }
 }
+
+#ifdef LLMQ_HAVE_CUDA
+// Backend::attention_inputs and Backend::mlp (a layer's two blocks as single ops) on the GPU, where
+// the q/k/v and gate/up linears that cuBLASLt computes leave their scales and bias to the RoPE and
+// SiLU-mul kernels: exactly the bits of the ops they stand for (norm output, residual, rotated q and
+// k, the INT8 KV cache's codes and scales byte for byte, the down projection), with cuBLASLt forced
+// and with the timed choice; int8wo weights (per-channel scales), FP8 weights with dynamic scales
+// (row scales as well, which the SiLU-mul's quantization replaces in the same buffer) and BF16
+// weights with q/k/v biases; a decode row, a short run and a long one.
+TEST_F(GpuLinear, LayerBlocksEqualTheirOps) {
+  Random rnd(23);
+  const int32_t heads = 4, kv_heads = 2, D = 64, block_size = 16;
+  const int64_t K = int64_t(heads) * D, kv_cols = int64_t(kv_heads) * D, hidden = 320;
+  std::vector<float> inv_freq(static_cast<size_t>(D / 2));
+  for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = float(std::pow(10000.0, -2.0 * double(i) / D));
+  auto bytes_of = [](const void* device, size_t n) {
+    std::vector<uint8_t> host(n);
+    EXPECT_EQ(cudaMemcpy(host.data(), device, n, cudaMemcpyDeviceToHost), cudaSuccess);
+    return host;
+  };
+  for (const char* path : {"gemm", ""}) {
+    SCOPED_TRACE(*path ? path : "the timed choice");
+    if (*path) setenv("LLMQ_LINEAR_PATH", path, 1);
+    gpu_ = make_cuda_backend(CudaBackendOptions{});
+    unsetenv("LLMQ_LINEAR_PATH");
+    Both freq = floats(inv_freq, 1, int64_t(inv_freq.size())), norm_w = floats(rnd.floats(size_t(K), 0.5f, 1.5f), 1, K);
+    for (QuantMode quant : {QuantMode::Int8WeightOnly, QuantMode::Fp8, QuantMode::None})
+      for (int32_t M : {1, 19, 733}) {
+        const std::string what = fmt::format("{} M={}", quant_mode_name(quant), M);
+        auto weight = [&](int64_t N, int64_t in) {
+          std::vector<uint8_t> bytes = encode(rnd.floats(size_t(N * in)), DType::BF16);
+          LinearWeight w;
+          if (quant == QuantMode::None) {
+            w.w = tensor(bytes, DType::BF16, N, in).gpu;
+            return w;
+          }
+          quantized_.push_back(quantize_weight(Tensor{bytes.data(), DType::BF16, N, in}, quant, 2));
+          w = quantized_.back().view(DType::BF16);
+          w.w = gpu_->upload(w.w);
+          w.scale = gpu_->upload(w.scale);
+          w.layer = 0;
+          return w;
+        };
+        const LinearWeight wq = weight(K, K), wk = weight(kv_cols, K), wv = weight(kv_cols, K);
+        const LinearWeight w_gate = weight(hidden, K), w_up = weight(hidden, K), w_down = weight(K, hidden);
+        const bool biased = quant == QuantMode::None;
+        Both bq = floats(rnd.floats(size_t(K)), 1, K, DType::BF16), bk = floats(rnd.floats(size_t(kv_cols)), 1, kv_cols),
+             bv = floats(rnd.floats(size_t(kv_cols)), 1, kv_cols, DType::BF16);
+
+        const test::PagedSequences seqs = {{0, M}};
+        Rng block_rng{uint64_t(M)};
+        const std::vector<int32_t> order = test::scattered_blocks(seqs, block_size, block_rng);
+        gpu_->begin_step(test::paged_step(seqs, order, block_size, 1));
+        const int64_t blocks = int64_t(order.size()), per_block = int64_t(kv_heads) * block_size * D;
+        const std::vector<float> x_values = rnd.floats(size_t(M * K), -3, 3), res_values = rnd.floats(size_t(M * K), -3, 3);
+        // Everything twice: [0] through the block ops, [1] through the ops they stand for.
+        struct Side {
+          Both x, res, h, q, k, v, gate, up, out, k_cache, v_cache, k_scale, v_scale;
+          KvLayer layer;
+        } side[2];
+        for (Side& s : side) {
+          s.x = floats(x_values, M, K);
+          s.res = floats(res_values, M, K);
+          s.h = output(M, K), s.q = output(M, K), s.k = output(M, kv_cols), s.v = output(M, kv_cols);
+          s.gate = output(M, hidden), s.up = output(M, hidden), s.out = output(M, K);
+          s.k_cache = tensor(std::vector<uint8_t>(size_t(blocks * per_block)), DType::I8, blocks, per_block);
+          s.v_cache = tensor(std::vector<uint8_t>(size_t(blocks * per_block)), DType::I8, blocks, per_block);
+          s.k_scale = floats(std::vector<float>(size_t(blocks) * kv_heads * block_size), blocks, int64_t(kv_heads) * block_size);
+          s.v_scale = floats(std::vector<float>(size_t(blocks) * kv_heads * block_size), blocks, int64_t(kv_heads) * block_size);
+          s.layer.k = s.k_cache.gpu, s.layer.v = s.v_cache.gpu, s.layer.k_scale = s.k_scale.gpu, s.layer.v_scale = s.v_scale.gpu;
+          s.layer.block_size = block_size, s.layer.num_kv_heads = kv_heads, s.layer.head_dim = D, s.layer.layer = 0;
+        }
+        auto jobs = [&](Side& s) {
+          return std::array<Backend::LinearJob, 5>{Backend::LinearJob{&wq, biased ? &bq.gpu : nullptr, &s.q.gpu},
+                                                   {&wk, biased ? &bk.gpu : nullptr, &s.k.gpu},
+                                                   {&wv, biased ? &bv.gpu : nullptr, &s.v.gpu},
+                                                   {&w_gate, nullptr, &s.gate.gpu},
+                                                   {&w_up, nullptr, &s.up.gpu}};
+        };
+        const auto a = jobs(side[0]), b = jobs(side[1]);
+        gpu_->attention_inputs(&side[0].res.gpu, side[0].x.gpu, norm_w.gpu, 1e-5f, side[0].h.gpu, a[0], a[1], a[2],
+                               freq.gpu, side[0].layer);
+        gpu_->rmsnorm_linears(&side[1].res.gpu, side[1].x.gpu, norm_w.gpu, 1e-5f, side[1].h.gpu, {b[0], b[1], b[2]});
+        gpu_->rope_kv_write(side[1].q.gpu, side[1].k.gpu, side[1].v.gpu, freq.gpu, side[1].layer);
+        for (auto [name, got, want] : {std::tuple{"norm output", &side[0].h, &side[1].h},
+                                       std::tuple{"residual", &side[0].res, &side[1].res},
+                                       std::tuple{"rotated q", &side[0].q, &side[1].q},
+                                       std::tuple{"rotated k", &side[0].k, &side[1].k}})
+          expect_close(read(*gpu_, want->gpu), read(*gpu_, got->gpu), {0, 0}, what + ": attention_inputs' " + name);
+        for (auto [name, got, want] : {std::tuple{"K codes", &side[0].k_cache, &side[1].k_cache},
+                                       std::tuple{"V codes", &side[0].v_cache, &side[1].v_cache}})
+          EXPECT_EQ(bytes_of(got->gpu.data, size_t(blocks * per_block)), bytes_of(want->gpu.data, size_t(blocks * per_block)))
+              << what << ": attention_inputs' " << name;
+        for (auto [name, got, want] : {std::tuple{"K scales", &side[0].k_scale, &side[1].k_scale},
+                                       std::tuple{"V scales", &side[0].v_scale, &side[1].v_scale}})
+          expect_close(read(*gpu_, want->gpu), read(*gpu_, got->gpu), {0, 0}, what + ": attention_inputs' " + name);
+
+        // The MLP reads q as the layer's attention output would be (any [M, K] input serves).
+        gpu_->mlp(&side[0].res.gpu, side[0].q.gpu, norm_w.gpu, 1e-5f, side[0].h.gpu, a[3], a[4], w_down, side[0].out.gpu);
+        gpu_->rmsnorm_linears(&side[1].res.gpu, side[1].q.gpu, norm_w.gpu, 1e-5f, side[1].h.gpu, {b[3], b[4]});
+        gpu_->silu_mul_linear(side[1].gate.gpu, side[1].up.gpu, side[1].gate.gpu, w_down, nullptr, side[1].out.gpu);
+        expect_close(read(*gpu_, side[1].h.gpu), read(*gpu_, side[0].h.gpu), {0, 0}, what + ": mlp's norm output");
+        expect_close(read(*gpu_, side[1].res.gpu), read(*gpu_, side[0].res.gpu), {0, 0}, what + ": mlp's residual");
+        expect_close(read(*gpu_, side[1].out.gpu), read(*gpu_, side[0].out.gpu), {0, 0}, what + ": mlp's output");
+        quantized_.clear();
+      }
+  }
+}
+#endif
 
 // ---- Norms, embedding, SiLU, gather ---------------------------------------------------------------
 
