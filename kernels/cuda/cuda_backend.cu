@@ -243,14 +243,18 @@ class Profiler {
 
 // The ways a linear can run. Gemv: kernels.cuh's GEMV, kGemvMaxM rows per launch (taken up to
 // kGemvMaxRows rows). Gemm: cuBLASLt (INT8 weights dequantized to 16 bits first), then the scale
-// and bias epilogue. W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
+// and bias epilogue. GemmSlices (INT8 weights): the same a slice of kDequantSliceRows channels at a
+// time, each dequantized into one small scratch and multiplied at once, so that cuBLASLt may find
+// the slice's 16-bit weights in L2 (8 MiB at K = 4096) rather than read back from memory what the
+// dequantization wrote there (a prefill's dequantization was about 7.5 ms of 72 on an H200). W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
 // decode kernel (up to 64 rows), which streams INT8 or FP8 weights into tensor-core fragments;
 // StreamSplit: the same kernel in blocks of 16 rows (17-64 rows: more blocks, fewer registers, the
 // weights read again from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
 // activations read from L2 once for 128 channels); Wgmma: the Hopper kernels (compute capability
 // 9.0) for INT8 weights (warpgroup MMAs with the weights from registers) and FP8 weights (both
 // operands from shared memory); WgmmaCopiers: the INT8 one with a warpgroup that only copies.
-enum class LinearPath { Gemv, Gemm, W8A16, Stream, StreamSplit, StreamWide, Wgmma, WgmmaCopiers };
+enum class LinearPath { Gemv, Gemm, GemmSlices, W8A16, Stream, StreamSplit, StreamWide, Wgmma, WgmmaCopiers };
+constexpr int64_t kDequantSliceRows = 1024;  // a slice's channels: enough CTAs for cuBLASLt at prefill
 // The wgmma kernels run only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
 // pass) or =all (timed against the others, at every row count), not in the timed choice. On an
 // H200 (session 8) the INT8 one (weights as A from registers) was right and took 169 / 378 / 465 us
@@ -268,6 +272,8 @@ const char* linear_path_name(LinearPath path) {
       return "gemv";
     case LinearPath::Gemm:
       return "gemm";
+    case LinearPath::GemmSlices:
+      return "gemm-slices";
     case LinearPath::W8A16:
       return "w8a16";
     case LinearPath::Stream:
@@ -283,7 +289,7 @@ const char* linear_path_name(LinearPath path) {
   }
 }
 std::optional<LinearPath> linear_path_named(const std::string& name) {
-  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::W8A16, LinearPath::Stream,
+  for (LinearPath path : {LinearPath::Gemv, LinearPath::Gemm, LinearPath::GemmSlices, LinearPath::W8A16, LinearPath::Stream,
                           LinearPath::StreamSplit, LinearPath::StreamWide, LinearPath::Wgmma, LinearPath::WgmmaCopiers})
     if (name == linear_path_name(path)) return path;
   return std::nullopt;
@@ -324,7 +330,7 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + prop.name;
     const char* graphs = std::getenv("LLMQ_CUDA_GRAPHS");
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    // LLMQ_LINEAR_PATH=gemv|gemm|w8a16|stream|stream16|stream-wide|wgmma|wgmma-copiers: that path wherever it
+    // LLMQ_LINEAR_PATH=gemv|gemm|gemm-slices|w8a16|stream|stream16|stream-wide|wgmma|wgmma-copiers: that path wherever it
     // applies, instead of the fastest (tests and profiling); =all: the fastest of every path, the
     // wgmma kernels included (profiling them against the others).
     if (const char* path = std::getenv("LLMQ_LINEAR_PATH"); path && *path) {
@@ -332,7 +338,7 @@ class CudaBackend final : public Backend {
       forced_path_ = linear_path_named(path);
       if (!forced_path_ && !wgmma_timed_)
         fail(LLMQ_ERR_INVALID_ARGUMENT,
-             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, w8a16, stream, stream16, stream-wide, wgmma, "
+             "cuda backend: LLMQ_LINEAR_PATH={} is not one of gemv, gemm, gemm-slices, w8a16, stream, stream16, stream-wide, wgmma, "
              "wgmma-copiers, all",
              path);
     }
@@ -354,9 +360,11 @@ class CudaBackend final : public Backend {
     if (profiler_.enabled()) {
       std::fprintf(stderr, "llmq GEMM plans: (w, x, out) dtypes, M, N, K: candidates, chosen, us per run (first choice -> chosen)\n");
       for (auto& [key, plan] : plans_)
-        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld%s: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
+        std::fprintf(stderr, "  %s %s %s M=%lld N=%lld K=%lld%s%s: %d, #%d, %.1f -> %.1f\n", dtype_name(DType(std::get<0>(key))),
                      dtype_name(DType(std::get<1>(key))), dtype_name(DType(std::get<2>(key))), (long long)std::get<3>(key),
-                     (long long)std::get<4>(key), (long long)std::get<5>(key), std::get<6>(key) ? " scaled" : "",
+                     (long long)std::get<4>(key), (long long)std::get<5>(key),
+                     std::get<6>(key) != std::get<4>(key) ? fmt::format(" (rows of {})", std::get<6>(key)).c_str() : "",
+                     std::get<7>(key) ? " scaled" : "",
                      plan.candidates, plan.chosen, 1e3 * plan.first_ms, 1e3 * plan.best_ms);
       std::fprintf(stderr, "llmq linear paths: (w, x) dtypes, rows (above 8: a bucket), N, K: us per path -> chosen\n");
       for (auto& [key, choice] : path_choices_) {
@@ -647,6 +655,17 @@ class CudaBackend final : public Backend {
           }
           epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
           return;
+        case LinearPath::GemmSlices:
+          ensure(dequantized_, uint64_t(std::min(N, kDequantSliceRows)) * uint64_t(K) * 2);
+          for (int64_t n0 = 0; n0 < N; n0 += kDequantSliceRows) {
+            const int64_t rows = std::min(kDequantSliceRows, N - n0);
+            cuda::dequantize_i8(weight.w.as<int8_t>() + n0 * K, rows * K, x_dtype, dequantized_->data(), stream_);
+            check(cudaGetLastError(), "dequantize_i8 kernel");
+            gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, rows, K, y + n0, /*required=*/true, nullptr, nullptr,
+                 /*y_stride=*/N);
+          }
+          epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
+          return;
       }
     };
     std::vector<LinearPath> paths;
@@ -658,6 +677,7 @@ class CudaBackend final : public Backend {
       paths.push_back(LinearPath::WgmmaCopiers);
     }
     paths.push_back(LinearPath::Gemm);
+    if (w_dtype == DType::I8 && M > kGemvMaxRows && N > kDequantSliceRows) paths.push_back(LinearPath::GemmSlices);
     run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
   }
 
@@ -1184,15 +1204,18 @@ class CudaBackend final : public Backend {
   // y[M, N] (fp32) = x[M, K] . w[N, K]^T with fp32 accumulation, times *w_scale * *x_scale when
   // given (device fp32 scalars: FP8's per-tensor scales, cuBLASLt's A/B scale pointers). In
   // cuBLASLt's column-major terms y^T (N x M) = op(W) x^T with W read as K x N transposed: the "TN"
-  // layout FP8 requires. Returns false (with `required` false) when cuBLASLt has no algorithm.
+  // layout FP8 requires. y_stride (0: N): the distance between y's rows, for a slice of wider rows.
+  // Returns false (with `required` false) when cuBLASLt has no algorithm.
   // (A BF16 output converted by the epilogue was tried: no faster on an H200, so the output is fp32.)
   bool gemm(const void* w, DType w_dtype, const void* x, DType x_dtype, int64_t M, int64_t N, int64_t K, float* y,
-            bool required = true, const float* w_scale = nullptr, const float* x_scale = nullptr) {
+            bool required = true, const float* w_scale = nullptr, const float* x_scale = nullptr,
+            int64_t y_stride = 0) {
     const CublasLt& lt = cublas_lt();
     void* d = y;
     const DType out_dtype = DType::F32;
     const bool scaled = w_scale && x_scale;
-    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K, scaled);
+    const int64_t ldd = y_stride ? y_stride : N;
+    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), int(out_dtype), M, N, K, ldd, scaled);
     // The scale pointers change with the weight: set on the shape's descriptor before each use.
     auto set_scales = [&](cublasLtMatmulDesc_t desc) {
       if (!scaled) return;
@@ -1215,7 +1238,7 @@ class CudaBackend final : public Backend {
             "cublasLtMatrixLayoutCreate(A)");
       check(lt.cublasLtMatrixLayoutCreate(&plan.b, cuda_type(x_dtype), uint64_t(K), uint64_t(M), K),
             "cublasLtMatrixLayoutCreate(B)");
-      check(lt.cublasLtMatrixLayoutCreate(&plan.d, cuda_type(out_dtype), uint64_t(N), uint64_t(M), N),
+      check(lt.cublasLtMatrixLayoutCreate(&plan.d, cuda_type(out_dtype), uint64_t(N), uint64_t(M), ldd),
             "cublasLtMatrixLayoutCreate(D)");
       cublasLtMatmulPreference_t preference = nullptr;
       check(lt.cublasLtMatmulPreferenceCreate(&preference), "cublasLtMatmulPreferenceCreate");
@@ -1276,8 +1299,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Buffer> workspace_;
   static constexpr int32_t kMaxCountedLayers = 1024;
   std::unique_ptr<Buffer> counters_;  // kSaturationCounters uint64 per layer
-  // (w, x, out dtypes, M, N, K, scaled by the scale pointers) -> the shape's plan.
-  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, bool>, GemmPlan> plans_;
+  // (w, x, out dtypes, M, N, K, y's row stride, scaled by the scale pointers) -> the shape's plan.
+  std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, bool>, GemmPlan> plans_;
   // (weight dtype, activation dtype, rows or rows bucket, N, K) -> each path's time when first seen.
   struct PathChoice {
     LinearPath best = LinearPath::Gemm;

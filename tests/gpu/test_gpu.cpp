@@ -252,12 +252,13 @@ TEST_F(GpuLinear, StaticFp8ScaleClipsAndCountsAlike) {
 }
 
 // Each path forced in turn (where it applies; elsewhere the fastest): the GEMV (up to 16 rows, 8
-// per launch), cuBLASLt (INT8 weights dequantized first), the stream kernel (INT8 and FP8 weights,
+// per launch), cuBLASLt (INT8 weights dequantized first: whole, and 1024 channels at a time, with a
+// last slice of 76 at N = 1100 and 4 slices at N = 4096), the stream kernel (INT8 and FP8 weights,
 // up to 64 rows, K a multiple of 64; whole, and in its 16-row layouts above 16), and on compute
 // capability 9.0 the wgmma kernel (INT8 weights with K a multiple of 64, FP8 with K a multiple of 128)
 // and its INT8 form with a copier warpgroup.
 TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
-  for (const char* path : {"gemv", "gemm", "stream", "stream16", "stream-wide", "wgmma", "wgmma-copiers"}) {
+  for (const char* path : {"gemv", "gemm", "gemm-slices", "stream", "stream16", "stream-wide", "wgmma", "wgmma-copiers"}) {
     SCOPED_TRACE(path);
     setenv("LLMQ_LINEAR_PATH", path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
@@ -265,7 +266,7 @@ TEST_F(GpuLinear, MatchesCpuAtOddSizes) {
     for (const LinearCase& c : kLinearCases)
       for (int64_t M : {1, 3, 7, 8, 9, 16, 19, 733})
         for (auto [N, K] : {std::pair<int64_t, int64_t>{19, 733}, {64, 128}, {733, 64}, {48, 4096}, {17, 7},
-                            {64, 64}, {32, 64}, {4096, 4096}})
+                            {64, 64}, {32, 64}, {4096, 4096}, {1100, 64}})
           check(c, M, N, K, {/*bias=*/M == 3 || M == 19});
   }
 }
