@@ -40,7 +40,9 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   __shared__ float k_scale_s[2][kTileK], v_scale_s[2][kTileK];  // 8-bit caches: each key's scales
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
-  const int tile = blockIdx.x, h = blockIdx.y;
+  // Tiles in reverse: a sequence's later tiles have more keys, and blocks start in index order, so
+  // the longest start first and the grid's last blocks are short ones (less of a tail).
+  const int tile = int(gridDim.x) - 1 - int(blockIdx.x), h = blockIdx.y;
   const int t0 = plan.large.first[tile], count = plan.large.count[tile];
   const int32_t* blocks = plan.block_ids + plan.block_offsets[plan.token_seq[t0]];
   const int kv_head = h / (a.num_heads / a.num_kv_heads);

@@ -246,10 +246,11 @@ class Profiler {
 // and bias epilogue. GemmSlices (INT8 weights): the same a slice of kDequantSliceRows channels at a
 // time, each dequantized into one small scratch and multiplied at once, so that cuBLASLt may find
 // the slice's 16-bit weights in L2 (8 MiB at K = 4096) rather than read back from memory what the
-// dequantization wrote there (a prefill's dequantization was about 7.5 ms of 72 on an H200). W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its
-// decode kernel (up to 64 rows), which streams INT8 or FP8 weights into tensor-core fragments;
-// StreamSplit: the same kernel in blocks of 16 rows (17-64 rows: more blocks, fewer registers, the
-// weights read again from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
+// dequantization wrote there (a prefill's dequantization was about 7.5 ms of 72 on an H200).
+// W8A16: the INT8 tiled tensor-core kernel of w8a16_kernel.cuh; Stream: its decode kernel (up to
+// 64 rows), which streams INT8 or FP8 weights into tensor-core fragments; StreamSplit: the same
+// kernel in blocks of 16 rows (17-64 rows: more blocks, fewer registers, the weights read again
+// from L2); StreamWide: in blocks of 16 rows and 128 channels (17-64 rows: the
 // activations read from L2 once for 128 channels); Wgmma: the Hopper kernels (compute capability
 // 9.0) for INT8 weights (warpgroup MMAs with the weights from registers) and FP8 weights (both
 // operands from shared memory); WgmmaCopiers: the INT8 one with a warpgroup that only copies.

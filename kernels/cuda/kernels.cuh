@@ -92,9 +92,13 @@ struct SiluMulOf {
   const float *gate, *up;
   int64_t cols;
   Epilogue gate_scales{}, up_scales{};
+  // The product of gate value g and up value u read at (row, col).
+  __device__ __forceinline__ float value(float g, float u, int64_t row, int64_t col) const {
+    return silu_mul_value(gate_scales.apply(g, row, col), up_scales.apply(u, row, col));
+  }
   __device__ __forceinline__ float operator()(int64_t row, int64_t col) const {
     const int64_t i = row * cols + col;
-    return silu_mul_value(gate_scales.apply(gate[i], row, col), up_scales.apply(up[i], row, col));
+    return value(gate[i], up[i], row, col);
   }
 };
 
@@ -106,13 +110,13 @@ __global__ void silu_mul_kernel(SiluMulOf src, int64_t n, T* out, bool vectors) 
   for_each_value(n, vectors, [&](int64_t i, auto width) {
     const int64_t row = scaled ? i / src.cols : 0, col = i - row * src.cols;  // (row, col) read only when scaled
     if constexpr (decltype(width)::value == 4) {
-      if (scaled) {
-        store4(out + i, src(row, col), src(row, col + 1), src(row, col + 2), src(row, col + 3));
-      } else {
-        const float4 g = *reinterpret_cast<const float4*>(src.gate + i), u = *reinterpret_cast<const float4*>(src.up + i);
+      const float4 g = *reinterpret_cast<const float4*>(src.gate + i), u = *reinterpret_cast<const float4*>(src.up + i);
+      if (scaled)
+        store4(out + i, src.value(g.x, u.x, row, col), src.value(g.y, u.y, row, col + 1),
+               src.value(g.z, u.z, row, col + 2), src.value(g.w, u.w, row, col + 3));
+      else
         store4(out + i, silu_mul_value(g.x, u.x), silu_mul_value(g.y, u.y), silu_mul_value(g.z, u.z),
                silu_mul_value(g.w, u.w));
-      }
     } else {
       out[i] = from_f32<T>(scaled ? src(row, col) : silu_mul_value(src.gate[i], src.up[i]));
     }
