@@ -941,6 +941,7 @@ class CudaBackend final : public Backend {
     if (scales.none()) return;
     if (deferred_ && !timing_) {
       *deferred_ = scales;
+      Profiler::Scope counted(profiler_, "  (in linear) epilogue left to the next kernel", stream_);  // no GPU work
       return;
     }
     Profiler::Scope part(profiler_, "  (in linear) epilogue", stream_);
