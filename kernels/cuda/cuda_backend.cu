@@ -580,11 +580,7 @@ class CudaBackend final : public Backend {
     norm(residual, x, weight, eps, out, rounded, fp8);
     SharedInput sharing(*this, rounded == DType::F32 ? nullptr : out.data, rounded, fp8 ? out.data : nullptr);
     for (const LinearJob& job : jobs) {
-      if (!left) {
-        linear(out, *job.weight, job.bias, *job.out);
-        continue;
-      }
-      Deferring deferring(*this, left++);
+      Deferring deferring(*this, left ? left++ : nullptr);
       linear(out, *job.weight, job.bias, *job.out);
     }
   }
@@ -646,24 +642,19 @@ class CudaBackend final : public Backend {
           return wgmma_linear(xs, x_dtype, w, M, N, K, nullptr, w_scale, per_channel, bias_data, bias_dtype,
                               path == LinearPath::WgmmaCopiers, y);
         case LinearPath::Gemm:
-          if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first
-            ensure(dequantized_, uint64_t(N) * uint64_t(K) * 2);
-            cuda::dequantize_i8(weight.w.as<int8_t>(), N * K, x_dtype, dequantized_->data(), stream_);
-            check(cudaGetLastError(), "dequantize_i8 kernel");
-            gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, N, K, y);
+        case LinearPath::GemmSlices:
+          if (w_dtype == DType::I8) {  // dequantized exactly to the activation type first, whole or in slices
+            const int64_t slice = path == LinearPath::GemmSlices ? kDequantSliceRows : N;
+            ensure(dequantized_, uint64_t(std::min(N, slice)) * uint64_t(K) * 2);
+            for (int64_t n0 = 0; n0 < N; n0 += slice) {
+              const int64_t rows = std::min(slice, N - n0);
+              cuda::dequantize_i8(weight.w.as<int8_t>() + n0 * K, rows * K, x_dtype, dequantized_->data(), stream_);
+              check(cudaGetLastError(), "dequantize_i8 kernel");
+              gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, rows, K, y + n0, /*required=*/true, nullptr,
+                   nullptr, /*y_stride=*/N);
+            }
           } else {
             gemm(w, w_dtype, xs, x_dtype, M, N, K, y);
-          }
-          epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
-          return;
-        case LinearPath::GemmSlices:
-          ensure(dequantized_, uint64_t(std::min(N, kDequantSliceRows)) * uint64_t(K) * 2);
-          for (int64_t n0 = 0; n0 < N; n0 += kDequantSliceRows) {
-            const int64_t rows = std::min(kDequantSliceRows, N - n0);
-            cuda::dequantize_i8(weight.w.as<int8_t>() + n0 * K, rows * K, x_dtype, dequantized_->data(), stream_);
-            check(cudaGetLastError(), "dequantize_i8 kernel");
-            gemm(dequantized_->data(), x_dtype, xs, x_dtype, M, rows, K, y + n0, /*required=*/true, nullptr, nullptr,
-                 /*y_stride=*/N);
           }
           epilogue(y, M, N, nullptr, w_scale, per_channel, bias_data, bias_dtype);
           return;
@@ -950,11 +941,11 @@ class CudaBackend final : public Backend {
   }
 
   // While alive, the linear that runs leaves its epilogue pass's scales and bias in *left (none
-  // when its path applies them itself).
+  // when its path applies them itself); with left null, it takes the pass.
   struct Deferring {
     CudaBackend& b;
     Deferring(CudaBackend& backend, cuda::LinearScales* left) : b(backend) {
-      *left = {};
+      if (left) *left = {};
       b.deferred_ = left;
     }
     ~Deferring() { b.deferred_ = nullptr; }
