@@ -212,6 +212,9 @@ void attention(const float* q, int64_t q_cols, const void* k_cache, const void* 
     if (!attention_has_tensor_core_kernel(kv_dtype, args.head_dim))
       fail(LLMQ_ERR_INTERNAL, "cuda backend: no tensor-core attention for {} head_dim {}", dtype_name(kv_dtype),
            args.head_dim);
+    // The kernel reads q rows as float4 and writes out as float2.
+    if (reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(out) % 8 != 0 || q_cols % 4 != 0)
+      fail(LLMQ_ERR_INTERNAL, "cuda backend: tensor-core attention needs 16-byte aligned q rows (q_cols {})", q_cols);
     dim3 grid(unsigned(plan.large.n), unsigned(args.num_heads));
     auto launch = [&](auto tag, auto dim) {
       using T = typename decltype(tag)::type;

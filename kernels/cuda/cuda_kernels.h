@@ -36,7 +36,7 @@ struct DevicePlan {
 };
 
 constexpr int kAttentionTileQ = 16;
-constexpr int kAttentionTileQLarge = 64;
+constexpr int kAttentionTileQLarge = 128;
 
 // The query tiles of a step in host memory (CudaBackend::begin_step copies them into DevicePlan;
 // the emulated tests use them as they are): runs of consecutive tokens of one sequence (the same

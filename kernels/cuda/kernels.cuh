@@ -461,8 +461,8 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
 //  - attention_decode_kernel (below), on CUDA cores in fp32, the same work when every tile is one
 //    token: decode steps (head_dim 64 and 128).
 //  - attention_mma_kernel, on tensor cores for 16-bit and 8-bit caches (codes dequantized to F16
-//    as a tile is loaded): one block of 4 warps per (query tile of up to 64 tokens, head), each
-//    warp 16 query rows, S = Q.K^T and O += P.V with mma.sync (16-bit inputs, fp32
+//    in shared memory): one block of 4 warps per (query tile of up to 128 tokens, head), each
+//    warp 32 query rows, S = Q.K^T and O += P.V with mma.sync (16-bit inputs, fp32
 //    accumulation). Prefill uses it.
 
 constexpr int kTileQ = kAttentionTileQ;

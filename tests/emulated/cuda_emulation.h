@@ -113,6 +113,7 @@ struct Copy {
   void* dst;
   const void* src;
   bool valid;
+  size_t bytes = 16;
 };
 inline thread_local std::vector<Copy> open_copies;
 inline thread_local std::deque<std::vector<Copy>> copy_groups;
@@ -131,9 +132,9 @@ inline thread_local std::vector<Wgmma> open_wgmma;
 inline thread_local std::deque<std::vector<Wgmma>> wgmma_groups;
 inline void land(const Copy& c) {
   if (c.valid)
-    std::memcpy(c.dst, c.src, 16);
+    std::memcpy(c.dst, c.src, c.bytes);
   else
-    std::memset(c.dst, 0, 16);
+    std::memset(c.dst, 0, c.bytes);
 }
 
 // Runs fn() as every thread of every block of the grid, block after block (x fastest), on one
@@ -341,14 +342,16 @@ inline void ldmatrix_x4_any(uint32_t* r, const void* row, bool transposed) {
 inline void ldmatrix_x4(uint32_t* r, const void* row) { ldmatrix_x4_any(r, row, false); }
 inline void ldmatrix_x4_trans(uint32_t* r, const void* row) { ldmatrix_x4_any(r, row, true); }
 
-// cp.async.cg.shared.global 16 bytes (zeros when !valid), commit_group, wait_group.
-inline void cp_async16(void* shared, const void* src, bool valid) {
+// cp.async.{cg,ca}.shared.global 16 or 4 bytes (zeros when !valid), commit_group, wait_group.
+inline void cp_async_n(void* shared, const void* src, bool valid, size_t bytes) {
   using namespace llmq::emulation;
   if (eager_copies)
-    land({shared, src, valid});
+    land({shared, src, valid, bytes});
   else
-    open_copies.push_back({shared, src, valid});
+    open_copies.push_back({shared, src, valid, bytes});
 }
+inline void cp_async16(void* shared, const void* src, bool valid) { cp_async_n(shared, src, valid, 16); }
+inline void cp_async4(void* shared, const void* src, bool valid) { cp_async_n(shared, src, valid, 4); }
 inline void cp_async_commit() {
   using namespace llmq::emulation;
   copy_groups.push_back(std::move(open_copies));

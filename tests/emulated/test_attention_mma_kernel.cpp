@@ -97,7 +97,7 @@ void check(const Case& c, const std::vector<std::pair<int32_t, int32_t>>& seqs) 
   Tensor q_tensor{q.data(), DType::F32, T, q_cols}, expected_tensor{expected.data(), DType::F32, T, q_cols};
   cpu->attention(q_tensor, layer, params, expected_tensor);
 
-  // The kernel, over the tiles of up to 64 tokens.
+  // The kernel, over the tiles of up to 128 tokens.
   const test::HostDevicePlan device(plan);
   cuda::AttentionArgs args = test::attention_args(params, block_size, c.kv, k_scale.empty() ? nullptr : k_scale.data(),
                                                   v_scale.empty() ? nullptr : v_scale.data());
@@ -155,10 +155,10 @@ TEST(AttentionMmaKernelEmulated, MatchesCpuBackend) {
       {4, 2, 64, 0, DType::BF16, 8e-3},  {2, 1, 128, 0, DType::F16, 2e-3},      {2, 2, 64, 20, DType::F16, 2e-3},
       {4, 2, 64, 0, DType::I8, 4e-3},    {2, 1, 128, 0, DType::F8_E4M3, 4e-3},
   };
-  // A prefill from scratch crossing a 64-query tile, a chunk after a cached prefix, and a longer
-  // one whose warps meet key tiles wholly below their rows (no mask), and tiles that end 1-8 keys
-  // past a warp's first row (masked).
-  for (const Case& c : cases) check(c, {{0, 70}, {37, 21}, {40, 150}});
+  // A prefill from scratch crossing a 128-query tile, a chunk after a cached prefix (one active
+  // warp), and a longer one whose warps meet key tiles wholly below their rows (no mask), and tiles
+  // that end 1-8 keys past a warp's first row (masked).
+  for (const Case& c : cases) check(c, {{0, 140}, {37, 21}, {40, 200}});
 }
 
 }  // namespace
