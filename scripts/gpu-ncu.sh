@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Nsight Compute on the GPU machine (its CUDA 13 has ncu): the decode-path kernels of a 2-layer
+# Nsight Compute on the GPU machine (its CUDA 13 has ncu): the kernels of a 2-layer
 # Llama-2-7B-shaped model, one CSV per case in $OUT (or /tmp/llmq-ncu), for reading here.
 #   bash scripts/gpu-ncu.sh [CASE ...]   # needs .gpu-carry (gpu-check.sh prepare); default: every case
 # Each case: quant mode, decode batch, kernel name regex, how many launches to profile, the
@@ -38,5 +38,8 @@ profile stream16-b64 int8wo 64 stream_linear 16 stream16 1
 profile stream-wide-b64 int8wo 64 stream_linear 16 stream-wide 1
 profile w8a16-prefill int8wo 1 w8a16 8 w8a16 512
 profile wgmma-prefill int8wo 1 wgmma_w8a16 8 wgmma 2048
+# Prefill attention (the tensor-core kernel) over a 2048-token prompt: 16-bit and 8-bit caches.
+profile attention-prefill none 1 attention_mma 2 "" 2048
+profile attention-prefill-int8 int8wo 1 attention_mma 2 "" 2048
 profile wgmma-fp8-prefill fp8 1 wgmma_fp8 8 wgmma 512
 profile attention-b64 none 64 attention_kernel 8 gemm 128
