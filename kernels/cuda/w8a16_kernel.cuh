@@ -295,7 +295,7 @@ void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launc
 //    64-row block of 32 channels per multiprocessor, L1 hits 42%, DRAM 10-13% busy).
 //  - Lane (g, t) loads the 16 codes at k 16t .. 16t+15 of a step of channels 16c + g and
 //    16c + g + 8 straight from global memory (the 4 lanes of a group read 64 consecutive bytes of a
-//    row), kStreamLoads 16-byte loads in flight, cached in L2 only so that they do not evict the
+//    row), kStreamLoads<TT> 16-byte loads in flight, cached in L2 only so that they do not evict the
 //    activations from L1; and the activations at the same k of token 8i + g, which every block
 //    reads (cached).
 //  - The k order inside a step is permuted alike for both operands: for 16-bit x, elements 16t + 4q
@@ -305,7 +305,13 @@ void w8a16_for_rows(int64_t M, int64_t N, const SplitKPlan& plan, Launch&& launc
 //    only on its A row and its column only on its B column, so they reach only outputs that are
 //    not written.
 constexpr int kStreamWarps = 8;
-constexpr int kStreamLoads = 8;  // 16-byte weight loads in flight per lane
+// 16-byte weight loads in flight per lane. Up to 8 rows a linear is a few microseconds of weight
+// reads, about as long as a DRAM round trip or two: 16 loads a lane put a 4096 x 4096 layer's 64 KB
+// a block (256 blocks) in flight at once rather than in two rounds (Little's law; 8 loads took
+// 10.3 us for those 16.8 MB on an H200, 1.6 TB/s). More rows keep 8: their registers go to the
+// activations' tiles.
+template <int TT>
+constexpr int kStreamLoads = TT == 1 ? 16 : 8;
 
 // Shared memory: every warp's sums, [kStreamWarps][16 * CT channels][8 * TT tokens] floats (none
 // for the wide form).
@@ -319,7 +325,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
     stream_linear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K, Epilogue e,
                          float* __restrict__ out) {
   constexpr bool kFp8 = sizeof(T) == 1;  // FP8 codes on both sides, else INT8 codes and 16-bit x
-  constexpr int kSteps = kStreamLoads / (2 * CT);  // K steps loaded per iteration
+  constexpr int kSteps = kStreamLoads<TT> / (2 * CT);  // K steps loaded per iteration
   constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
   // The warps' K steps: every kStreamWarps-th from the warp's index, or (wide) all of them.
   constexpr int kStepStride = kWide ? 1 : kStreamWarps;

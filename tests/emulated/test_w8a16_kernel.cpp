@@ -341,7 +341,8 @@ TEST(W8A16KernelEmulated, StreamKernelFp8MatchesFloat64) {
     cuda::StreamLayout layout;
   };
   using L = cuda::StreamLayout;
-  for (const Fp8Case& c : {Fp8Case{1, 19, 64, false, 16, L::Whole}, Fp8Case{9, 40, 2560, true, 16, L::Whole},
+  for (const Fp8Case& c : {Fp8Case{1, 19, 64, false, 16, L::Whole}, Fp8Case{3, 19, 4160, true, 16, L::Whole},
+                           Fp8Case{9, 40, 2560, true, 16, L::Whole},
                            Fp8Case{17, 33, 192, false, 16, L::Whole}, Fp8Case{64, 70, 1280, true, 32, L::Whole},
                            Fp8Case{40, 33, 1280, true, 16, L::Rows16}, Fp8Case{40, 150, 1280, true, 128, L::Wide}}) {
     SCOPED_TRACE(testing::Message() << "M " << c.M << " N " << c.N << " K " << c.K);
@@ -355,8 +356,9 @@ TEST(W8A16KernelEmulated, StreamKernelFp8MatchesFloat64) {
 
 // Every instantiation (1, 2, 4 tiles of 8 tokens with 16 channels a block; 8 with 32), rows and
 // channels that fill no tile; K of 1 step (only warp 0 has work), of a partial round of the 8
-// warps, and of more than one round of loads in flight per warp (2560 with 16 channels: 40 steps
-// against 8 warps x 4 steps; 1280 with 32: 20 steps against 8 x 2).
+// warps, and of more than one round of loads in flight per warp (up to 8 rows, 8 steps a warp:
+// 4160 is 65 steps against 8 x 8; 2560 with 9-16 rows: 40 steps against 8 x 4; 1280 with 32
+// channels: 20 steps against 8 x 2).
 TEST(W8A16KernelEmulated, StreamKernelMatchesFloat64) {
   struct StreamCase {
     GemmCase c;
@@ -366,6 +368,7 @@ TEST(W8A16KernelEmulated, StreamKernelMatchesFloat64) {
       {{1, 19, 64, DType::BF16, true, 0, 0, false}, 16},
       {{3, 40, 640, DType::F16, true, 1, 0, false}, 16},
       {{8, 16, 2560, DType::BF16, false, 2, 0, false}, 16},
+      {{5, 19, 4160, DType::F16, true, 1, 0, false}, 16},
       {{9, 33, 128, DType::F16, true, 2, 0, false}, 16},
       {{16, 20, 2560, DType::BF16, true, 1, 0, false}, 16},
       {{17, 70, 192, DType::BF16, true, 0, 0, false}, 16},
