@@ -579,10 +579,49 @@ class CudaBackend final : public Backend {
     if (rounded == DType::F32 && !fp8) return Backend::rmsnorm_linears(residual, x, weight, eps, out, jobs);
     norm(residual, x, weight, eps, out, rounded, fp8);
     SharedInput sharing(*this, rounded == DType::F32 ? nullptr : out.data, rounded, fp8 ? out.data : nullptr);
+    if (stream_together(out, jobs)) return;  // the stream kernel applies the epilogues: none left
     for (const LinearJob& job : jobs) {
       Deferring deferring(*this, left ? left++ : nullptr);
       linear(out, *job.weight, job.bias, *job.out);
     }
+  }
+
+  // Up to 8 rows, linears of one input (inside norm_linears' SharedInput) whose timed choice is the
+  // stream kernel run as one launch of it (cuda::stream_linears), with the bits of one launch each.
+  // False, having run nothing, unless every job is such a linear with its choice made (the first
+  // step of a shape times them one at a time).
+  bool stream_together(const Tensor& x, std::initializer_list<LinearJob> jobs) {
+    const int64_t M = x.rows, K = x.cols;
+    if (M > cuda::kGemvMaxM || jobs.size() < 2 || jobs.size() > size_t(cuda::kMaxStreamJobs)) return false;
+    const DType w_dtype = jobs.begin()->weight->w.dtype;
+    const bool fp8 = w_dtype == DType::F8_E4M3;
+    if (!fp8 && w_dtype != DType::I8) return false;
+    // The input every job reads: the FP8 codes or the 16-bit copy that the norm wrote.
+    const DType x_dtype = fp8 ? DType::F8_E4M3 : linear_input_dtype(*jobs.begin()->weight);
+    const bool shared = shared_input_ && (fp8 ? fp8_codes_of_ == x.data
+                                              : converted_of_ == x.data && converted_dtype_ == x_dtype);
+    if (!shared) return false;
+    const void* xs = fp8 ? codes_->data() : converted_->data();
+    cuda::StreamJob group[cuda::kMaxStreamJobs];
+    int count = 0;
+    for (const LinearJob& job : jobs) {
+      const LinearWeight& w = *job.weight;
+      const int64_t N = w.w.rows;
+      const bool same_input = fp8 ? fp8_dynamic(w) : linear_input_dtype(w) == x_dtype;
+      if (w.w.dtype != w_dtype || !same_input || w.w.cols != K || chosen_path(w_dtype, x_dtype, M, N, K) != LinearPath::Stream ||
+          !cuda::stream_supported(x_dtype, M, N, K, xs, w.w.data))
+        return false;
+      const cuda::LinearScales scales{fp8 ? static_cast<const float*>(row_scales_->data()) : nullptr,
+                                      w.scale.as<float>(), w.scale.cols > 1, job.bias ? job.bias->data : nullptr,
+                                      job.bias ? job.bias->dtype : DType::F32};
+      group[count++] = cuda::StreamJob{w.w.data, N, scales, job.out->as<float>()};
+    }
+    Profiler::Scope timer(profiler_,
+                          profiler_.enabled() ? fmt::format("linears {} {}, one stream launch", dtype_name(w_dtype), rows_bucket(M)) : "",
+                          stream_);
+    cuda::stream_linears(xs, x_dtype, M, K, group, count, cuda::StreamLayout::Whole, stream_);
+    check(cudaGetLastError(), "stream_linear kernel");
+    return true;
   }
 
   void linear(const Tensor& x, const LinearWeight& weight, const Tensor* bias, Tensor& out,
@@ -1026,12 +1065,7 @@ class CudaBackend final : public Backend {
                          const std::vector<LinearPath>& paths, Run&& run) {
     if (forced_path_ && std::find(paths.begin(), paths.end(), *forced_path_) != paths.end()) return *forced_path_;
     if (paths.size() == 1) return paths[0];
-    int64_t rows = M;
-    if (M > cuda::kGemvMaxM) {
-      rows = 16;
-      while (rows < M) rows *= 2;
-    }
-    const auto key = std::make_tuple(int(w_dtype), int(x_dtype), rows, N, K);
+    const auto key = path_key(w_dtype, x_dtype, M, N, K);
     auto it = path_choices_.find(key);
     if (it == path_choices_.end()) {
       if (capturing_) return paths[0];
@@ -1046,6 +1080,25 @@ class CudaBackend final : public Backend {
       }
       it = path_choices_.emplace(key, std::move(choice)).first;
     }
+    return it->second.best;
+  }
+
+  // path_choices_'s key for a shape.
+  static std::tuple<int, int, int64_t, int64_t, int64_t> path_key(DType w_dtype, DType x_dtype, int64_t M, int64_t N,
+                                                                  int64_t K) {
+    int64_t rows = M;
+    if (M > cuda::kGemvMaxM) {
+      rows = 16;
+      while (rows < M) rows *= 2;
+    }
+    return std::make_tuple(int(w_dtype), int(x_dtype), rows, N, K);
+  }
+  // The path a shape's linears take, as far as it is known without running them: the forced one,
+  // or the timed choice once made.
+  std::optional<LinearPath> chosen_path(DType w_dtype, DType x_dtype, int64_t M, int64_t N, int64_t K) const {
+    if (forced_path_) return forced_path_;
+    auto it = path_choices_.find(path_key(w_dtype, x_dtype, M, N, K));
+    if (it == path_choices_.end()) return std::nullopt;
     return it->second.best;
   }
 

@@ -174,6 +174,18 @@ bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void
 void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
                    const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, StreamLayout layout,
                    float* out, cudaStream_t stream);
+// Up to kMaxStreamJobs linears of one input in one stream launch (q/k/v, gate/up of a decode
+// step): their blocks side by side, each linear's output as stream_linear's. Fewer launches, and
+// one stream of weights in place of several short ones.
+constexpr int kMaxStreamJobs = 3;
+struct StreamJob {
+  const void* w = nullptr;
+  int64_t N = 0;
+  LinearScales scales;  // row_scale: the FP8 activations' (the same for every job)
+  float* out = nullptr;
+};
+void stream_linears(const void* x, DType x_dtype, int64_t M, int64_t K, const StreamJob* jobs, int count,
+                    StreamLayout layout, cudaStream_t stream);
 
 // Linears with 8-bit weights on Hopper's warpgroup MMA (w8a16_kernel.cuh's wgmma kernel; for
 // prefill), on compute capability 9.0 only (the caller checks): INT8 codes with BF16/F16

@@ -46,12 +46,14 @@ void launch_for_rows(const void* x, const int8_t* w, int64_t M, int64_t N, int64
 }
 
 template <typename T>
-void launch_stream(const void* x, const void* w, int64_t M, int64_t N, int64_t K, StreamLayout layout,
-                   const Epilogue& e, float* out, cudaStream_t stream) {
-  stream_for_rows<T>(M, N, layout, [&](auto kernel, dim3 grid, int threads, int smem) {
+void launch_stream(const void* x, int64_t M, int64_t K, const StreamJob* jobs, int count, StreamLayout layout,
+                   cudaStream_t stream) {
+  stream_for_rows<T>(M, layout, [&](auto kernel, int row_blocks, int block_channels, int threads, int smem) {
+    int blocks = 0;
+    const StreamJobs all = stream_jobs(jobs, count, block_channels, &blocks);
     allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N),
-                                            int(K), e, out);
+    kernel<<<dim3(unsigned(row_blocks), unsigned(blocks)), threads, smem, stream>>>(static_cast<const T*>(x), all,
+                                                                                    int(M), int(K));
   });
 }
 
@@ -123,10 +125,19 @@ bool stream_supported(DType x_dtype, int64_t M, int64_t N, int64_t K, const void
 void stream_linear(const void* x, DType x_dtype, const void* w, int64_t M, int64_t N, int64_t K, const float* row_scale,
                    const float* w_scale, bool per_channel, const void* bias, DType bias_dtype, StreamLayout layout,
                    float* out, cudaStream_t stream) {
-  check_launch(stream_supported(x_dtype, M, N, K, x, w), SplitKPlan{}, nullptr, nullptr, "stream kernel", M, N, K);
-  const Epilogue e{row_scale, w_scale, per_channel, bias, bias_dtype};
+  const StreamJob job{w, N, LinearScales{row_scale, w_scale, per_channel, bias, bias_dtype}, out};
+  stream_linears(x, x_dtype, M, K, &job, 1, layout, stream);
+}
+
+void stream_linears(const void* x, DType x_dtype, int64_t M, int64_t K, const StreamJob* jobs, int count,
+                    StreamLayout layout, cudaStream_t stream) {
+  if (count < 1 || count > kMaxStreamJobs)
+    fail(LLMQ_ERR_INTERNAL, "cuda backend: {} linears in one stream launch (1 to {})", count, kMaxStreamJobs);
+  for (int j = 0; j < count; ++j)
+    check_launch(stream_supported(x_dtype, M, jobs[j].N, K, x, jobs[j].w), SplitKPlan{}, nullptr, nullptr,
+                 "stream kernel", M, jobs[j].N, K);
   with_activation_type(x_dtype, "stream kernel activations", [&](auto tag) {
-    launch_stream<typename decltype(tag)::type>(x, w, M, N, K, layout, e, out, stream);
+    launch_stream<typename decltype(tag)::type>(x, M, K, jobs, count, layout, stream);
   });
 }
 

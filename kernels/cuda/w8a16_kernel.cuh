@@ -320,10 +320,52 @@ constexpr int stream_smem_bytes() {
   return kWide ? 0 : kStreamWarps * 16 * CT * 8 * TT * int(sizeof(float));
 }
 
+// The linears of one launch (StreamJob's, with the kernel's Epilogue): job j's blocks are grid.y
+// first_block[j] onwards.
+struct StreamJobs {
+  const uint8_t* w[kMaxStreamJobs];
+  int N[kMaxStreamJobs];
+  Epilogue e[kMaxStreamJobs];
+  float* out[kMaxStreamJobs];
+  int first_block[kMaxStreamJobs];
+  int count;
+};
+
+// The kernel's parameter for `count` jobs with block_channels channels a block; *blocks: the
+// blocks they take (grid.y).
+inline StreamJobs stream_jobs(const StreamJob* jobs, int count, int block_channels, int* blocks) {
+  StreamJobs all{};
+  all.count = count;
+  *blocks = 0;
+  for (int j = 0; j < count; ++j) {
+    all.w[j] = static_cast<const uint8_t*>(jobs[j].w);
+    all.N[j] = int(jobs[j].N);
+    all.e[j] = Epilogue{jobs[j].scales};
+    all.out[j] = jobs[j].out;
+    all.first_block[j] = *blocks;
+    *blocks += int((jobs[j].N + block_channels - 1) / block_channels);
+  }
+  return all;
+}
+
 template <typename T, int CT, int TT, bool kWide = false>
 __global__ void __launch_bounds__(kStreamWarps * 32)
-    stream_linear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, int M, int N, int K, Epilogue e,
-                         float* __restrict__ out) {
+    stream_linear_kernel(const T* __restrict__ x, StreamJobs jobs, int M, int K) {
+  // This block's job, its fields read with constant indices (no copy of the parameters to local
+  // memory), and the block's index among the job's.
+  const uint8_t* __restrict__ w = jobs.w[0];
+  int N = jobs.N[0], block_y = int(blockIdx.y);
+  Epilogue e = jobs.e[0];
+  float* __restrict__ out = jobs.out[0];
+#pragma unroll
+  for (int j = 1; j < kMaxStreamJobs; ++j)
+    if (j < jobs.count && int(blockIdx.y) >= jobs.first_block[j]) {
+      w = jobs.w[j];
+      N = jobs.N[j];
+      e = jobs.e[j];
+      out = jobs.out[j];
+      block_y = int(blockIdx.y) - jobs.first_block[j];
+    }
   constexpr bool kFp8 = sizeof(T) == 1;  // FP8 codes on both sides, else INT8 codes and 16-bit x
   constexpr int kSteps = kStreamLoads<TT> / (2 * CT);  // K steps loaded per iteration
   constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
@@ -331,7 +373,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
   constexpr int kStepStride = kWide ? 1 : kStreamWarps;
   static_assert(kSteps >= 1, "whole steps in flight");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int n0 = kWide ? (blockIdx.y * kStreamWarps + warp) * kChannels : blockIdx.y * kChannels;
+  const int n0 = kWide ? (block_y * kStreamWarps + warp) * kChannels : block_y * kChannels;
   // Blocks of rows (grid.x > 1) come only in 16-row blocks (stream_for_rows); a constant 0 for the
   // other forms keeps their registers (the 64-row FP8 form: 198 rather than 255 and a spill).
   const int m0 = TT == 2 ? int(blockIdx.x) * kTokens : 0, k_steps = K / kBK;
@@ -443,8 +485,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
   }
 }
 
-// Calls launch(kernel, grid, threads, shared memory bytes) with the stream kernel's instantiation
-// for M (<= kStreamMaxM) rows of T activations and N channels, in the layout asked for:
+// Calls launch(kernel, blocks of rows (grid.x), channels a block, threads, shared memory bytes)
+// with the stream kernel's instantiation for M (<= kStreamMaxM) rows of T activations, in the
+// layout asked for:
 //  - Whole: all rows in one block, token tiles for M; 32 channels a block (CT = 2) at 33-64 rows,
 //    where each step's 16 activation loads per lane would otherwise take the L1 about as long as
 //    the step's weights take to stream in (CT = 1: 1 KB a warp);
@@ -453,10 +496,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32)
 //  - Wide: 16 rows and 128 channels (8 warps of 16) a block, the warps over all of K.
 // Up to 16 rows every layout is Whole's.
 template <typename T, typename Launch>
-void stream_for_rows(int64_t M, int64_t N, StreamLayout layout, Launch&& launch) {
+void stream_for_rows(int64_t M, StreamLayout layout, Launch&& launch) {
   auto with = [&](auto kernel, int block_channels, int tokens, int smem) {
-    launch(kernel, dim3(unsigned((M + tokens - 1) / tokens), unsigned((N + block_channels - 1) / block_channels)),
-           kStreamWarps * 32, smem);
+    launch(kernel, int((M + tokens - 1) / tokens), block_channels, kStreamWarps * 32, smem);
   };
   if (M <= 8) return with(stream_linear_kernel<T, 1, 1>, 16, 8, stream_smem_bytes<1, 1>());
   if (M <= 16 || layout == StreamLayout::Rows16)

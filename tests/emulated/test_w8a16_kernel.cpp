@@ -147,15 +147,22 @@ void check(const GemmCase& c) {
 // The decode stream kernel: the tile shape it was launched with is checked too, so that every
 // instantiation runs; a layout other than Whole: blocks of 16 rows above 16.
 template <typename T>
+void launch_streams(int64_t M, int64_t K, const void* x, const cuda::StreamJob* jobs, int count,
+                    int expected_channels_per_block, cuda::StreamLayout layout) {
+  cuda::stream_for_rows<T>(M, layout, [&](auto kernel, int row_blocks, int block_channels, int threads, int smem) {
+    EXPECT_EQ(block_channels, expected_channels_per_block);
+    EXPECT_EQ(int64_t(row_blocks), layout != cuda::StreamLayout::Whole && M > 16 ? (M + 15) / 16 : 1);
+    int blocks = 0;
+    const cuda::StreamJobs all = cuda::stream_jobs(jobs, count, block_channels, &blocks);
+    emulation::launch(dim3(unsigned(row_blocks), unsigned(blocks)), unsigned(threads), size_t(smem),
+                      [&] { kernel(static_cast<const T*>(x), all, int(M), int(K)); });
+  });
+}
+template <typename T>
 void launch_stream(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const cuda::Epilogue& e,
                    int expected_channels_per_block, cuda::StreamLayout layout, float* out) {
-  cuda::stream_for_rows<T>(M, N, layout, [&](auto kernel, dim3 grid, int threads, int smem) {
-    EXPECT_EQ(int64_t(grid.y), (N + expected_channels_per_block - 1) / expected_channels_per_block);
-    EXPECT_EQ(int64_t(grid.x), layout != cuda::StreamLayout::Whole && M > 16 ? (M + 15) / 16 : 1);
-    emulation::launch(grid, unsigned(threads), size_t(smem), [&] {
-      kernel(static_cast<const T*>(x), static_cast<const uint8_t*>(w), int(M), int(N), int(K), e, out);
-    });
-  });
+  const cuda::StreamJob job{w, N, e, out};
+  launch_streams<T>(M, K, x, &job, 1, expected_channels_per_block, layout);
 }
 
 void check_stream(const GemmCase& c, int expected_channels_per_block,
@@ -387,6 +394,51 @@ TEST(W8A16KernelEmulated, StreamKernelMatchesFloat64) {
   check_stream({17, 150, 640, DType::BF16, true, 2, 0, false}, 128, L::Wide);
   check_stream({47, 300, 128, DType::F16, false, 1, 0, false}, 128, L::Wide);
   check_stream({64, 129, 64, DType::BF16, true, 0, 0, false}, 128, L::Wide);
+}
+
+// Linears of one input in one stream launch (q/k/v, gate/up of a decode step): each output equals
+// its own launch's bits (and so float64 within tolerance), blocks of every job written. INT8 with
+// 16-bit x, three jobs of other widths, scales and biases; FP8 codes, two jobs sharing row scales.
+TEST(W8A16KernelEmulated, StreamKernelRunsLinearsOfOneInputTogether) {
+  using L = cuda::StreamLayout;
+  for (const int64_t M : {1, 5, 8}) {
+    SCOPED_TRACE(testing::Message() << "M " << M);
+    const GemmCase cases[] = {{M, 19, 640, DType::BF16, true, 1, 0, false},
+                              {M, 40, 640, DType::BF16, false, 0, 0, false},
+                              {M, 33, 640, DType::BF16, true, 2, 0, false}};
+    std::vector<Problem> problems;
+    for (const GemmCase& c : cases) {
+      problems.push_back(make_problem(c));
+      problems.back().x = problems[0].x;  // one input
+      problems.back().xf = problems[0].xf;
+    }
+    std::vector<std::vector<float>> together(3), alone(3);
+    cuda::StreamJob jobs[3];
+    for (size_t j = 0; j < 3; ++j) {
+      together[j].assign(size_t(M * cases[j].N), NAN);
+      alone[j].assign(together[j].size(), NAN);
+      jobs[j] = cuda::StreamJob{problems[j].w.data(), cases[j].N, problems[j].e, together[j].data()};
+      launch_stream<cuda::bf16>(M, cases[j].N, 640, problems[0].x.data(), problems[j].w.data(), problems[j].e, 16,
+                                L::Whole, alone[j].data());
+    }
+    launch_streams<cuda::bf16>(M, 640, problems[0].x.data(), jobs, 3, 16, L::Whole);
+    for (size_t j = 0; j < 3; ++j) {
+      SCOPED_TRACE(testing::Message() << "job " << j);
+      expect_float64_result(cases[j], problems[j], together[j]);
+      EXPECT_EQ(0, std::memcmp(together[j].data(), alone[j].data(), alone[j].size() * sizeof(float)));
+    }
+
+    Fp8Problem gate = make_fp8_problem(M, 40, 4160, true), up = make_fp8_problem(M, 19, 4160, false);
+    up.x = gate.x;
+    up.row_scale = gate.row_scale;
+    up.e.row_scale = up.row_scale.data();
+    std::vector<float> gate_out(size_t(M * 40), NAN), up_out(size_t(M * 19), NAN);
+    const cuda::StreamJob fp8_jobs[2] = {{gate.w.data(), 40, gate.e, gate_out.data()},
+                                         {up.w.data(), 19, up.e, up_out.data()}};
+    launch_streams<cuda::fp8>(M, 4160, gate.x.data(), fp8_jobs, 2, 16, L::Whole);
+    expect_fp8_result(gate, gate_out);
+    expect_fp8_result(up, up_out);
+  }
 }
 
 }  // namespace
