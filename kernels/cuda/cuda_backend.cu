@@ -586,13 +586,14 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // Up to 8 rows, linears of one input (inside norm_linears' SharedInput) whose timed choice is the
+  // Up to 16 rows, linears of one input (inside norm_linears' SharedInput) whose timed choice is the
   // stream kernel run as one launch of it (cuda::stream_linears), with the bits of one launch each.
   // False, having run nothing, unless every job is such a linear with its choice made (the first
   // step of a shape times them one at a time).
   bool stream_together(const Tensor& x, std::initializer_list<LinearJob> jobs) {
     const int64_t M = x.rows, K = x.cols;
-    if (M > cuda::kGemvMaxM || jobs.size() < 2 || jobs.size() > size_t(cuda::kMaxStreamJobs)) return false;
+    // (Up to 16 rows every stream layout is the one launch takes.)
+    if (M > kGemvMaxRows || jobs.size() < 2 || jobs.size() > size_t(cuda::kMaxStreamJobs)) return false;
     const DType w_dtype = jobs.begin()->weight->w.dtype;
     const bool fp8 = w_dtype == DType::F8_E4M3;
     if (!fp8 && w_dtype != DType::I8) return false;

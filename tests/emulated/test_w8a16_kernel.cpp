@@ -397,11 +397,12 @@ TEST(W8A16KernelEmulated, StreamKernelMatchesFloat64) {
 }
 
 // Linears of one input in one stream launch (q/k/v, gate/up of a decode step): each output equals
-// its own launch's bits (and so float64 within tolerance), blocks of every job written. INT8 with
-// 16-bit x, three jobs of other widths, scales and biases; FP8 codes, two jobs sharing row scales.
+// its own launch's bits (and so float64 within tolerance), blocks of every job written, at 1-8 and
+// 9-16 rows (two instantiations). INT8 with 16-bit x, three jobs of other widths, scales and
+// biases; FP8 codes, two jobs sharing row scales.
 TEST(W8A16KernelEmulated, StreamKernelRunsLinearsOfOneInputTogether) {
   using L = cuda::StreamLayout;
-  for (const int64_t M : {1, 5, 8}) {
+  for (const int64_t M : {1, 5, 8, 12}) {
     SCOPED_TRACE(testing::Message() << "M " << M);
     const GemmCase cases[] = {{M, 19, 640, DType::BF16, true, 1, 0, false},
                               {M, 40, 640, DType::BF16, false, 0, 0, false},
