@@ -643,7 +643,8 @@ TEST_F(GpuLinear, RmsNormLinearsEqualNormThenLinears) {
 // k, the INT8 KV cache's codes and scales byte for byte, the down projection), with cuBLASLt forced
 // and with the timed choice; int8wo weights (per-channel scales), FP8 weights with dynamic scales
 // (row scales as well, which the SiLU-mul's quantization replaces in the same buffer) and BF16
-// weights with q/k/v biases; a decode row, a short run and a long one.
+// weights with q/k/v biases; a decode row, a short run and a long one. With the stream kernel
+// forced, a decode row's q/k/v go as one launch of it (INT8: checked against one launch each).
 TEST_F(GpuLinear, LayerBlocksEqualTheirOps) {
   Random rnd(23);
   const int32_t heads = 4, kv_heads = 2, D = 64, block_size = 16;
@@ -655,7 +656,7 @@ TEST_F(GpuLinear, LayerBlocksEqualTheirOps) {
     EXPECT_EQ(cudaMemcpy(host.data(), device, n, cudaMemcpyDeviceToHost), cudaSuccess);
     return host;
   };
-  for (const char* path : {"gemm", ""}) {
+  for (const char* path : {"gemm", "stream", ""}) {
     SCOPED_TRACE(*path ? path : "the timed choice");
     if (*path) setenv("LLMQ_LINEAR_PATH", path, 1);
     gpu_ = make_cuda_backend(CudaBackendOptions{});
@@ -718,6 +719,15 @@ TEST_F(GpuLinear, LayerBlocksEqualTheirOps) {
         gpu_->attention_inputs(&side[0].res.gpu, side[0].x.gpu, norm_w.gpu, 1e-5f, side[0].h.gpu, a[0], a[1], a[2],
                                freq.gpu, side[0].layer);
         gpu_->rmsnorm_linears(&side[1].res.gpu, side[1].x.gpu, norm_w.gpu, 1e-5f, side[1].h.gpu, {b[0], b[1], b[2]});
+        if (quant == QuantMode::Int8WeightOnly) {
+          // With the stream kernel forced (and up to 16 rows) q/k/v went as one launch of it: each
+          // equals its own launch on the norm's output (whose 16-bit rounding is the norm's copy).
+          for (auto [name, job] : {std::pair{"q", b[0]}, std::pair{"k", b[1]}, std::pair{"v", b[2]}}) {
+            Both alone = output(M, job.out->cols);
+            gpu_->linear(side[1].h.gpu, *job.weight, job.bias, alone.gpu);
+            expect_close(read(*gpu_, alone.gpu), read(*gpu_, *job.out), {0, 0}, what + ": " + name + " of one launch for q/k/v");
+          }
+        }
         gpu_->rope_kv_write(side[1].q.gpu, side[1].k.gpu, side[1].v.gpu, freq.gpu, side[1].layer);
         for (auto [name, got, want] : {std::tuple{"norm output", &side[0].h, &side[1].h},
                                        std::tuple{"residual", &side[0].res, &side[1].res},
