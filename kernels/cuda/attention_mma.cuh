@@ -91,9 +91,7 @@ __global__ void __launch_bounds__(128) attention_mma_kernel(const float* q, int6
   };
   auto set_offset = [&](int key0, int block, int b) {
     if (tid < kTileK)
-      offset_s[b][tid] =
-          block < 0 ? -1
-                    : ((int64_t(block) * a.num_kv_heads + kv_head) * a.block_size + (key0 + tid) % a.block_size) * D;
+      offset_s[b][tid] = block < 0 ? -1 : kv_row_offset(block, key0 + tid, a.block_size, a.num_kv_heads, kv_head, D);
   };
   constexpr int kVectors = D / kPerVector<KvT>;  // 16-byte vectors per key row
   // Starts bringing the key tile of slot b in: its K and V rows (and 8-bit scales); zeros past hi

@@ -371,13 +371,20 @@ __device__ __forceinline__ void tile_key_range(const int32_t* positions, int t0,
 // Attention's key tiles: kTileK keys at a time.
 constexpr int kTileK = 64;
 
+// Element offset of a key's row in a paged cache ([block][kv head][slot][head_dim]), the key being
+// in cache block `block` (its sequence's block table at key / block_size).
+__device__ __forceinline__ int64_t kv_row_offset(int32_t block, int key, int block_size, int num_kv_heads, int kv_head,
+                                                 int head_dim) {
+  return ((int64_t(block) * num_kv_heads + kv_head) * block_size + key % block_size) * head_dim;
+}
+
 // Element offset of each key of a tile in the cache (-1 past key_end), for kTileK keys from key0.
 __device__ __forceinline__ void key_offsets(const int32_t* blocks, int key0, int key_end, int block_size,
                                             int num_kv_heads, int kv_head, int head_dim, int64_t* offsets) {
   for (int j = threadIdx.x; j < kTileK; j += blockDim.x) {
     const int key = key0 + j;
     offsets[j] = key < key_end
-                     ? ((int64_t(blocks[key / block_size]) * num_kv_heads + kv_head) * block_size + key % block_size) * head_dim
+                     ? kv_row_offset(blocks[key / block_size], key, block_size, num_kv_heads, kv_head, head_dim)
                      : -1;
   }
 }

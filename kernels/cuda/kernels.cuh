@@ -680,7 +680,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 #pragma unroll
     for (int e = 0; e < kPerChunk; ++e) qp[c][e] = qh[(4 * c + part) * kPerChunk + e] * q_scale;
   auto offset_of = [&](int key) {
-    return ((int64_t(blocks[key / a.block_size]) * a.num_kv_heads + kv_head) * a.block_size + key % a.block_size) * D;
+    return kv_row_offset(blocks[key / a.block_size], key, a.block_size, a.num_kv_heads, kv_head, D);
   };
   auto scale_of = [&](const float* scale, int64_t offset) {
     return scale ? scale[a.scale_per_token ? offset / D : 0] : 1.0f;

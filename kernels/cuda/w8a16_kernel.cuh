@@ -320,13 +320,9 @@ constexpr int stream_smem_bytes() {
   return kWide ? 0 : kStreamWarps * 16 * CT * 8 * TT * int(sizeof(float));
 }
 
-// The linears of one launch (StreamJob's, with the kernel's Epilogue): job j's blocks are grid.y
-// first_block[j] onwards.
+// The linears of one launch: job j's blocks are grid.y first_block[j] onwards.
 struct StreamJobs {
-  const uint8_t* w[kMaxStreamJobs];
-  int N[kMaxStreamJobs];
-  Epilogue e[kMaxStreamJobs];
-  float* out[kMaxStreamJobs];
+  StreamJob job[kMaxStreamJobs];
   int first_block[kMaxStreamJobs];
   int count;
 };
@@ -338,10 +334,7 @@ inline StreamJobs stream_jobs(const StreamJob* jobs, int count, int block_channe
   all.count = count;
   *blocks = 0;
   for (int j = 0; j < count; ++j) {
-    all.w[j] = static_cast<const uint8_t*>(jobs[j].w);
-    all.N[j] = int(jobs[j].N);
-    all.e[j] = Epilogue{jobs[j].scales};
-    all.out[j] = jobs[j].out;
+    all.job[j] = jobs[j];
     all.first_block[j] = *blocks;
     *blocks += int((jobs[j].N + block_channels - 1) / block_channels);
   }
@@ -351,21 +344,20 @@ inline StreamJobs stream_jobs(const StreamJob* jobs, int count, int block_channe
 template <typename T, int CT, int TT, bool kWide = false>
 __global__ void __launch_bounds__(kStreamWarps * 32)
     stream_linear_kernel(const T* __restrict__ x, StreamJobs jobs, int M, int K) {
-  // This block's job, its fields read with constant indices (no copy of the parameters to local
-  // memory), and the block's index among the job's.
-  const uint8_t* __restrict__ w = jobs.w[0];
-  int N = jobs.N[0], block_y = int(blockIdx.y);
-  Epilogue e = jobs.e[0];
-  float* __restrict__ out = jobs.out[0];
+  // This block's job, read with constant indices (no copy of the parameters to local memory), and
+  // the block's index among the job's.
+  StreamJob job = jobs.job[0];
+  int block_y = int(blockIdx.y);
 #pragma unroll
   for (int j = 1; j < kMaxStreamJobs; ++j)
     if (j < jobs.count && int(blockIdx.y) >= jobs.first_block[j]) {
-      w = jobs.w[j];
-      N = jobs.N[j];
-      e = jobs.e[j];
-      out = jobs.out[j];
+      job = jobs.job[j];
       block_y = int(blockIdx.y) - jobs.first_block[j];
     }
+  const uint8_t* __restrict__ w = static_cast<const uint8_t*>(job.w);
+  const int N = int(job.N);
+  const Epilogue e{job.scales};
+  float* __restrict__ out = job.out;
   constexpr bool kFp8 = sizeof(T) == 1;  // FP8 codes on both sides, else INT8 codes and 16-bit x
   constexpr int kSteps = kStreamLoads<TT> / (2 * CT);  // K steps loaded per iteration
   constexpr int kChannels = 16 * CT, kTokens = 8 * TT, kTile = kChannels * kTokens;
