@@ -256,15 +256,17 @@ class Profiler {
 // operands from shared memory); WgmmaCopiers: the INT8 one with a warpgroup that only copies.
 enum class LinearPath { Gemv, Gemm, GemmSlices, W8A16, Stream, StreamSplit, StreamWide, Wgmma, WgmmaCopiers };
 constexpr int64_t kDequantSliceRows = 1024;  // a slice's channels: enough CTAs for cuBLASLt at prefill
-// The wgmma kernels run only when LLMQ_LINEAR_PATH=wgmma (the gpu tests, gpu-check.sh's forced
-// pass) or =all (timed against the others, at every row count), not in the timed choice. On an
-// H200 (session 8) the INT8 one (weights as A from registers) was right and took 169 / 378 / 465 us
-// at 2048 tokens of the Llama-2-7B layers against 132 / 285 / 322 for dequantize + cuBLASLt; but
-// ptxas serialized its MMAs then (C7518, found in session 9: tests/check_ptxas.cmake now guards
-// it). Its form since (no per-step proxy fence, no serialization) is not yet checked on a GPU, nor
-// its form with a copier warpgroup (still serialized: C7513). The FP8 one took 105 against
-// cuBLASLt's 56 ms a prefill (session 7).
-constexpr bool kInt8WgmmaInTimedChoice = false, kFp8WgmmaInTimedChoice = false;
+// The INT8 wgmma kernel is in the timed choice above the stream kernel's rows; its copier form and
+// the FP8 one run only when LLMQ_LINEAR_PATH=wgmma / wgmma-copiers (the gpu tests, gpu-check.sh's
+// forced pass) or =all (timed against the others, at every row count). On an H200 (session 8) the
+// INT8 one (weights as A from registers) was right and took 169 / 378 / 465 us at 2048 tokens of the
+// Llama-2-7B layers against 132 / 285 / 322 for dequantize + cuBLASLt; but ptxas serialized its
+// MMAs then (C7518, found in session 9: tests/check_ptxas.cmake now guards it). Its form since (no
+// per-step proxy fence, no serialization) is not yet checked on a GPU: the timed choice takes it
+// only where it is the fastest and its output agrees with cuBLASLt's (timed_choice). The copier
+// form is still serialized (C7513); the FP8 kernel took 105 against cuBLASLt's 56 ms a prefill
+// (session 7).
+constexpr bool kInt8WgmmaInTimedChoice = true, kFp8WgmmaInTimedChoice = false;
 constexpr int64_t kGemvMaxRows = 2 * cuda::kGemvMaxM;
 
 const char* linear_path_name(LinearPath path) {
@@ -367,11 +369,14 @@ class CudaBackend final : public Backend {
                      std::get<6>(key) != std::get<4>(key) ? fmt::format(" (rows of {})", std::get<6>(key)).c_str() : "",
                      std::get<7>(key) ? " scaled" : "",
                      plan.candidates, plan.chosen, 1e3 * plan.first_ms, 1e3 * plan.best_ms);
-      std::fprintf(stderr, "llmq linear paths: (w, x) dtypes, rows (above 8: a bucket), N, K: us per path -> chosen\n");
+      std::fprintf(stderr, "llmq linear paths: (w, x) dtypes, rows (above 8: a bucket), N, K: us per path (wrong: "
+                           "disagreed with the reference) -> chosen\n");
       for (auto& [key, choice] : path_choices_) {
         std::string times;
         for (auto& [path, ms] : choice.timed)
           times += fmt::format("{}{} {:.1f}", times.empty() ? "" : ", ", linear_path_name(path), 1e3 * ms);
+        for (LinearPath path : choice.rejected)
+          times += fmt::format("{}{} wrong", times.empty() ? "" : ", ", linear_path_name(path));
         std::fprintf(stderr, "  %s x %s M%s%lld N=%lld K=%lld: %s -> %s\n", dtype_name(DType(std::get<0>(key))),
                      dtype_name(DType(std::get<1>(key))), std::get<2>(key) > cuda::kGemvMaxM ? "<=" : "=",
                      (long long)std::get<2>(key), (long long)std::get<3>(key), (long long)std::get<4>(key),
@@ -706,11 +711,11 @@ class CudaBackend final : public Backend {
     if (w_dtype == DType::I8) add_stream_paths(x_dtype, M, N, K, xs, w, paths);
     if (w_dtype == DType::I8 && wgmma_applies(x_dtype, M, N, K, xs, w)) {
       paths.push_back(LinearPath::Wgmma);
-      paths.push_back(LinearPath::WgmmaCopiers);
+      if (wgmma_timed_ || forced_path_ == LinearPath::WgmmaCopiers) paths.push_back(LinearPath::WgmmaCopiers);
     }
     paths.push_back(LinearPath::Gemm);
     if (w_dtype == DType::I8 && M > kGemvMaxRows && N > kDequantSliceRows) paths.push_back(LinearPath::GemmSlices);
-    run(choose_path(w_dtype, x_dtype, M, N, K, paths, run));
+    run(choose_path(w_dtype, x_dtype, M, N, K, paths, run, y));
   }
 
   void linears(const Tensor& x, std::initializer_list<LinearJob> jobs) override {
@@ -1040,7 +1045,7 @@ class CudaBackend final : public Backend {
     if (wgmma_applies(DType::F8_E4M3, M, N, K, codes, weight.w.data)) paths.push_back(LinearPath::Wgmma);
     add_stream_paths(DType::F8_E4M3, M, N, K, codes, weight.w.data, paths);
     if (paths.empty()) return gemv_all();
-    run(choose_path(DType::F8_E4M3, DType::F8_E4M3, M, N, K, paths, run));
+    run(choose_path(DType::F8_E4M3, DType::F8_E4M3, M, N, K, paths, run, y));
   }
 
   // The GEMV over M rows, kGemvMaxM at a time (each launch reads the weights once).
@@ -1056,32 +1061,98 @@ class CudaBackend final : public Backend {
     }
   }
 
+  // A shape's timed paths (us per run) and the fastest.
+  struct PathChoice {
+    LinearPath best = LinearPath::Gemm;
+    float best_ms = 0.0f;
+    std::vector<std::pair<LinearPath, float>> timed;
+    std::vector<LinearPath> rejected;  // paths whose output disagreed with the reference's
+  };
+
   // The path a linear of this shape takes: the forced one (LLMQ_LINEAR_PATH) where it applies,
-  // the only one, or the fastest of `paths`, timed with run(path) when the shape (weight and
-  // activation types, rows, N, K; rows above 8 in power-of-two buckets, since serving steps vary
-  // them every step) is first seen. The paths differ only in the order of the fp32 sums. A step
-  // being recorded cannot time: it takes the first path and leaves the choice to an eager step.
+  // the only one, or the fastest of `paths` that agree with the reference path (timed_choice),
+  // timed with run(path), which writes y [M, N], when the shape (weight and activation types, rows,
+  // N, K; rows above 8 in power-of-two buckets, since serving steps vary them every step) is first
+  // seen. A step being recorded cannot time: it takes the first path and leaves the choice to an
+  // eager step.
   template <typename Run>
   LinearPath choose_path(DType w_dtype, DType x_dtype, int64_t M, int64_t N, int64_t K,
-                         const std::vector<LinearPath>& paths, Run&& run) {
+                         const std::vector<LinearPath>& paths, Run&& run, float* y) {
     if (forced_path_ && std::find(paths.begin(), paths.end(), *forced_path_) != paths.end()) return *forced_path_;
     if (paths.size() == 1) return paths[0];
     const auto key = path_key(w_dtype, x_dtype, M, N, K);
     auto it = path_choices_.find(key);
     if (it == path_choices_.end()) {
       if (capturing_) return paths[0];
-      PathChoice choice;
-      for (LinearPath path : paths) {
-        const float ms = time_ms([&] { run(path); });
-        choice.timed.emplace_back(path, ms);
-        if (choice.timed.size() == 1 || ms < choice.best_ms) {
-          choice.best = path;
-          choice.best_ms = ms;
-        }
-      }
-      it = path_choices_.emplace(key, std::move(choice)).first;
+      const std::string shape = fmt::format("{} x {} M={} N={} K={}", dtype_name(w_dtype), dtype_name(x_dtype), M, N, K);
+      it = path_choices_.emplace(key, timed_choice(paths, run, y, M * N, x_dtype == DType::F8_E4M3, shape)).first;
     }
     return it->second.best;
+  }
+
+  // The fastest of `paths` whose output agrees with the reference path's. The reference is
+  // cuBLASLt (Gemm), else the GEMV: paths checked on H100 / H200 GPUs. Every other path runs first
+  // on an output poisoned with NaN, and its output must agree with the reference's
+  // (cuda::outputs_agree) or it is left out of the choice, with a warning on stderr: a kernel that
+  // is wrong on this GPU falls back to a checked path instead of serving wrong tokens. Without
+  // memory for the reference's output, the choice is the reference.
+  template <typename Run>
+  PathChoice timed_choice(std::vector<LinearPath> paths, Run&& run, float* y, int64_t n, bool fp8,
+                          const std::string& shape) {
+    auto reference = std::find(paths.begin(), paths.end(), LinearPath::Gemm);
+    if (reference == paths.end()) reference = std::find(paths.begin(), paths.end(), LinearPath::Gemv);
+    const bool checked = reference != paths.end();
+    if (checked) std::rotate(paths.begin(), reference, reference + 1);  // the reference runs first
+    std::unique_ptr<DeviceBuffer> reference_out;
+    if (checked) {
+      try {
+        reference_out = std::make_unique<DeviceBuffer>(uint64_t(n) * sizeof(float));
+      } catch (const Error& e) {
+        if (e.status() != LLMQ_ERR_OUT_OF_MEMORY) throw;
+        std::fprintf(stderr, "llmq cuda: no memory to check the paths of %s; it takes %s\n", shape.c_str(),
+                     linear_path_name(paths[0]));
+        paths.resize(1);
+      }
+      if (!distance_) distance_ = std::make_unique<DeviceBuffer>(sizeof(cuda::OutputDistance));
+    }
+    PathChoice choice;
+    for (LinearPath path : paths) {
+      const bool is_reference = checked && path == paths[0];
+      if (checked && !is_reference)
+        check(cudaMemsetAsync(y, 0xff, uint64_t(n) * sizeof(float), stream_), "path check (cudaMemsetAsync)");
+      const float ms = time_ms([&] { run(path); });
+      if (is_reference) {
+        check(cudaMemcpyAsync(reference_out->data(), y, uint64_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+              "path check (cudaMemcpyAsync)");
+      } else if (checked) {
+        auto* device_distance = static_cast<cuda::OutputDistance*>(distance_->data());
+        cuda::output_distance(y, static_cast<const float*>(reference_out->data()), n, device_distance, stream_);
+        check(cudaGetLastError(), "output_distance kernel");
+        cuda::OutputDistance d;
+        check(cudaMemcpyAsync(&d, device_distance, sizeof d, cudaMemcpyDeviceToHost, stream_),
+              "path check (cudaMemcpyAsync)");
+        check(cudaStreamSynchronize(stream_), "path check (cudaStreamSynchronize)");
+        if (!cuda::outputs_agree(d, fp8)) {
+          float max_diff = 0, max_ref = 0;
+          std::memcpy(&max_diff, &d.max_diff_bits, sizeof max_diff);
+          std::memcpy(&max_ref, &d.max_ref_bits, sizeof max_ref);
+          std::fprintf(stderr,
+                       "llmq cuda: linear path %s disagrees with %s on %s (relative error %.3g, largest difference "
+                       "%.3g against largest |reference| %.3g, %llu elements not finite): it is not used\n",
+                       linear_path_name(path), linear_path_name(paths[0]), shape.c_str(),
+                       d.ref2 > 0 ? std::sqrt(d.diff2 / d.ref2) : std::sqrt(d.diff2), double(max_diff),
+                       double(max_ref), d.not_finite);
+          choice.rejected.push_back(path);
+          continue;
+        }
+      }
+      choice.timed.emplace_back(path, ms);
+      if (choice.timed.size() == 1 || ms < choice.best_ms) {
+        choice.best = path;
+        choice.best_ms = ms;
+      }
+    }
+    return choice;
   }
 
   // path_choices_'s key for a shape.
@@ -1349,11 +1420,6 @@ class CudaBackend final : public Backend {
   // (w, x, out dtypes, M, N, K, y's row stride, scaled by the scale pointers) -> the shape's plan.
   std::map<std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, bool>, GemmPlan> plans_;
   // (weight dtype, activation dtype, rows or rows bucket, N, K) -> each path's time when first seen.
-  struct PathChoice {
-    LinearPath best = LinearPath::Gemm;
-    float best_ms = 0.0f;
-    std::vector<std::pair<LinearPath, float>> timed;
-  };
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t>, PathChoice> path_choices_;
   std::optional<LinearPath> forced_path_;  // LLMQ_LINEAR_PATH
   bool wgmma_timed_ = false;               // LLMQ_LINEAR_PATH=all
@@ -1378,6 +1444,7 @@ class CudaBackend final : public Backend {
 
   std::unique_ptr<Buffer> converted_, dequantized_, codes_, row_scales_, partial_o_, partial_ml_;
   std::unique_ptr<Buffer> split_partial_, split_counters_;  // the W8A16 kernels' split-K scratch
+  std::unique_ptr<Buffer> distance_;                         // a path check's cuda::OutputDistance
   Profiler profiler_;
 
   // Recorded decode steps: (tokens, logit rows, keys split or not) -> graph (null: not recordable).

@@ -141,6 +141,11 @@ void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStrea
   });
 }
 
+void output_distance(const float* y, const float* ref, int64_t n, OutputDistance* distance, cudaStream_t stream) {
+  cudaMemsetAsync(distance, 0, sizeof(OutputDistance), stream);
+  if (n > 0) output_distance_kernel<<<std::min(blocks_for(n, 256), 1024), 256, 0, stream>>>(y, ref, n, distance);
+}
+
 void linear_epilogue(float* out, int64_t M, int64_t N, const LinearScales& scales, cudaStream_t stream) {
   if (scales.none()) return;
   const dim3 grid(unsigned((N + 4 * 256 - 1) / (4 * 256)), unsigned(std::min<int64_t>(M, 65535)));

@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -128,6 +130,32 @@ void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int
 void row_absmax(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream);
 // INT8 codes to BF16 or F16 (exact), n elements.
 void dequantize_i8(const int8_t* q, int64_t n, DType dtype, void* out, cudaStream_t stream);
+
+// How far a linear path's output y is from a reference path's output ref, n elements (the
+// autotuner's check of a path before it may be chosen), over the elements finite in ref.
+struct OutputDistance {
+  double diff2 = 0, ref2 = 0;                      // sums of (y - ref)^2 and ref^2
+  unsigned max_diff_bits = 0, max_ref_bits = 0;    // the largest |y - ref| and |ref|, as float bits
+  unsigned long long not_finite = 0;               // elements where y is not finite (ref is)
+};
+// *distance (device memory) = the distance of y from ref.
+void output_distance(const float* y, const float* ref, int64_t n, OutputDistance* distance, cudaStream_t stream);
+// Whether y agrees with ref as two right paths of one linear do. They take the same products and
+// differ in the order of the fp32 sums: a relative error of the whole output (L2) near 1e-6, FP8
+// tensor cores' narrower accumulation near 1e-4. A wrong tile, row or layout, or an unwritten or
+// doubled element, lies far outside: the whole output's relative error at most kAgreeRel (FP8:
+// kAgreeRelFp8), every element within kAgreeMax (FP8: kAgreeMaxFp8) of the largest |ref|, and no
+// element left not finite.
+constexpr double kAgreeRel = 1e-4, kAgreeMax = 1e-3, kAgreeRelFp8 = 2e-3, kAgreeMaxFp8 = 2e-2;
+inline bool outputs_agree(const OutputDistance& d, bool fp8) {
+  float max_diff = 0, max_ref = 0;
+  std::memcpy(&max_diff, &d.max_diff_bits, sizeof max_diff);
+  std::memcpy(&max_ref, &d.max_ref_bits, sizeof max_ref);
+  const double rel = d.ref2 > 0 ? std::sqrt(d.diff2 / d.ref2) : std::sqrt(d.diff2);
+  // Written so that NaN fails every test.
+  return d.not_finite == 0 && rel <= (fp8 ? kAgreeRelFp8 : kAgreeRel) &&
+         double(max_diff) <= (fp8 ? kAgreeMaxFp8 : kAgreeMax) * double(max_ref);
+}
 
 // The epilogue `scales` over out [M, N] (a linear's fp32 sums), in place.
 void linear_epilogue(float* out, int64_t M, int64_t N, const LinearScales& scales, cudaStream_t stream);

@@ -232,6 +232,12 @@ T atomicAdd(T* address, T v) {
   *address = old + v;
   return old;
 }
+inline unsigned atomicMax(unsigned* address, unsigned v) {
+  std::lock_guard<std::mutex> lock(llmq::emulation::atomics);
+  const unsigned old = *address;
+  *address = std::max(old, v);
+  return old;
+}
 template <typename T>
 T __ldg(const T* p) {
   return *p;
