@@ -459,7 +459,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
   const int h = is_k ? item - num_q_heads : item, half = head_dim / 2;
   const int64_t col0 = int64_t(h) * head_dim;  // the head's first column in q, k and v
   float* head = is_k ? k + t * kv_cols + col0 : q + t * q_cols + col0;
-  const Epilogue& scales = is_k ? k_scales : q_scales;
+  const Epilogue scales = is_k ? k_scales : q_scales;  // a copy: a reference to one of two parameters puts both on the stack
   const float position = float(positions[t]);
   // As the CPU backend (and Hugging Face): angle = position * inv_freq in fp32, then cos and sin.
   for (int j = lane; j < half; j += 32) {
