@@ -1122,8 +1122,10 @@ class CudaBackend final : public Backend {
         check(cudaMemsetAsync(y, 0xff, uint64_t(n) * sizeof(float), stream_), "path check (cudaMemsetAsync)");
       const float ms = time_ms([&] { run(path); });
       if (is_reference) {
-        check(cudaMemcpyAsync(reference_out->data(), y, uint64_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
-              "path check (cudaMemcpyAsync)");
+        if (reference_out)  // (none when it runs alone)
+          check(cudaMemcpyAsync(reference_out->data(), y, uint64_t(n) * sizeof(float), cudaMemcpyDeviceToDevice,
+                                stream_),
+                "path check (cudaMemcpyAsync)");
       } else if (checked) {
         auto* device_distance = static_cast<cuda::OutputDistance*>(distance_->data());
         cuda::output_distance(y, static_cast<const float*>(reference_out->data()), n, device_distance, stream_);
