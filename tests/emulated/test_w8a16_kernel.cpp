@@ -239,7 +239,9 @@ TEST(W8A16KernelEmulated, MatchesFloat64AtEveryTileShape) {
       {17, 200, 256, DType::BF16, false, 2, 132, true},
       {33, 130, 512, DType::F16, true, 1, 16, false},   // split-K
       {64, 256, 1024, DType::BF16, true, 2, 8, true},   // split-K
-      {16, 19, 2048, DType::F16, false, 2, 132, false},  // 16 splits
+      {16, 19, 2048, DType::F16, false, 2, 132, false},  // 8 splits, N 19: one element at a time
+      {20, 256, 2048, DType::BF16, true, 1, 5, false},   // 5 splits, 16-byte quads: a round of 4 splits and one of 1
+      {40, 132, 2048, DType::F16, false, 2, 7, true},    // 7 splits; the second tile 4 channels wide
       // Prefill tiles (BM 128, 8 warps).
       {65, 19, 64, DType::BF16, true, 1, 132, false},
       {130, 150, 256, DType::F16, true, 2, 132, true},
@@ -293,7 +295,7 @@ void check_wgmma(const GemmCase& c, int expected_splits) {
 // The INT8 form (weights as A from registers, 256-token tiles), and with a copier warpgroup
 // (mbarriers, 128-token tiles): partial tiles in M (in either 128-token half) and N, one K step, even
 // and odd numbers of steps (the two fragment buffers), more steps than pipeline stages (the stages'
-// later rounds), both activation types, copies landing late or at once, K split 2 and 3 ways
+// later rounds), both activation types, copies landing late or at once, K split 2, 3 and 5 ways
 // (uneven: 25 steps in splits of 9).
 TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
   struct WgmmaCase {
@@ -308,6 +310,7 @@ TEST(W8A16KernelEmulated, WgmmaKernelMatchesFloat64) {
       {{256, 64, 128, DType::BF16, true, 0, 132, true}, 1},
       {{100, 200, 1024, DType::BF16, true, 2, 4, false}, 2},
       {{64, 130, 1600, DType::F16, false, 1, 6, true}, 3},
+      {{100, 200, 3200, DType::BF16, true, 1, 10, false}, 5},  // 16-byte quads, a round of 4 splits and one of 1
   };
   for (const WgmmaCase& w : cases) {
     check_wgmma<false>(w.c, w.splits);
