@@ -80,6 +80,8 @@ run() {
   # Each kind of step's 8 costliest ops (the whole table is in profile.log).
   awk '/^llmq profile/ {p = 1; print; next} /^llmq / {p = 0} p && /^  [^ ]/ {n = 0; print; next}
        p && /^    / && ++n <= 8 {print}' "$out/profile.log" || true
+  # The timed choices of the 8-bit linears (us per path, "wrong" for a path left out) at every row count.
+  grep -E "^  (I8|F8_E4M3) x " "$out/profile.log" || true
   echo "   ($((SECONDS - start)) s so far)"
 
   # The FP8 wgmma kernel and the INT8 one's copier form are not in the timed choice
