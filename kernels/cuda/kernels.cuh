@@ -49,6 +49,28 @@ __device__ float block_reduce(float v) {
 
 // ---- Elementwise and per-row kernels --------------------------------------------------------
 
+// A block's walk over a row of n elements, this thread's i = threadIdx.x + k * blockDim.x in
+// batches of kRowBatch: load(u, i) for each of a batch's elements (u = 0 .. kRowBatch - 1; past
+// the row, the batch's first again: an element this thread owns), then use(u, i) for those in the
+// row, in i order. A loop
+// that stores an element before it loads the next keeps one load in flight (the compiler cannot
+// tell that store from the next load's address): a decode step's 4096-wide row at 512 threads
+// took 8 memory round trips a loop so.
+constexpr int kRowBatch = 8;
+template <typename Load, typename Use>
+__device__ __forceinline__ void for_row_batches(int64_t n, Load&& load, Use&& use) {
+  for (int64_t i0 = threadIdx.x; i0 < n; i0 += kRowBatch * int64_t(blockDim.x)) {
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) {
+      const int64_t i = i0 + u * int64_t(blockDim.x);
+      load(u, i < n ? i : i0);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u)
+      if (i0 + u * int64_t(blockDim.x) < n) use(u, i0 + u * int64_t(blockDim.x));
+  }
+}
+
 template <typename T>
 __global__ void embed_kernel(const T* table, int64_t first_id, int64_t table_rows, int64_t dim, const int32_t* tokens,
                              float* out) {
@@ -165,18 +187,23 @@ __device__ void quantize_fp8_row(Src src, int64_t row, int64_t cols, const float
     if (row_amax) {
       amax = row_amax[row];  // given: the whole row's, over the tensor-parallel ranks
     } else {
-      for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(src(row, i)));
+      float a[kRowBatch];
+      for_row_batches(
+          cols, [&](int u, int64_t i) { a[u] = fabsf(src(row, i)); },
+          [&](int u, int64_t) { amax = fmaxf(amax, a[u]); });
       amax = block_reduce<true>(amax);
     }
     inv = amax > 0.0f ? 448.0f / amax : 0.0f;
     scale = amax / 448.0f;
   }
   unsigned clipped = 0;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float v = __fmul_rn(src(row, i), inv);
-    clipped += fabsf(v) > 448.0f;
-    codes[base + i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-  }
+  float v[kRowBatch];
+  for_row_batches(
+      cols, [&](int u, int64_t i) { v[u] = __fmul_rn(src(row, i), inv); },
+      [&](int u, int64_t i) {
+        clipped += fabsf(v[u]) > 448.0f;
+        codes[base + i] = __nv_cvt_float_to_fp8(v[u], __NV_SATFINITE, __NV_E4M3);
+      });
   // Every thread has read the row: src may read the row scales this replaces (a deferred epilogue's
   // row scales: the codes of gate and up's input, in the same buffer).
   __syncthreads();
@@ -192,7 +219,7 @@ __device__ void quantize_fp8_row(Src src, int64_t row, int64_t cols, const float
 
 // One block per row.
 template <typename Src>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(1024, 1)
     quantize_fp8_rows_kernel(Src src, int64_t cols, const float* static_scale, const float* row_amax, uint8_t* codes,
                              float* row_scales, unsigned long long* counters) {
   quantize_fp8_row(src, blockIdx.x, cols, static_scale, row_amax, codes, row_scales, counters);
@@ -215,22 +242,34 @@ __global__ void rmsnorm_kernel(float* residual, const float* x, const T* w, floa
   const float* xr = x + row * dim;
   float* rr = residual ? residual + row * dim : nullptr;
   float sum_squares = 0.0f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    float v = xr[i];
-    if (rr) {
-      v = rr[i] + v;
-      rr[i] = v;
-    }
-    sum_squares += v * v;
-  }
+  float v[kRowBatch], r[kRowBatch];
+  for_row_batches(
+      dim,
+      [&](int u, int64_t i) {
+        v[u] = xr[i];
+        r[u] = rr ? rr[i] : 0.0f;
+      },
+      [&](int u, int64_t i) {
+        if (rr) {
+          v[u] = r[u] + v[u];
+          rr[i] = v[u];
+        }
+        sum_squares += v[u] * v[u];
+      });
   sum_squares = block_reduce<false>(sum_squares);
   const float inv = 1.0f / sqrtf(sum_squares / float(dim) + eps);
-  const float* src = rr ? rr : xr;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = __fmul_rn(src[i], inv) * to_f32(w[i]);
-    out[row * dim + i] = v;
-    store_rounded(copy.rounded, row * dim + i, v);
-  }
+  const float* src = rr ? rr : xr;  // rr: this thread's own writes above
+  for_row_batches(
+      dim,
+      [&](int u, int64_t i) {
+        v[u] = src[i];
+        r[u] = to_f32(w[i]);
+      },
+      [&](int u, int64_t i) {
+        const float y = __fmul_rn(v[u], inv) * r[u];
+        out[row * dim + i] = y;
+        store_rounded(copy.rounded, row * dim + i, y);
+      });
   // Each thread reads back only the elements it wrote: no barrier needed before.
   if (copy.codes)
     quantize_fp8_row(ActivationsOf{out, dim}, row, dim, nullptr, nullptr, copy.codes, copy.row_scales, nullptr);

@@ -28,7 +28,7 @@ TEST(Fp8ActivationKernelsEmulated, CodesScalesAndCountsEqualTheCpu) {
   std::unique_ptr<Backend> cpu = make_cpu_backend(CpuBackendOptions{1});
   for (bool fused : {false, true})
     for (int64_t rows : {1, 3, 7})
-      for (int64_t cols : {7, 733, 1500})
+      for (int64_t cols : {7, 733, 1500, 9000})  // 9000: more than one batch of the row walk
         for (int mode = 0; mode < 4; ++mode) {  // dynamic, given amax, static, static that clips
           if (fused && mode == 1) continue;      // the fused kernel has no row_amax (see cuda_kernels.h)
           SCOPED_TRACE(testing::Message() << (fused ? "silu_mul fused" : "tensor") << " rows " << rows << " cols "
