@@ -78,7 +78,10 @@ __global__ void embed_kernel(const T* table, int64_t first_id, int64_t table_row
   const int64_t id = int64_t(tokens[row]) - first_id;  // outside [0, table_rows): another rank's id
   const bool here = id >= 0 && id < table_rows;
   const T* src = table + (here ? id : 0) * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = here ? to_f32(src[i]) : 0.0f;
+  float v[kRowBatch];
+  for_row_batches(
+      dim, [&](int u, int64_t i) { v[u] = here ? to_f32(src[i]) : 0.0f; },
+      [&](int u, int64_t i) { out[row * dim + i] = v[u]; });
 }
 
 // silu(g) * u as the CPU computes it, g / (1 + exp(-g)) * u, each operation rounded on its own:
@@ -148,7 +151,9 @@ __global__ void silu_mul_kernel(SiluMulOf src, int64_t n, T* out, bool vectors) 
 __global__ void gather_rows_kernel(const float* x, int64_t cols, const int32_t* rows, float* out) {
   const int64_t i = blockIdx.x;
   const float* src = x + int64_t(rows[i]) * cols;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+  float v[kRowBatch];
+  for_row_batches(
+      cols, [&](int u, int64_t c) { v[u] = src[c]; }, [&](int u, int64_t c) { out[i * cols + c] = v[u]; });
 }
 
 template <typename T>

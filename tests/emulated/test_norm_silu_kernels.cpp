@@ -6,7 +6,8 @@
 // - each 16-bit copy equal, bit for bit, to engine/dtype.h's round-to-nearest-even of the kernel's
 //   own fp32 output, every element written (the copy is poisoned first);
 // - the norm's FP8 codes and row scales (dynamic per-row scales) those of engine/quant.h's
-//   quantize_row_fp8 of the kernel's own fp32 output.
+//   quantize_row_fp8 of the kernel's own fp32 output;
+// - the embedding lookup and the row gather, exact copies.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -248,6 +249,37 @@ TEST(NormSiluKernelsEmulated, ConvertRoundsEveryValue) {
       EXPECT_EQ(copies_that_differ(x, as_bf16), 0u);
       EXPECT_EQ(copies_that_differ(x, as_f16), 0u);
     }
+  }
+}
+
+// The embedding lookup (a vocab shard: ids outside it give zero rows) and the row gather: exact
+// copies, every element written, at widths of one, several and a partial batch of the row walk.
+TEST(NormSiluKernelsEmulated, EmbedAndGatherRowsCopyExactly) {
+  Rng rng(17);
+  for (int64_t dim : {7, 733, 5000}) {
+    SCOPED_TRACE(testing::Message() << "dim " << dim);
+    const int64_t table_rows = 5, first_id = 100;
+    std::vector<cuda::bf16> table(size_t(table_rows * dim));
+    for (cuda::bf16& v : table) v = __float2bfloat16_rn(float(rng.uniform() * 2.0 - 1.0));
+    const std::vector<int32_t> tokens = {104, 100, 99, 105, 102};  // 99 and 105: another rank's
+    std::vector<float> out(tokens.size() * size_t(dim), std::nanf(""));
+    emulation::launch(dim3(unsigned(tokens.size())), 256, 0, [&] {
+      cuda::embed_kernel<cuda::bf16>(table.data(), first_id, table_rows, dim, tokens.data(), out.data());
+    });
+    for (size_t r = 0; r < tokens.size(); ++r)
+      for (int64_t i = 0; i < dim; ++i) {
+        const int64_t id = tokens[r] - first_id;
+        const float expected = id >= 0 && id < table_rows ? __bfloat162float(table[size_t(id * dim + i)]) : 0.0f;
+        ASSERT_EQ(out[r * size_t(dim) + size_t(i)], expected) << "row " << r << " element " << i;
+      }
+
+    const std::vector<int32_t> rows = {3, 0, 4};
+    std::vector<float> gathered(rows.size() * size_t(dim), std::nanf(""));
+    emulation::launch(dim3(unsigned(rows.size())), 256, 0,
+                      [&] { cuda::gather_rows_kernel(out.data(), dim, rows.data(), gathered.data()); });
+    for (size_t r = 0; r < rows.size(); ++r)
+      ASSERT_EQ(0, std::memcmp(&gathered[r * size_t(dim)], &out[size_t(rows[r]) * size_t(dim)], size_t(dim) * 4))
+          << "gathered row " << r;
   }
 }
 
