@@ -216,6 +216,7 @@ TEST(KvAttentionKernelsEmulated, DecodeKernelMatchesCpuBackend) {
   const Case cases[] = {
       {4, 2, 64, 0, DType::F32, 1, 1e-5},    {4, 2, 64, 0, DType::BF16, 3, 1e-5},  {2, 1, 128, 40, DType::F16, 2, 1e-5},
       {4, 2, 64, 0, DType::I8, 5, 1e-5},     {2, 1, 128, 0, DType::I8, 1, 1e-5},   {2, 1, 128, 0, DType::F8_E4M3, 4, 1e-5},
+      {4, 2, 64, 0, DType::BF16, 11, 1e-5},  // more splits than the combine loads at once; some empty
   };
   for (const Case& c : cases) {
     int decode_steps = 0;
