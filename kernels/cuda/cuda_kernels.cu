@@ -195,6 +195,8 @@ void rope_kv_write(float* q, int64_t q_cols, float* k, const float* v, int64_t k
                    int32_t head_dim, int32_t num_kv_heads, int32_t block_size, void* k_cache, void* v_cache,
                    float* k_scale, float* v_scale, DType kv_dtype, const DevicePlan& plan, int64_t n_tokens,
                    unsigned long long* counters, cudaStream_t stream, const QkvScales& qkv_scales) {
+  if (head_dim < 2 || head_dim > 32 * kKvLaneValues)  // write_kv_row's values a lane
+    fail(LLMQ_ERR_UNSUPPORTED, "cuda backend: head_dim {} is outside [2, {}]", head_dim, 32 * kKvLaneValues);
   with_kv_type(kv_dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     rope_kv_kernel<T><<<rope_kv_grid(n_tokens, int(q_cols / head_dim), num_kv_heads), kRopeWarps * 32, 0, stream>>>(

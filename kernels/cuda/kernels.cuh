@@ -454,30 +454,43 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
 // One head's K or V row into the cache: converted (float types), or quantized (engine/backend.h's
 // KvLayer): INT8 with this token's scale amax / 127 (one warp per row), FP8 with the layer's scale.
-// src(d): the row's value d.
+// src(d): the row's value d. A lane's values (head_dim <= 32 * kKvLaneValues) are all loaded
+// before any is stored (see for_row_batches); past the row, the row's last value again, unused.
+constexpr int kKvLaneValues = 8;
 template <typename KvT, typename Src>
 __device__ void write_kv_row(Src src, int head_dim, KvT* dst, float* scale, int64_t head, int lane,
                              unsigned long long* clipped_counter) {
+  float x[kKvLaneValues];
+#pragma unroll
+  for (int j = 0; j < kKvLaneValues; ++j) x[j] = src(min(lane + 32 * j, head_dim - 1));
+  auto in_row = [&](int j) { return lane + 32 * j < head_dim; };
   if constexpr (std::is_same<KvT, int8_t>::value) {
     float amax = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src(d)));
+#pragma unroll
+    for (int j = 0; j < kKvLaneValues; ++j)
+      if (in_row(j)) amax = fmaxf(amax, fabsf(x[j]));
     amax = warp_max(amax);
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     if (lane == 0) scale[head] = amax / 127.0f;
-    for (int d = lane; d < head_dim; d += 32)
-      dst[d] = int8_t(fminf(fmaxf(rintf(__fmul_rn(src(d), inv)), -127.0f), 127.0f));
+#pragma unroll
+    for (int j = 0; j < kKvLaneValues; ++j)
+      if (in_row(j)) dst[lane + 32 * j] = int8_t(fminf(fmaxf(rintf(__fmul_rn(x[j], inv)), -127.0f), 127.0f));
   } else if constexpr (std::is_same<KvT, fp8>::value) {
     const float inv = 1.0f / scale[0];
     unsigned clipped = 0;
-    for (int d = lane; d < head_dim; d += 32) {
-      const float v = __fmul_rn(src(d), inv);
+#pragma unroll
+    for (int j = 0; j < kKvLaneValues; ++j) {
+      if (!in_row(j)) continue;
+      const float v = __fmul_rn(x[j], inv);
       clipped += fabsf(v) > 448.0f;
-      dst[d].bits = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+      dst[lane + 32 * j].bits = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     }
     for (int o = 16; o > 0; o >>= 1) clipped += __shfl_xor_sync(0xffffffffu, clipped, o);
     if (clipped_counter && lane == 0 && clipped) atomicAdd(clipped_counter, (unsigned long long)clipped);
   } else {
-    for (int d = lane; d < head_dim; d += 32) dst[d] = from_f32<KvT>(src(d));
+#pragma unroll
+    for (int j = 0; j < kKvLaneValues; ++j)
+      if (in_row(j)) dst[lane + 32 * j] = from_f32<KvT>(x[j]);
   }
 }
 
