@@ -1135,15 +1135,11 @@ class CudaBackend final : public Backend {
               "path check (cudaMemcpyAsync)");
         check(cudaStreamSynchronize(stream_), "path check (cudaStreamSynchronize)");
         if (!cuda::outputs_agree(d, fp8)) {
-          float max_diff = 0, max_ref = 0;
-          std::memcpy(&max_diff, &d.max_diff_bits, sizeof max_diff);
-          std::memcpy(&max_ref, &d.max_ref_bits, sizeof max_ref);
           std::fprintf(stderr,
                        "llmq cuda: linear path %s disagrees with %s on %s (relative error %.3g, largest difference "
                        "%.3g against largest |reference| %.3g, %llu elements not finite): it is not used\n",
-                       linear_path_name(path), linear_path_name(paths[0]), shape.c_str(),
-                       d.ref2 > 0 ? std::sqrt(d.diff2 / d.ref2) : std::sqrt(d.diff2), double(max_diff),
-                       double(max_ref), d.not_finite);
+                       linear_path_name(path), linear_path_name(paths[0]), shape.c_str(), d.relative_error(),
+                       double(d.max_diff()), double(d.max_ref()), d.not_finite);
           choice.rejected.push_back(path);
           continue;
         }

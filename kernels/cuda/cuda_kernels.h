@@ -137,6 +137,17 @@ struct OutputDistance {
   double diff2 = 0, ref2 = 0;                      // sums of (y - ref)^2 and ref^2
   unsigned max_diff_bits = 0, max_ref_bits = 0;    // the largest |y - ref| and |ref|, as float bits
   unsigned long long not_finite = 0;               // elements where y is not finite (ref is)
+
+  double relative_error() const { return ref2 > 0 ? std::sqrt(diff2 / ref2) : std::sqrt(diff2); }  // of the whole output
+  float max_diff() const { return from_bits(max_diff_bits); }
+  float max_ref() const { return from_bits(max_ref_bits); }
+
+ private:
+  static float from_bits(unsigned bits) {
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
 };
 // *distance (device memory) = the distance of y from ref.
 void output_distance(const float* y, const float* ref, int64_t n, OutputDistance* distance, cudaStream_t stream);
@@ -148,13 +159,9 @@ void output_distance(const float* y, const float* ref, int64_t n, OutputDistance
 // element left not finite.
 constexpr double kAgreeRel = 1e-4, kAgreeMax = 1e-3, kAgreeRelFp8 = 2e-3, kAgreeMaxFp8 = 2e-2;
 inline bool outputs_agree(const OutputDistance& d, bool fp8) {
-  float max_diff = 0, max_ref = 0;
-  std::memcpy(&max_diff, &d.max_diff_bits, sizeof max_diff);
-  std::memcpy(&max_ref, &d.max_ref_bits, sizeof max_ref);
-  const double rel = d.ref2 > 0 ? std::sqrt(d.diff2 / d.ref2) : std::sqrt(d.diff2);
   // Written so that NaN fails every test.
-  return d.not_finite == 0 && rel <= (fp8 ? kAgreeRelFp8 : kAgreeRel) &&
-         double(max_diff) <= (fp8 ? kAgreeMaxFp8 : kAgreeMax) * double(max_ref);
+  return d.not_finite == 0 && d.relative_error() <= (fp8 ? kAgreeRelFp8 : kAgreeRel) &&
+         double(d.max_diff()) <= (fp8 ? kAgreeMaxFp8 : kAgreeMax) * double(d.max_ref());
 }
 
 // The epilogue `scales` over out [M, N] (a linear's fp32 sums), in place.

@@ -52,22 +52,19 @@ __device__ float block_reduce(float v) {
 // A block's walk over a row of n elements, this thread's i = threadIdx.x + k * blockDim.x in
 // batches of kRowBatch: load(u, i) for each of a batch's elements (u = 0 .. kRowBatch - 1; past
 // the row, the batch's first again: an element this thread owns), then use(u, i) for those in the
-// row, in i order. A loop
-// that stores an element before it loads the next keeps one load in flight (the compiler cannot
-// tell that store from the next load's address): a decode step's 4096-wide row at 512 threads
-// took 8 memory round trips a loop so.
+// row, in i order. A loop that stores an element before it loads the next keeps one load in flight
+// (the compiler cannot tell that store from the next load's address): a decode step's 4096-wide
+// row at 512 threads took 8 memory round trips a loop so.
 constexpr int kRowBatch = 8;
 template <typename Load, typename Use>
 __device__ __forceinline__ void for_row_batches(int64_t n, Load&& load, Use&& use) {
-  for (int64_t i0 = threadIdx.x; i0 < n; i0 += kRowBatch * int64_t(blockDim.x)) {
+  const int64_t stride = blockDim.x;
+  for (int64_t i0 = threadIdx.x; i0 < n; i0 += kRowBatch * stride) {
 #pragma unroll
-    for (int u = 0; u < kRowBatch; ++u) {
-      const int64_t i = i0 + u * int64_t(blockDim.x);
-      load(u, i < n ? i : i0);
-    }
+    for (int u = 0; u < kRowBatch; ++u) load(u, i0 + u * stride < n ? i0 + u * stride : i0);
 #pragma unroll
     for (int u = 0; u < kRowBatch; ++u)
-      if (i0 + u * int64_t(blockDim.x) < n) use(u, i0 + u * int64_t(blockDim.x));
+      if (i0 + u * stride < n) use(u, i0 + u * stride);
   }
 }
 
