@@ -17,7 +17,10 @@
 //    first; a wait that lasts 20 s throws (a deadlock);
 //  - atomics take a lock.
 // Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
-// the tensor cores, and everything else CUDA has. Include it before any kernel header.
+// the tensor cores, and everything else CUDA has. The tests are built with ThreadSanitizer, which
+// reports what no barrier orders: one thread's shared memory read against another's write with no
+// __syncthreads / __syncwarp / wait between them is a data race, wherever the CPU ran them.
+// Include it before any kernel header.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -205,7 +208,9 @@ inline float half_of(uint32_t reg, int high, __half) {
 inline void __syncthreads() { llmq::emulation::current->barrier.wait(); }
 // Every lane of the warp (the kernels call it with full warps only).
 inline void __syncwarp(unsigned = 0xffffffffu) { llmq::emulation::warp_barrier().wait(); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// The atomics' lock taken and released: a full fence here, and one that ThreadSanitizer understands
+// (it does not model std::atomic_thread_fence).
+inline void __threadfence() { std::lock_guard<std::mutex> lock(llmq::emulation::atomics); }
 
 template <typename T>
 T __shfl_down_sync(unsigned, T v, int offset) {
