@@ -2,7 +2,8 @@
 # Sets up a fresh machine, builds llmq (compiling the CUDA backend when nvcc is found) and runs
 # every test; then builds again with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only)
 # and runs the tests there too, and last with ThreadSanitizer for the threaded tests. Tests
-# labelled `gpu` skip cleanly without a GPU.
+# labelled `gpu` skip cleanly without a GPU; those labelled `emulated` (the CUDA kernels on the
+# CPU) run in the first build, themselves built with ThreadSanitizer (tests/CMakeLists.txt).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 jobs=$(nproc)
