@@ -139,15 +139,8 @@ struct OutputDistance {
   unsigned long long not_finite = 0;               // elements where y is not finite (ref is)
 
   double relative_error() const { return ref2 > 0 ? std::sqrt(diff2 / ref2) : std::sqrt(diff2); }  // of the whole output
-  float max_diff() const { return from_bits(max_diff_bits); }
-  float max_ref() const { return from_bits(max_ref_bits); }
-
- private:
-  static float from_bits(unsigned bits) {
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
+  float max_diff() const { return f32_from_bits(max_diff_bits); }
+  float max_ref() const { return f32_from_bits(max_ref_bits); }
 };
 // *distance (device memory) = the distance of y from ref.
 void output_distance(const float* y, const float* ref, int64_t n, OutputDistance* distance, cudaStream_t stream);

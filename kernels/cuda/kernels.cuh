@@ -858,37 +858,30 @@ __global__ void attention_combine_kernel(const float* partial_o, const float* pa
   const int64_t first = int64_t(blockIdx.x) * n_splits;
   float m = -INFINITY;
   for (int s = 0; s < n_splits; ++s) m = fmaxf(m, partial_ml[(first + s) * 2]);
-  // The splits kCombineBatch at a time, every load of a batch before any add (a load behind each
-  // split's test waited for the one before: one L2 round trip a split). Past the last split: the
-  // last again, not added.
+  // The sum over splits of value(split) * exp(m_split - m), empty splits (m = -inf) left out, in
+  // split order. kCombineBatch splits at a time, every load of a batch before any add (a load
+  // behind each split's test waited for the one before: one L2 round trip a split). Past the last
+  // split: the last again, not added.
   constexpr int kCombineBatch = 8;
-  float l = 0.0f;
-  for (int s0 = 0; s0 < n_splits; s0 += kCombineBatch) {
-    float ms[kCombineBatch], ls[kCombineBatch];
-#pragma unroll
-    for (int u = 0; u < kCombineBatch; ++u) {
-      const int64_t at = (first + min(s0 + u, n_splits - 1)) * 2;
-      ms[u] = partial_ml[at];
-      ls[u] = partial_ml[at + 1];
-    }
-#pragma unroll
-    for (int u = 0; u < kCombineBatch; ++u)
-      if (s0 + u < n_splits && ms[u] != -INFINITY) l += ls[u] * expf(ms[u] - m);
-  }
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float o = 0.0f;
+  auto weighted_sum = [&](auto&& value) {
+    float sum = 0.0f;
     for (int s0 = 0; s0 < n_splits; s0 += kCombineBatch) {
-      float ms[kCombineBatch], os[kCombineBatch];
+      float ms[kCombineBatch], vs[kCombineBatch];
 #pragma unroll
       for (int u = 0; u < kCombineBatch; ++u) {
         const int64_t split = first + min(s0 + u, n_splits - 1);
         ms[u] = partial_ml[split * 2];
-        os[u] = partial_o[split * head_dim + d];
+        vs[u] = value(split);
       }
 #pragma unroll
       for (int u = 0; u < kCombineBatch; ++u)
-        if (s0 + u < n_splits && ms[u] != -INFINITY) o += os[u] * expf(ms[u] - m);
+        if (s0 + u < n_splits && ms[u] != -INFINITY) sum += vs[u] * expf(ms[u] - m);
     }
+    return sum;
+  };
+  const float l = weighted_sum([&](int64_t split) { return partial_ml[split * 2 + 1]; });
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    const float o = weighted_sum([&](int64_t split) { return partial_o[split * head_dim + d]; });
     const float value = l > 0.0f ? o / l : 0.0f;
     out[t * out_cols + int64_t(h) * head_dim + d] = value;
     store_rounded(rounded, t * out_cols + int64_t(h) * head_dim + d, value);
