@@ -1,6 +1,7 @@
 // A CPU emulation of the part of CUDA that the kernels in kernels/cuda/*.cuh use, so that their
 // logic (indexing, barriers, warp collectives, tensor-core fragment layouts, copy pipelines) is
-// tested on machines without a GPU. Each block runs as blockDim std::threads, one block at a time:
+// tested on machines without a GPU. Each block's threads run as fibers (ucontext) on the calling
+// thread, one block at a time; a thread runs until it waits, then the next one runs:
 //  - __shared__ variables become function statics (one block at a time shares them); dynamic
 //    shared memory is a buffer filled with 0xff bytes before each block;
 //  - __syncthreads is a barrier that exited threads leave, as on the GPU;
@@ -14,12 +15,15 @@
 //    issued, and the wait checks that the thread left its registers unchanged; shared memory
 //    addresses start at a base that is not 1024-aligned, as kernels must not assume;
 //  - mbarriers keep their phase by address; cp.async.mbarrier.arrive lands the thread's copies
-//    first; a wait that lasts 20 s throws (a deadlock);
+//    first;
+//  - a block whose every live thread waits for what none of them will do throws (a deadlock);
 //  - atomics take a lock.
 // Not emulated: the memory model beyond what the barriers order, the hardware's rounding inside
 // the tensor cores, and everything else CUDA has. The tests are built with ThreadSanitizer, which
+// sees each fiber as a thread and the barriers, mbarriers and atomics as their only ordering, so it
 // reports what no barrier orders: one thread's shared memory read against another's write with no
-// __syncthreads / __syncwarp / wait between them is a data race, wherever the CPU ran them.
+// __syncthreads / __syncwarp / wait between them is a data race, whatever order the fibers ran in.
+// Blocks are ordered one after the other (a block's threads see the previous blocks' writes).
 // Include it before any kernel header.
 #pragma once
 
@@ -28,23 +32,32 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <sys/mman.h>
+#include <ucontext.h>
 
 #include <algorithm>
-#include <chrono>
+#include <atomic>
 #include <climits>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
-#include <thread>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#error "cuda_emulation.h switches stacks without AddressSanitizer's fiber annotations: build it without ASan"
+#endif
 
 #include "engine/dtype.h"
 
@@ -58,59 +71,32 @@ namespace llmq::emulation {
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local Dim thread_index, block_index;
-inline Dim grid_dim, block_dim;
+inline Dim block_index, grid_dim, block_dim;
 
-// A reusable barrier for `count` threads; a thread that leaves lowers the count.
-class Barrier {
+// The ordering ThreadSanitizer knows about: a release on an address happens before every later
+// acquire on it. Fibers switch without ordering (see switch_to), so these and the atomics' lock
+// are all it sees, as the GPU's threads have nothing else.
+#if defined(__SANITIZE_THREAD__)
+inline void order_release(const void* address) { __tsan_release(const_cast<void*>(address)); }
+inline void order_acquire(const void* address) { __tsan_acquire(const_cast<void*>(address)); }
+#else
+inline void order_release(const void*) {}
+inline void order_acquire(const void*) {}
+#endif
+
+// The scheduler's own bookkeeping, shared by the fibers: relaxed atomics, which ThreadSanitizer
+// neither reports nor counts as ordering (a plain variable would be a reported race; a
+// sequentially consistent one would order every thread after every other and hide the kernels' races).
+template <typename T>
+class Untracked {
  public:
-  explicit Barrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t generation = generation_;
-    if (++arrived_ >= count_) return release();
-    cv_.wait(lock, [&] { return generation_ != generation; });
-  }
-  void leave() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    --count_;
-    if (arrived_ > 0 && arrived_ >= count_) release();
-  }
+  Untracked(T value = T{}) : value_(value) {}
+  T get() const { return value_.load(std::memory_order_relaxed); }
+  void set(T value) { value_.store(value, std::memory_order_relaxed); }
 
  private:
-  void release() {
-    arrived_ = 0;
-    ++generation_;
-    cv_.notify_all();
-  }
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int count_, arrived_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<T> value_;
 };
-
-// An mbarrier's state: arrivals a phase, arrivals still pending in the current one, phases completed.
-struct Mbarrier {
-  int expected = 0, pending = 0;
-  unsigned phase = 0;
-};
-
-struct Block {
-  explicit Block(int threads, size_t shared_bytes) : barrier(threads), exchange(size_t(threads) * 4) {
-    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Barrier>(32));
-    shared.assign(shared_bytes / 16 + 1, make_uint4(~0u, ~0u, ~0u, ~0u));
-  }
-  Barrier barrier;
-  std::vector<std::unique_ptr<Barrier>> warps;
-  std::vector<uint64_t> exchange;  // four 64-bit slots per thread for warp collectives
-  std::vector<uint4> shared;       // dynamic shared memory
-  std::mutex mbarrier_mutex;       // mbarriers, by address
-  std::condition_variable mbarrier_cv;
-  std::map<const void*, Mbarrier> mbarriers;
-};
-inline Block* current = nullptr;
-inline std::mutex atomics;
-inline bool eager_copies = false;
 
 struct Copy {
   void* dst;
@@ -118,8 +104,6 @@ struct Copy {
   bool valid;
   size_t bytes = 16;
 };
-inline thread_local std::vector<Copy> open_copies;
-inline thread_local std::deque<std::vector<Copy>> copy_groups;
 // wgmma operations issued and not yet waited for (see the end of this file).
 struct Wgmma {
   float* d;
@@ -131,8 +115,125 @@ struct Wgmma {
   uint32_t a_issued[4] = {};
   float a_rows[2][16] = {};
 };
-inline thread_local std::vector<Wgmma> open_wgmma;
-inline thread_local std::deque<std::vector<Wgmma>> wgmma_groups;
+
+// One CUDA thread: a fiber with its own stack, kept for later launches, and the state CUDA keeps
+// per thread (its index, its copies and wgmmas in flight).
+struct Fiber {
+  static constexpr size_t kStackBytes = size_t(8) << 20;  // reserved, not committed; a guard page below
+  Fiber() {
+    stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
+                 -1, 0);
+    if (stack == MAP_FAILED) throw std::runtime_error("emulation: cannot map a fiber's stack");
+    mprotect(stack, 4096, PROT_NONE);
+#if defined(__SANITIZE_THREAD__)
+    tsan = __tsan_create_fiber(0);
+#endif
+  }
+  ~Fiber() {
+#if defined(__SANITIZE_THREAD__)
+    __tsan_destroy_fiber(tsan);
+#endif
+    munmap(stack, kStackBytes);
+  }
+  Fiber(const Fiber&) = delete;
+  Fiber& operator=(const Fiber&) = delete;
+
+  ucontext_t context{};
+  void* stack = nullptr;
+  void* tsan = nullptr;  // ThreadSanitizer's state for this fiber
+  bool started = false;  // its context runs fiber_main
+  Untracked<bool> done{true};
+  std::exception_ptr error;  // what the kernel threw, in this block
+  Dim index;
+  std::vector<Copy> open_copies;
+  std::deque<std::vector<Copy>> copy_groups;
+  std::vector<Wgmma> open_wgmma;
+  std::deque<std::vector<Wgmma>> wgmma_groups;
+};
+
+inline std::vector<std::unique_ptr<Fiber>> fibers;  // fiber t runs thread t of each block
+inline Untracked<Fiber*> running;                   // null while the scheduler runs
+inline Untracked<uint64_t> progress;                // counts every arrival, release and exit
+inline ucontext_t scheduler_context;
+inline Untracked<void*> scheduler_tsan;
+inline const std::function<void()>* kernel = nullptr;
+inline char block_start, block_end;  // the addresses that order one block after the previous one
+
+inline Fiber& self() { return *running.get(); }
+
+inline void switch_to(ucontext_t* from, ucontext_t* to, void* to_tsan) {
+#if defined(__SANITIZE_THREAD__)
+  __tsan_switch_to_fiber(to_tsan, __tsan_switch_to_fiber_no_sync);
+#else
+  (void)to_tsan;
+#endif
+  swapcontext(from, to);
+}
+inline Untracked<bool> abandoning;  // the block deadlocked: every wait throws Abandoned
+struct Abandoned {};
+
+// The running thread waits: the scheduler runs the others, and comes back to it later.
+inline void yield() {
+  switch_to(&self().context, &scheduler_context, scheduler_tsan.get());
+  if (abandoning.get()) throw Abandoned{};
+}
+
+// A reusable barrier for `count` threads; a thread that leaves lowers the count. Each arrival
+// releases, and the passing acquires, the generation's address (two alternate: nobody arrives at
+// generation g + 2 before everyone has passed g).
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    const uint64_t generation = generation_.get();
+    order_release(&order_[generation % 2]);
+    progress.set(progress.get() + 1);
+    arrived_.set(arrived_.get() + 1);
+    if (arrived_.get() >= count_.get())
+      release();
+    else
+      while (generation_.get() == generation) yield();
+    order_acquire(&order_[generation % 2]);
+  }
+  void leave() {
+    count_.set(count_.get() - 1);
+    progress.set(progress.get() + 1);
+    if (arrived_.get() > 0 && arrived_.get() >= count_.get()) release();
+  }
+
+ private:
+  void release() {
+    arrived_.set(0);
+    generation_.set(generation_.get() + 1);
+  }
+  Untracked<int> count_, arrived_;
+  Untracked<uint64_t> generation_;
+  char order_[2] = {};
+};
+
+// An mbarrier's state: arrivals a phase, arrivals still pending in the current one, phases
+// completed; arrivals release, and waits acquire, their phase's address (16 alternate).
+struct Mbarrier {
+  Untracked<int> expected, pending;
+  Untracked<unsigned> phase;
+  char order[16] = {};
+};
+
+struct Block {
+  explicit Block(int threads, size_t shared_bytes) : barrier(threads), exchange(size_t(threads) * 4) {
+    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Barrier>(32));
+    shared.assign(shared_bytes / 16 + 1, make_uint4(~0u, ~0u, ~0u, ~0u));
+  }
+  Barrier barrier;
+  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<uint64_t> exchange;  // four 64-bit slots per thread for warp collectives
+  std::vector<uint4> shared;       // dynamic shared memory
+  std::map<const void*, Mbarrier> mbarriers;
+};
+inline Block* current = nullptr;
+inline std::mutex atomics;
+inline bool eager_copies = false;
+
 inline void land(const Copy& c) {
   if (c.valid)
     std::memcpy(c.dst, c.src, c.bytes);
@@ -140,43 +241,107 @@ inline void land(const Copy& c) {
     std::memset(c.dst, 0, c.bytes);
 }
 
-// Runs fn() as every thread of every block of the grid, block after block (x fastest), on one
-// std::thread per CUDA thread kept for the whole launch.
+// A fiber's life: thread `index` of one block after another, handing back to the scheduler at the end of each.
+inline void fiber_main() {
+  for (;;) {
+    Fiber& me = self();
+    order_acquire(&block_start);
+    try {
+      (*kernel)();
+    } catch (const Abandoned&) {
+    } catch (...) {
+      me.error = std::current_exception();
+    }
+    current->barrier.leave();
+    me.done.set(true);
+    order_release(&block_end);  // the block's last write to this thread's state: the scheduler may free it
+    yield();
+  }
+}
+
+// Points the fiber's context at fiber_main on its own stack (getcontext returns twice: kept out of launch).
+[[gnu::noinline]] inline void start(Fiber& f) {
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack;
+  f.context.uc_stack.ss_size = Fiber::kStackBytes;
+  f.context.uc_link = nullptr;
+  makecontext(&f.context, fiber_main, 0);
+  f.started = true;
+}
+
+inline void resume(Fiber& f) {
+  running.set(&f);
+  switch_to(&scheduler_context, &f.context, f.tsan);
+  running.set(nullptr);
+}
+
+// Runs the block's threads until all have returned: each in turn until it waits or returns. A
+// whole round in which no thread arrived, released or returned means all of them wait on each
+// other: then each is unwound from its wait, and the deadlock is returned (else "").
+inline std::string run_block(unsigned threads) {
+  unsigned live = threads, idle = 0;
+  for (unsigned t = 0; live > 0; t = (t + 1) % threads) {
+    Fiber& f = *fibers[t];
+    if (f.done.get()) continue;
+    const uint64_t before = progress.get();
+    resume(f);
+    if (f.done.get()) {
+      --live;
+      idle = 0;
+    } else if (progress.get() != before) {
+      idle = 0;
+    } else if (++idle >= live) {
+      abandoning.set(true);
+      for (unsigned u = 0; u < threads; ++u)
+        if (!fibers[u]->done.get()) resume(*fibers[u]);
+      abandoning.set(false);
+      return "emulation: every thread of block (" + std::to_string(block_index.x) + ", " +
+             std::to_string(block_index.y) + ", " + std::to_string(block_index.z) + ") waits for the others: a deadlock";
+    }
+  }
+  return "";
+}
+
+// Runs fn() as every thread of every block of the grid, block after block (x fastest).
 inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::function<void()>& fn) {
   grid_dim = {grid.x, grid.y, grid.z};
   block_dim = {threads, 1, 1};
+  kernel = &fn;
+#if defined(__SANITIZE_THREAD__)
+  scheduler_tsan.set(__tsan_get_current_fiber());
+#endif
+  while (fibers.size() < threads) fibers.push_back(std::make_unique<Fiber>());
   const unsigned blocks = grid.x * grid.y * grid.z;
-  Barrier between_blocks{int(threads)};
-  std::unique_ptr<Block> block = std::make_unique<Block>(int(threads), shared_bytes);
-  current = block.get();
-  std::vector<std::thread> pool;
-  for (unsigned t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      thread_index = {t, 0, 0};
-      for (unsigned i = 0; i < blocks; ++i) {
-        block_index = {i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)};
-        open_copies.clear();
-        copy_groups.clear();
-        open_wgmma.clear();
-        wgmma_groups.clear();
-        fn();
-        current->barrier.leave();
-        between_blocks.wait();
-        if (t == 0) {  // a fresh block: barriers at full count, shared memory filled with 0xff again
-          block = std::make_unique<Block>(int(threads), shared_bytes);
-          current = block.get();
-        }
-        between_blocks.wait();
-      }
-    });
-  for (std::thread& t : pool) t.join();
-  current = nullptr;
+  for (unsigned i = 0; i < blocks; ++i) {
+    block_index = {i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)};
+    Block block(int(threads), shared_bytes);
+    current = &block;
+    for (unsigned t = 0; t < threads; ++t) {
+      Fiber& f = *fibers[t];
+      f.index = {t, 0, 0};
+      f.error = nullptr;
+      f.open_copies.clear();
+      f.copy_groups.clear();
+      f.open_wgmma.clear();
+      f.wgmma_groups.clear();
+      f.done.set(false);
+      if (!f.started) start(f);
+    }
+    order_release(&block_start);
+    const std::string deadlock = run_block(threads);
+    order_acquire(&block_end);
+    current = nullptr;
+    if (!deadlock.empty()) throw std::logic_error(deadlock);
+    for (unsigned t = 0; t < threads; ++t)
+      if (fibers[t]->error) std::rethrow_exception(fibers[t]->error);
+  }
+  kernel = nullptr;
 }
 
-inline int lane() { return int(thread_index.x) % 32; }
-inline Barrier& warp_barrier() { return *current->warps[thread_index.x / 32]; }
+inline int lane() { return int(self().index.x) % 32; }
+inline Barrier& warp_barrier() { return *current->warps[self().index.x / 32]; }
 inline uint64_t* slots(int lane_in_warp) {
-  return &current->exchange[size_t((int(thread_index.x) / 32 * 32 + lane_in_warp) * 4)];
+  return &current->exchange[size_t((int(self().index.x) / 32 * 32 + lane_in_warp) * 4)];
 }
 
 template <typename T>
@@ -199,7 +364,7 @@ inline float half_of(uint32_t reg, int high, __half) {
 
 }  // namespace llmq::emulation
 
-#define threadIdx (llmq::emulation::thread_index)
+#define threadIdx (llmq::emulation::self().index)
 #define blockIdx (llmq::emulation::block_index)
 #define blockDim (llmq::emulation::block_dim)
 #define gridDim (llmq::emulation::grid_dim)
@@ -359,21 +524,23 @@ inline void cp_async_n(void* shared, const void* src, bool valid, size_t bytes) 
   if (eager_copies)
     land({shared, src, valid, bytes});
   else
-    open_copies.push_back({shared, src, valid, bytes});
+    self().open_copies.push_back({shared, src, valid, bytes});
 }
 inline void cp_async16(void* shared, const void* src, bool valid) { cp_async_n(shared, src, valid, 16); }
 inline void cp_async4(void* shared, const void* src, bool valid) { cp_async_n(shared, src, valid, 4); }
 inline void cp_async_commit() {
   using namespace llmq::emulation;
-  copy_groups.push_back(std::move(open_copies));
-  open_copies.clear();
+  Fiber& me = self();
+  me.copy_groups.push_back(std::move(me.open_copies));
+  me.open_copies.clear();
 }
 template <int kPending>
 void cp_async_wait() {
   using namespace llmq::emulation;
-  while (int(copy_groups.size()) > kPending) {
-    for (const Copy& c : copy_groups.front()) land(c);
-    copy_groups.pop_front();
+  Fiber& me = self();
+  while (int(me.copy_groups.size()) > kPending) {
+    for (const Copy& c : me.copy_groups.front()) land(c);
+    me.copy_groups.pop_front();
   }
 }
 
@@ -385,33 +552,37 @@ inline llmq::emulation::Mbarrier& mbarrier_at(const void* bar) {
 }
 inline void mbarrier_init(uint64_t* bar, unsigned count) {
   using namespace llmq::emulation;
-  std::lock_guard<std::mutex> lock(current->mbarrier_mutex);
-  current->mbarriers[bar] = Mbarrier{int(count), int(count), 0};
+  Mbarrier& m = current->mbarriers[bar];
+  m.expected.set(int(count));
+  m.pending.set(int(count));
+  m.phase.set(0);
 }
 inline void mbarrier_arrive(uint64_t* bar) {
   using namespace llmq::emulation;
-  std::lock_guard<std::mutex> lock(current->mbarrier_mutex);
   Mbarrier& m = mbarrier_at(bar);
-  if (--m.pending > 0) return;
-  ++m.phase;
-  m.pending = m.expected;
-  current->mbarrier_cv.notify_all();
+  order_release(&m.order[m.phase.get() % 16]);
+  progress.set(progress.get() + 1);
+  m.pending.set(m.pending.get() - 1);
+  if (m.pending.get() > 0) return;
+  m.pending.set(m.expected.get());
+  m.phase.set(m.phase.get() + 1);
 }
 inline void cp_async_mbarrier_arrive(uint64_t* bar) {
   using namespace llmq::emulation;
-  for (const std::vector<Copy>& group : copy_groups)
+  Fiber& me = self();
+  for (const std::vector<Copy>& group : me.copy_groups)
     for (const Copy& c : group) land(c);
-  copy_groups.clear();
-  for (const Copy& c : open_copies) land(c);
-  open_copies.clear();
+  me.copy_groups.clear();
+  for (const Copy& c : me.open_copies) land(c);
+  me.open_copies.clear();
   mbarrier_arrive(bar);
 }
+// Waits until the phase of parity `parity` has completed; acquires the last completed phase.
 inline void mbarrier_wait(uint64_t* bar, unsigned parity) {
   using namespace llmq::emulation;
-  std::unique_lock<std::mutex> lock(current->mbarrier_mutex);
-  if (!current->mbarrier_cv.wait_for(lock, std::chrono::seconds(20),
-                                     [&] { return (mbarrier_at(bar).phase & 1u) != (parity & 1u); }))
-    throw std::logic_error("mbarrier emulation: a wait lasted 20 s (a deadlock)");
+  while ((mbarrier_at(bar).phase.get() & 1u) == (parity & 1u)) yield();
+  Mbarrier& m = mbarrier_at(bar);
+  order_acquire(&m.order[(m.phase.get() - 1) % 16]);
 }
 
 // ---- Shared-memory addresses and Hopper's wgmma -------------------------------------------------
@@ -444,7 +615,7 @@ inline void run(const Wgmma& op) {
   };
   if (op.a_registers && !std::equal(op.a_issued, op.a_issued + 4, op.a_registers))
     throw std::logic_error("wgmma emulation: A's registers changed before the wgmma was waited for");
-  const int warp = int(thread_index.x) / 32 % 4, g = lane() / 4, t = lane() % 4;
+  const int warp = int(self().index.x) / 32 % 4, g = lane() / 4, t = lane() % 4;
   for (int j = 0; j < 16; ++j)
     for (int h = 0; h < 2; ++h)
       for (int e = 0; e < 2; ++e) {
@@ -465,10 +636,10 @@ inline uint32_t smem_address(const void* p) {
 inline void wgmma_fence() {}
 inline void wgmma_hold(float*, int) {}
 inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __nv_bfloat16) {
-  llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::BF16});
+  llmq::emulation::self().open_wgmma.push_back({d, a, b, llmq::DType::BF16});
 }
 inline void wgmma_m64n128(float* d, uint64_t a, uint64_t b, __half) {
-  llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::F16});
+  llmq::emulation::self().open_wgmma.push_back({d, a, b, llmq::DType::F16});
 }
 // A from registers (16-bit T): the warp's fragments are exchanged now, as mma.sync's are.
 template <typename T>
@@ -491,23 +662,25 @@ void wgmma_m64n128(float* d, const uint32_t* a, uint64_t b, T) {
       op.a_rows[h][k] = half_of(r, k % 2, T{});
     }
   warp_barrier().wait();
-  open_wgmma.push_back(op);
+  self().open_wgmma.push_back(op);
 }
 template <typename Fp8>  // the kernels' fp8 code type, declared after this header
 void wgmma_m64n128(float* d, uint64_t a, uint64_t b, Fp8) {
   static_assert(sizeof(Fp8) == 1, "one-byte codes");
-  llmq::emulation::open_wgmma.push_back({d, a, b, llmq::DType::F8_E4M3});
+  llmq::emulation::self().open_wgmma.push_back({d, a, b, llmq::DType::F8_E4M3});
 }
 inline void wgmma_commit() {
   using namespace llmq::emulation;
-  wgmma_groups.push_back(std::move(open_wgmma));
-  open_wgmma.clear();
+  Fiber& me = self();
+  me.wgmma_groups.push_back(std::move(me.open_wgmma));
+  me.open_wgmma.clear();
 }
 template <int kPending>
 void wgmma_wait() {
   using namespace llmq::emulation;
-  while (int(wgmma_groups.size()) > kPending) {
-    for (const Wgmma& op : wgmma_groups.front()) run(op);
-    wgmma_groups.pop_front();
+  Fiber& me = self();
+  while (int(me.wgmma_groups.size()) > kPending) {
+    for (const Wgmma& op : me.wgmma_groups.front()) run(op);
+    me.wgmma_groups.pop_front();
   }
 }
