@@ -137,11 +137,20 @@ struct Fiber {
   }
   Fiber(const Fiber&) = delete;
   Fiber& operator=(const Fiber&) = delete;
+  // Thread `thread` of a new block: nothing in flight, no error yet.
+  void begin_block(Dim thread) {
+    index = thread;
+    error = nullptr;
+    open_copies.clear();
+    copy_groups.clear();
+    open_wgmma.clear();
+    wgmma_groups.clear();
+    done.set(false);
+  }
 
   ucontext_t context{};
   void* stack = nullptr;
   void* tsan = nullptr;  // ThreadSanitizer's state for this fiber
-  bool started = false;  // its context runs fiber_main
   Untracked<bool> done{true};
   std::exception_ptr error;  // what the kernel threw, in this block
   Dim index;
@@ -266,7 +275,6 @@ inline void fiber_main() {
   f.context.uc_stack.ss_size = Fiber::kStackBytes;
   f.context.uc_link = nullptr;
   makecontext(&f.context, fiber_main, 0);
-  f.started = true;
 }
 
 inline void resume(Fiber& f) {
@@ -310,23 +318,16 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::
 #if defined(__SANITIZE_THREAD__)
   scheduler_tsan.set(__tsan_get_current_fiber());
 #endif
-  while (fibers.size() < threads) fibers.push_back(std::make_unique<Fiber>());
+  while (fibers.size() < threads) {
+    fibers.push_back(std::make_unique<Fiber>());
+    start(*fibers.back());
+  }
   const unsigned blocks = grid.x * grid.y * grid.z;
   for (unsigned i = 0; i < blocks; ++i) {
     block_index = {i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)};
     Block block(int(threads), shared_bytes);
     current = &block;
-    for (unsigned t = 0; t < threads; ++t) {
-      Fiber& f = *fibers[t];
-      f.index = {t, 0, 0};
-      f.error = nullptr;
-      f.open_copies.clear();
-      f.copy_groups.clear();
-      f.open_wgmma.clear();
-      f.wgmma_groups.clear();
-      f.done.set(false);
-      if (!f.started) start(f);
-    }
+    for (unsigned t = 0; t < threads; ++t) fibers[t]->begin_block({t, 0, 0});
     order_release(&block_start);
     const std::string deadlock = run_block(threads);
     order_acquire(&block_end);
